@@ -1,0 +1,27 @@
+"""Keep Ultralytics offline and out of the user's home before it is first imported.
+
+Ultralytics reads these variables at import time. Values the user already set win.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def offline_ultralytics() -> None:
+    """Set the environment so Ultralytics never downloads or pip-installs anything."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    config_dir = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "surgeon-ultralytics")))
+    font = config_dir / "Ultralytics" / "Arial.ttf"
+    if not font.exists():
+        # Training plots ask for Arial.ttf and download it when missing; any TTF will do.
+        import matplotlib
+
+        source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        font.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, font)

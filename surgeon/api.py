@@ -1,0 +1,284 @@
+"""The public operations behind ``surgeon.load``/``inspect``/``apply``/``diff`` and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgeon import __version__
+from surgeon.blocks import ConvBlock, LayerLayout, find_blocks, run_model, sample_input
+from surgeon.errors import RuleError, SurgeryError
+from surgeon.io import Loaded, load, save_checkpoint
+from surgeon.match import match_rules
+from surgeon.measure import Measurement, measure
+from surgeon.modules import builtin_replacements
+from surgeon.registry import Registry
+from surgeon.report import Change, Report
+from surgeon.rewrite import Replaced, rewrite
+from surgeon.rules import Rule, load_rule, parse_overrides
+from surgeon.trace import Traced, trace
+
+
+@dataclass
+class Inspection:
+    """What ``surgeon inspect`` shows: the model, its traced graph, its Conv blocks and totals."""
+
+    loaded: Loaded
+    traced: Traced
+    blocks: list[ConvBlock]
+    totals: Measurement
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.loaded.name,
+            "class": type(self.loaded.model).__name__,
+            "format": self.loaded.format,
+            "sha256": self.loaded.sha256,
+            "imgsz": self.totals.imgsz,
+            "params": self.totals.params,
+            "gflops": round(self.totals.gflops, 4),
+            "traced": self.traced.method,
+            "leaves": self.traced.leaves,
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
+
+
+def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640, trust: bool = False) -> Inspection:
+    """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`."""
+    loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
+    traced = trace(loaded.model)
+    totals = measure(loaded.model, imgsz)
+    blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv)) for b in find_blocks(traced, totals.shapes)]
+    return Inspection(loaded, traced, blocks, totals)
+
+
+# --- apply --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    """A rewritten model, what was replaced, and the report; `.save()` writes the checkpoint."""
+
+    loaded: Loaded
+    rules: list[Rule]
+    model: nn.Module
+    replaced: list[Replaced]
+    report: Report
+    imgsz: int
+
+    def recipe(self) -> dict:
+        """How to reproduce this model: rules with resolved arguments, tool version, source hash."""
+        return {
+            "surgeon_version": __version__,
+            "source": {"name": self.loaded.path.name if self.loaded.path else self.loaded.name,
+                       "sha256": self.loaded.sha256, "format": self.loaded.format},
+            "rules": [_resolved_rule(rule) for rule in self.rules],
+            "replaced": [r.conv for r in self.replaced],
+            "imgsz": self.imgsz,
+        }
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write an Ultralytics-format checkpoint atomically; never the input, never over a file without `force`."""
+        path = Path(path)
+        if self.loaded.path is not None and path.resolve() == self.loaded.path.resolve():
+            raise SurgeryError(f"{path}: refusing to overwrite the input checkpoint; choose another output with -o")
+        if path.exists() and not force:
+            raise SurgeryError(f"{path}: already exists (use --force to overwrite)")
+        if path.is_dir():
+            raise SurgeryError(f"{path}: is a directory")
+        return save_checkpoint(self.loaded, self.model, path, self.recipe())
+
+
+def _resolved_rule(rule: Rule) -> dict:
+    data = rule.to_dict()
+    entry = builtin_replacements().get(rule.replace.name) if rule.replace.name in builtin_replacements() else None
+    if entry is not None:
+        data["replace"]["args"] = {**entry.defaults(), **rule.replace.kwargs}
+    return data
+
+
+def resolve_rules(rules, overrides: dict | list | tuple | None, registry: Registry) -> list[Rule]:
+    """Rule names, paths or Rule objects -> Rules with `--set` style overrides applied."""
+    resolved = [r if isinstance(r, Rule) else load_rule(r, registry) for r in ([rules] if isinstance(rules, (str, Path, Rule)) else rules)]
+    if not resolved:
+        raise RuleError("no rule given (see `surgeon rules` for the built-in ones)")
+    by_rule = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else {None: dict(overrides or {})}
+    unknown = set(by_rule) - {None} - {r.name for r in resolved}
+    if unknown:
+        raise RuleError(f"--set names rule {sorted(unknown)[0]!r}, which is not among the applied rules")
+    return [r.with_args({**by_rule.get(None, {}), **by_rule.get(r.name, {})}, registry) if by_rule else r
+            for r in resolved]
+
+
+def _flat_tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: int = 2) -> dict:
+    """Run both models in eval mode on the same batch and compare their outputs.
+
+    Raises:
+        SurgeryError: The rewritten model fails to run or produces non-finite or differently shaped outputs.
+    """
+    x = sample_input(original, imgsz, batch)
+    with torch.no_grad():
+        reference = _flat_tensors(run_model(original.eval(), x))
+        try:
+            result = _flat_tensors(run_model(rewritten.eval(), x))
+        except Exception as error:  # noqa: BLE001 - any failure means the rewrite is unusable
+            raise SurgeryError(f"the rewritten model fails on a test batch: {type(error).__name__}: {error}") from error
+    if [t.shape for t in reference] != [t.shape for t in result]:
+        raise SurgeryError("the rewritten model's outputs have other shapes than the original's")
+    if not all(torch.isfinite(t).all() for t in result):
+        raise SurgeryError("the rewritten model produces non-finite outputs on a test batch")
+    max_abs = max((float((a - b).abs().max()) for a, b in zip(reference, result) if a.numel()), default=0.0)
+    scale = max((float(a.abs().max()) for a in reference if a.numel()), default=0.0)
+    return {"batch": batch, "imgsz": imgsz, "max_abs": max_abs, "max_rel": max_abs / scale if scale else max_abs,
+            "max_abs_original": scale}
+
+
+def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,
+          imgsz: int = 640, check_imgsz: int | None = None, overlap: str = "error", trust: bool = False,
+          registry: Registry | None = None, **set_args) -> ApplyResult:
+    """Rewrite a model with one or more rules.
+
+    Args:
+        source: Checkpoint path, nn.Module, or an already loaded model.
+        rules: A rule name, path or Rule, or a list of them (applied together).
+        overrides: Replacement arguments: ``{"experts": 8}`` for every rule, or ``["dyn_head.experts=8"]`` strings.
+        imgsz: Image size for FLOPs and shapes.
+        check_imgsz: Image size of the output check batch (default: `imgsz`).
+        overlap: Two rules selecting one block: ``error``, or the ``first``/``last`` rule wins.
+        trust: Allow classes outside the checkpoint allow-list.
+        registry: Replacement registry (default: the built-ins).
+        **set_args: More overrides for every rule, as keyword arguments.
+
+    Raises:
+        RuleError, NoMatchError, SurgeryError, CheckpointError, TraceError.
+    """
+    registry = registry or builtin_replacements()
+    loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
+    if set_args:
+        overrides = {**(overrides if isinstance(overrides, dict) else {}), **set_args} if not isinstance(
+            overrides, (list, tuple)) else [*overrides, *(f"{k}={v}" for k, v in set_args.items())]
+    resolved = resolve_rules(rules, overrides, registry)
+    before = inspect_model(loaded, imgsz=imgsz)
+    matches = match_rules(before.blocks, resolved, model_name=str(loaded.path or loaded.name), overlap=overlap)
+    model, replaced = rewrite(loaded.model, matches, registry)
+    check = output_check(loaded.model, model, check_imgsz or imgsz)
+    after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz)
+    report = build_report(before, after, output=check, replaced=replaced, rules=resolved)
+    report.after = f"{loaded.name} + {' + '.join(r.name for r in resolved)}"
+    return ApplyResult(loaded, resolved, model, replaced, report, imgsz)
+
+
+# --- diff ---------------------------------------------------------------------------------------
+
+
+def _changes(before: Inspection, after: Inspection) -> list[Change]:
+    old = dict(before.loaded.model.named_modules())
+    new = dict(after.loaded.model.named_modules())
+    changes: list[Change] = []
+    covered: list[str] = []
+
+    def inside(path: str) -> bool:
+        return any(path.startswith(p + ".") for p in covered)
+
+    for path in sorted(set(old) | set(new), key=lambda p: (p.count("."), p)):
+        if not path or inside(path):
+            continue
+        a, b = old.get(path), new.get(path)
+        if a is not None and b is not None and type(a) is type(b):
+            continue
+        kind = "replaced" if a is not None and b is not None else ("added" if a is None else "removed")
+        shapes = before.totals.shapes.get(path) or after.totals.shapes.get(path) or (None, None)
+        changes.append(Change(
+            path=path, kind=kind, old_type=type(a).__name__ if a is not None else None,
+            new_type=type(b).__name__ if b is not None else None, in_shape=shapes[0], out_shape=shapes[1],
+            params_before=sum(p.numel() for p in a.parameters()) if a is not None else 0,
+            params_after=sum(p.numel() for p in b.parameters()) if b is not None else 0,
+            flops_before=before.totals.module_flops.get(path, 0), flops_after=after.totals.module_flops.get(path, 0),
+        ))
+        covered.append(path)
+    order = {p: i for i, p in enumerate(old)}
+    return sorted(changes, key=lambda c: order.get(c.path, len(order)))
+
+
+def _node_signatures(traced: Traced) -> list[str]:
+    """Graph nodes by what they call: module paths, and function/method nodes by name (types are in the changes)."""
+    out = []
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            out.append(node.target)
+        elif node.op in ("call_function", "call_method"):
+            out.append(f"{node.name} ({getattr(node.target, '__name__', node.target)})")
+    return out
+
+
+def layer_table(model: nn.Module) -> list[dict]:
+    """The model's top-level layers with their inputs (Ultralytics ``f`` wiring), for the graph picture."""
+    layout = LayerLayout(model)
+    if layout.layers is not None:
+        rows = []
+        for i, layer in enumerate(layout.layers):
+            sources = layer.f if isinstance(layer.f, list) else [layer.f]
+            rows.append({"index": i, "type": type(layer).__name__, "region": layout.region(i),
+                         "from": [i + s if s < 0 else s for s in sources]})
+        return rows
+    return [{"index": i, "type": type(m).__name__, "region": None, "from": [i - 1] if i else []}
+            for i, (_, m) in enumerate(model.named_children())]
+
+
+def build_report(before: Inspection, after: Inspection, *, output: dict | None = None,
+                 replaced: list[Replaced] = (), rules: list[Rule] = ()) -> Report:
+    """The graph diff between two inspections of the same image size."""
+    changes = _changes(before, after)
+    by_conv = {r.conv: r for r in replaced}
+    for change in changes:
+        record = by_conv.get(change.path)
+        if record is not None:
+            change.rule, change.init_error = record.rule, record.init_error
+    old_nodes, new_nodes = _node_signatures(before.traced), _node_signatures(after.traced)
+    return Report(
+        before=before.loaded.name, after=after.loaded.name, imgsz=before.totals.imgsz, changes=changes,
+        params=(before.totals.params, after.totals.params), gflops=(before.totals.gflops, after.totals.gflops),
+        checkpoint_bytes=(_file_size(before.loaded), _serialised_size(after.loaded)),
+        nodes_added=sorted(set(new_nodes) - set(old_nodes)), nodes_removed=sorted(set(old_nodes) - set(new_nodes)),
+        output_check=output, rules=[_resolved_rule(r) for r in rules], layers=layer_table(after.loaded.model),
+    )
+
+
+def _file_size(loaded: Loaded) -> int | None:
+    return loaded.path.stat().st_size if loaded.path is not None else None
+
+
+def _serialised_size(loaded: Loaded) -> int | None:
+    if loaded.path is not None:
+        return loaded.path.stat().st_size
+    buffer = io.BytesIO()
+    torch.save({"model": copy.deepcopy(loaded.model).half()}, buffer)
+    return buffer.tell()
+
+
+def diff(a: str | os.PathLike | nn.Module, b: str | os.PathLike | nn.Module, *, imgsz: int = 640,
+         trust: bool = False) -> Report:
+    """The graph diff between any two models or checkpoints, with an output check when their inputs agree."""
+    first, second = inspect_model(a, imgsz=imgsz, trust=trust), inspect_model(b, imgsz=imgsz, trust=trust)
+    try:
+        check = output_check(first.loaded.model, second.loaded.model, imgsz)
+    except SurgeryError:
+        check = None
+    return build_report(first, second, output=check)

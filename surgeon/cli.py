@@ -1,0 +1,180 @@
+"""The ``surgeon`` command line: parses, calls the Python API, formats. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from surgeon._env import offline_ultralytics
+from surgeon.errors import SurgeonError
+
+
+class _Group(click.Group):
+    """Turns every expected failure into one line on stderr and the error's exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SurgeonError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="surgeon")
+def main():
+    """Model surgery for trained YOLO detectors."""
+    offline_ultralytics()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _write_json(data: dict, target: str) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    if target == "-":
+        click.echo(text)
+        return
+    from surgeon.io import atomic_path
+
+    with atomic_path(Path(target)) as tmp:
+        tmp.write_text(text + "\n")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--imgsz", default=640, show_default=True, help="Image size for shapes and FLOPs.")
+@click.option("--json", "json_out", metavar="FILE", help="Also write the table as JSON to FILE ('-' for stdout only).")
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool):
+    """List every Conv block of MODEL: path, region, layer, geometry, params, FLOPs."""
+    from surgeon.api import inspect_model
+    from surgeon.report import inspection_table
+
+    inspection = inspect_model(model, imgsz=imgsz, trust=trust)
+    if json_out != "-":
+        _console().print(inspection_table(inspection))
+    if json_out:
+        _write_json(inspection.to_dict(), json_out)
+
+
+def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
+    names = "+".join(Path(r).stem for r in rules)
+    return model.with_name(f"{model.stem}-{names}.pt")
+
+
+@main.command("apply")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--rule", "-r", "rules", multiple=True, required=True, help="Rule name or rule file (repeatable).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output checkpoint [default: MODEL-RULES.pt].")
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--report", "reports", multiple=True, metavar="FILE", help="Also write the report (.md, .json, .svg).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a replacement argument for every rule (key=value) or one rule (rule.key=value).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--overlap", type=click.Choice(["error", "first", "last"]), default="error", show_default=True,
+              help="When two rules select one block: fail, or let the first/last rule win.")
+@click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust):
+    """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
+    from surgeon.api import apply
+    from surgeon.errors import SurgeryError
+    from surgeon.report import to_terminal
+
+    output = output or _default_output(model, rules)
+    if not dry_run:
+        # Fail before the (slow) surgery when the output cannot be written anyway.
+        if output.exists() and output.resolve() == model.resolve():
+            raise SurgeryError(f"{output}: refusing to overwrite the input checkpoint; choose another output with -o")
+        if output.exists() and not force:
+            raise SurgeryError(f"{output}: already exists (use --force to overwrite)")
+    for report_path in reports:
+        if Path(report_path).suffix.lower() not in (".md", ".json", ".svg"):
+            raise SurgeryError(f"{report_path}: report format must be .md, .json or .svg")
+    result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust)
+    _console().print(to_terminal(result.report))
+    if dry_run:
+        click.echo("dry run: nothing written")
+        return
+    for report_path in reports:
+        result.report.write(report_path)
+    saved = result.save(output, force=force)
+    click.echo(f"wrote {saved}")
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--report", "reports", multiple=True, metavar="FILE", help="Also write the report (.md, .json, .svg).")
+@click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the files).")
+def diff_cmd(a: Path, b: Path, reports, imgsz, trust):
+    """Show what differs between checkpoints A and B: modules, params, FLOPs, graph nodes, outputs."""
+    from surgeon.api import diff
+    from surgeon.report import to_terminal
+
+    report = diff(a, b, imgsz=imgsz, trust=trust)
+    _console().print(to_terminal(report))
+    for report_path in reports:
+        report.write(report_path)
+
+
+@main.group("rules", invoke_without_command=True)
+@click.pass_context
+def rules_cmd(ctx):
+    """List the built-in rules (or `surgeon rules show RULE`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from surgeon.modules import builtin_replacements
+    from surgeon.rules import builtin_rule_names, load_rule
+
+    registry = builtin_replacements()
+    table = Table(title="built-in rules (use by name with --rule, or give a path to your own .yaml)")
+    for column in ("rule", "replacement", "description"):
+        table.add_column(column)
+    for name in builtin_rule_names():
+        rule = load_rule(name, registry)
+        table.add_row(rule.name, rule.replace.name, rule.description)
+    _console().print(table)
+    replacements = Table(title="replacements (for replace.with)")
+    for column in ("name", "arguments", "description"):
+        replacements.add_column(column)
+    for entry in registry:
+        replacements.add_row(entry.name, ", ".join(f"{k}={v!r}" for k, v in entry.defaults().items()), entry.description)
+    _console().print(replacements)
+
+
+@rules_cmd.command("show")
+@click.argument("rule")
+@click.option("--model", type=click.Path(path_type=Path), help="Also list the blocks RULE selects in this checkpoint.")
+@click.option("--imgsz", default=640, show_default=True)
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+def rules_show_cmd(rule: str, model: Path | None, imgsz: int, trust: bool):
+    """Print RULE as YAML, and what it would match on --model."""
+    from surgeon.modules import builtin_replacements
+    from surgeon.rules import load_rule
+
+    parsed = load_rule(rule, builtin_replacements())
+    click.echo(f"# {parsed.source}")
+    click.echo(parsed.dump().rstrip())
+    if model is None:
+        return
+    from surgeon.api import inspect_model
+    from surgeon.match import match_rules
+
+    inspection = inspect_model(model, imgsz=imgsz, trust=trust)
+    matches = match_rules(inspection.blocks, [parsed], model_name=str(model), strict=False)
+    click.echo(f"\n# {len(matches)} of {len(inspection.blocks)} Conv blocks of {model} selected:")
+    for m in matches:
+        b = m.block
+        click.echo(f"{b.path}  region={b.region} layer={b.layer} {b.type} {b.in_channels}->{b.out_channels} "
+                   f"k={b.kernel[0]} s={b.stride[0]} g={b.groups}")

@@ -1,0 +1,41 @@
+"""Replacement modules, one per file, and the built-in registry of them.
+
+A replacement factory has the signature ``factory(conv: nn.Conv2d, **args) -> nn.Module``. It
+receives the trained convolution of a matched Conv block and returns an *op* that takes the
+convolution's place inside the block; the block's BatchNorm and activation stay where they are.
+An op:
+
+1. accepts and returns tensors of exactly the shapes the convolution did, and exposes the
+   original geometry as ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+   ``padding``, ``dilation``, ``groups``;
+2. has a parameter ``weight`` whose first dimension indexes output channels and scales output
+   channel ``o`` linearly, and a ``bias`` (``None`` or per output channel), so that
+   ``ultralytics.utils.torch_utils.fuse_conv_and_bn(op, bn)`` folds a following BatchNorm
+   exactly. This is what keeps Ultralytics' ``fuse()`` (run before ``val``/``predict``/export)
+   working on the block that holds the op;
+3. sets ``init_error``: the relative Frobenius error of the kernel it approximates (0.0 when
+   exact, ``None`` when it is not an approximation, e.g. random initialisation);
+4. is a module-level class (it pickles into checkpoints and through DDP), trains with autograd,
+   and is deterministic for a given ``seed`` argument where it draws random numbers.
+
+Ops that can become an ordinary convolution again define ``fold() -> nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from surgeon.registry import Registry
+
+# Each module lists (name, factory, description) tuples in its REPLACEMENTS.
+_BUILTIN_MODULES = ("plain_conv", "dw_conv", "ds_conv")
+
+
+def builtin_replacements() -> Registry:
+    """A fresh registry holding every built-in replacement."""
+    registry = Registry("replacement")
+    for module_name in _BUILTIN_MODULES:
+        module = importlib.import_module(f"surgeon.modules.{module_name}")
+        for name, factory, description in module.REPLACEMENTS:
+            registry.register(name, factory, description)
+    return registry

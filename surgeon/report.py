@@ -1,0 +1,241 @@
+"""Tables and documents: the inspect table and the graph-diff report (terminal, Markdown, JSON, SVG).
+
+A `Report` is plain data built from two inspections (before/after), the module-level changes and
+the output check; the renderers only format it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Group
+from rich.table import Table
+
+
+def _geometry(block) -> str:
+    k = "x".join(map(str, block.kernel))
+    s = block.stride[0] if block.stride[0] == block.stride[1] else "x".join(map(str, block.stride))
+    return f"{k} s{s}" + (f" g{block.groups}" if block.groups > 1 else "")
+
+
+def inspection_table(inspection) -> Table:
+    """Every Conv block of an inspected model, with totals in the caption."""
+    table = Table(title=f"{inspection.loaded.name} ({type(inspection.loaded.model).__name__}): Conv blocks",
+                  caption=_totals_line(inspection), caption_justify="left")
+    for column in ("#", "path", "region", "layer", "type", "act", "in", "out", "kernel", "params", "MFLOPs"):
+        table.add_column(column, justify="right" if column in ("#", "layer", "in", "out", "params", "MFLOPs") else "left")
+    for i, b in enumerate(inspection.blocks):
+        table.add_row(
+            str(i), b.path, b.region or "-", "-" if b.layer is None else str(b.layer), b.type, b.act_type or "-",
+            str(b.in_channels), str(b.out_channels), _geometry(b), f"{b.params:,}",
+            "-" if b.flops is None else f"{b.flops / 1e6:,.1f}",
+        )
+    return table
+
+
+def _totals_line(inspection) -> str:
+    t = inspection.totals
+    leaves = ", ".join(inspection.traced.leaves) or "none"
+    return (f"{len(inspection.blocks)} Conv blocks | params {t.params:,} | {t.gflops:.2f} GFLOPs at {t.imgsz} px | "
+            f"traced {inspection.traced.method}(); opaque modules (blocks found by module walk): {leaves}")
+
+
+# --- the graph-diff report ---------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """One module that differs between the two models.
+
+    Attributes:
+        path: Module path.
+        kind: ``replaced``, ``added`` or ``removed``.
+        old_type, new_type: Class names (None where the module is absent).
+        in_shape, out_shape: Tensor shapes at the report's image size, where known.
+        params_before, params_after: Parameters of the module in each model.
+        flops_before, flops_after: FLOPs of the module in each model at the report's image size.
+        rule: The rule responsible (apply reports only).
+        init_error: The replacement's kernel approximation error, where it reports one.
+    """
+
+    path: str
+    kind: str
+    old_type: str | None
+    new_type: str | None
+    in_shape: tuple | None = None
+    out_shape: tuple | None = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    rule: str | None = None
+    init_error: float | None = None
+
+
+@dataclass
+class Report:
+    """What changed between two models, with totals and the output check."""
+
+    before: str
+    after: str
+    imgsz: int
+    changes: list[Change]
+    params: tuple[int, int]
+    gflops: tuple[float, float]
+    checkpoint_bytes: tuple[int | None, int | None]
+    nodes_added: list[str] = field(default_factory=list)
+    nodes_removed: list[str] = field(default_factory=list)
+    output_check: dict | None = None
+    rules: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    def write(self, path: str | Path) -> None:
+        """Write the report in the format named by the file's extension (.md, .json, .svg)."""
+        from surgeon.io import atomic_path
+
+        path = Path(path)
+        renderers = {".md": to_markdown, ".json": Report.to_json, ".svg": to_svg}
+        render = renderers.get(path.suffix.lower())
+        if render is None:
+            from surgeon.errors import SurgeonError
+
+            raise SurgeonError(f"{path}: report format must be .md, .json or .svg")
+        text = render(self)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def _delta(a: float | None, b: float | None, fmt: str) -> list[str]:
+    if a is None or b is None:
+        return ["-" if a is None else format(a, fmt), "-" if b is None else format(b, fmt), "-"]
+    pct = f" ({(b - a) / a:+.1%})" if a else ""
+    return [format(a, fmt), format(b, fmt), f"{b - a:+{fmt}}{pct}"]
+
+
+def _totals_rows(report: Report) -> list[list[str]]:
+    mib = [None if v is None else v / 2**20 for v in report.checkpoint_bytes]
+    return [
+        ["params", *_delta(*report.params, ",")],
+        [f"GFLOPs @ {report.imgsz}", *_delta(*report.gflops, ".3f")],
+        ["checkpoint MiB", *_delta(*mib, ".2f")],
+    ]
+
+
+def _change_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for c in report.changes:
+        shape = f"{list(c.in_shape or [])} -> {list(c.out_shape or [])}" if c.out_shape else "-"
+        rows.append([
+            c.path, c.kind, f"{c.old_type or '-'} -> {c.new_type or '-'}", shape,
+            f"{c.params_before:,} -> {c.params_after:,}",
+            f"{c.flops_before / 1e6:,.1f} -> {c.flops_after / 1e6:,.1f}",
+            c.rule or "-", "-" if c.init_error is None else f"{c.init_error:.2e}",
+        ])
+    return rows
+
+
+_CHANGE_COLUMNS = ("path", "change", "type", "in -> out shape", "params", "MFLOPs", "rule", "init error")
+
+
+def _check_line(report: Report) -> str:
+    c = report.output_check
+    if not c:
+        return "output check: not run (inputs differ)"
+    return (f"output check on a batch of {c['batch']} at {c['imgsz']} px: max |diff| {c['max_abs']:.3e}, "
+            f"relative to max |original| {c['max_rel']:.3e}")
+
+
+def to_terminal(report: Report) -> Group:
+    """Rich renderables for the terminal."""
+    changes = Table(title=f"{report.before} -> {report.after}: {len(report.changes)} modules changed")
+    for column in _CHANGE_COLUMNS:
+        changes.add_column(column)
+    for row in _change_rows(report):
+        changes.add_row(*row)
+    totals = Table(title="totals")
+    for column in ("", "before", "after", "delta"):
+        totals.add_column(column, justify="right")
+    for row in _totals_rows(report):
+        totals.add_row(*row)
+    nodes = f"graph nodes: +{len(report.nodes_added)} -{len(report.nodes_removed)}"
+    return Group(changes, totals, nodes, _check_line(report))
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# surgeon report: {report.before} -> {report.after}", ""]
+    if report.rules:
+        lines += ["## Rules", ""]
+        lines += [f"- `{r['name']}`: {r['description']} (replace with `{r['replace']['with']}`, "
+                  f"args {json.dumps(r['replace']['args'], sort_keys=True)})" for r in report.rules]
+        lines.append("")
+    lines += ["## Totals", "", "| | before | after | delta |", "|---|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _totals_rows(report)]
+    lines += ["", f"Graph nodes added: {len(report.nodes_added)}, removed: {len(report.nodes_removed)}.", "",
+              _check_line(report) + ".", "", f"## Changed modules ({len(report.changes)})", ""]
+    lines += ["| " + " | ".join(_CHANGE_COLUMNS) + " |", "|" + "---|" * len(_CHANGE_COLUMNS)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _change_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def to_svg(report: Report) -> str:
+    """The layer graph (Ultralytics ``from`` wiring) with changed layers highlighted."""
+    layers = report.layers
+    changed = {}
+    for c in report.changes:
+        changed.setdefault(_layer_of(c.path, layers), []).append(c)
+    columns = {"backbone": 0, "neck": 1, "head": 2, None: 1}
+    w, h, gap_x, gap_y, top = 220, 34, 60, 16, 60
+    pos = {}
+    rows = {0: 0, 1: 0, 2: 0}
+    for layer in layers:
+        col = columns.get(layer.get("region"), 1)
+        pos[layer["index"]] = (20 + col * (w + gap_x), top + rows[col] * (h + gap_y))
+        rows[col] += 1
+    height = top + max(rows.values(), default=1) * (h + gap_y) + 40
+    width = 20 + 3 * (w + gap_x)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="12">',
+             '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto">'
+             '<path d="M0,0 L8,4 L0,8 z" fill="#888"/></marker></defs>',
+             f'<text x="20" y="24" font-size="15">{html.escape(report.before)} -&gt; {html.escape(report.after)}: '
+             f'{len(report.changes)} modules changed (red), GFLOPs {report.gflops[0]:.2f} -&gt; '
+             f'{report.gflops[1]:.2f}</text>',
+             '<text x="20" y="44" fill="#555">backbone</text>',
+             f'<text x="{20 + w + gap_x}" y="44" fill="#555">neck</text>',
+             f'<text x="{20 + 2 * (w + gap_x)}" y="44" fill="#555">head</text>']
+    for layer in layers:
+        x2, y2 = pos[layer["index"]]
+        for src in layer.get("from", []):
+            if src in pos:
+                x1, y1 = pos[src]
+                parts.append(f'<line x1="{x1 + w / 2}" y1="{y1 + h}" x2="{x2 + w / 2}" y2="{y2}" stroke="#bbb" '
+                             'marker-end="url(#a)"/>')
+    for layer in layers:
+        x, y = pos[layer["index"]]
+        hits = changed.get(layer["index"], [])
+        fill, stroke = ("#fdd", "#c00") if hits else ("#f4f4f4", "#999")
+        label = f'{layer["index"]}: {layer["type"]}'
+        if hits:
+            label += f" ({len(hits)} changed)"
+        title = "\n".join(f"{c.path}: {c.old_type} -> {c.new_type}" for c in hits)
+        parts.append(f'<g><title>{html.escape(title or layer["type"])}</title>'
+                     f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="5" fill="{fill}" stroke="{stroke}"/>'
+                     f'<text x="{x + 8}" y="{y + 21}">{html.escape(label)}</text></g>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _layer_of(path: str, layers: list[dict]) -> int | None:
+    parts = path.split(".")
+    if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit():
+        return int(parts[1])
+    return None

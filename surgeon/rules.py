@@ -1,0 +1,329 @@
+"""Rule files -> typed rules.
+
+A rule is one YAML file (read with ``yaml.safe_load``)::
+
+    name: dyn_head
+    description: DynamicConv (K=4) in place of the 1x1 Conv blocks after the backbone
+    select:                  # every field must hold (AND); a list inside a field means any of
+      region: [neck, head]
+      kernel: 1
+    exclude:                 # blocks matching any of these selectors are left alone
+      - path: "re:model\\.2[0-9]\\.cv3\\..*"
+    replace:
+      with: dynamic_conv     # a registered replacement
+      args: {experts: 4}
+
+Built-in rules live in ``rules/`` (one file each) and are used by name; any other file by path.
+Parsing is strict: unknown keys, bad values and unknown replacements or arguments are errors that
+name the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from surgeon.blocks import REGIONS, ConvBlock
+from surgeon.errors import RuleError
+from surgeon.registry import Registry
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+_RULE_KEYS = {"name", "description", "select", "exclude", "replace"}
+_REPLACE_KEYS = {"with", "args"}
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Conditions on a Conv block; unset fields match anything, set fields must all hold.
+
+    Attributes:
+        region: Regions the block may be in (backbone, neck, head).
+        layers: Top-level layer indices, as (first, last) inclusive ranges.
+        path: Module path patterns: shell globs, or regular expressions written ``re:...``
+            (matched against the block path and the convolution path).
+        type: Class names of the block (``Conv``, ``DWConv``, ``Conv2d``, ...).
+        kernel: Square kernel sizes.
+        stride: Strides (square).
+        groups: Group counts.
+        depthwise: Whether the block must (true) or must not (false) be depthwise.
+        in_channels: Inclusive (min, max) range of input channels.
+        out_channels: Inclusive (min, max) range of output channels.
+        act: Activation class names (``SiLU``, ``ReLU``, ``none`` for no activation).
+    """
+
+    region: tuple[str, ...] | None = None
+    layers: tuple[tuple[int, int], ...] | None = None
+    path: tuple[str, ...] | None = None
+    type: tuple[str, ...] | None = None
+    kernel: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    groups: tuple[int, ...] | None = None
+    depthwise: bool | None = None
+    in_channels: tuple[int, int] | None = None
+    out_channels: tuple[int, int] | None = None
+    act: tuple[str, ...] | None = None
+
+    def matches(self, block: ConvBlock) -> bool:
+        """Whether `block` satisfies every set field."""
+        checks = (
+            self.region is None or block.region in self.region,
+            self.layers is None or (block.layer is not None and any(a <= block.layer <= b for a, b in self.layers)),
+            self.path is None or any(_path_matches(p, block) for p in self.path),
+            self.type is None or block.type in self.type,
+            self.kernel is None or (block.kernel[0] == block.kernel[1] and block.kernel[0] in self.kernel),
+            self.stride is None or (block.stride[0] == block.stride[1] and block.stride[0] in self.stride),
+            self.groups is None or block.groups in self.groups,
+            self.depthwise is None or block.depthwise == self.depthwise,
+            self.in_channels is None or self.in_channels[0] <= block.in_channels <= self.in_channels[1],
+            self.out_channels is None or self.out_channels[0] <= block.out_channels <= self.out_channels[1],
+            self.act is None or (block.act_type or "none") in self.act,
+        )
+        return all(checks)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "layers":
+                value = [a if a == b else f"{a}-{b}" for a, b in value]
+            elif f.name in ("in_channels", "out_channels"):
+                value = {"min": value[0], "max": value[1]}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _path_matches(pattern: str, block: ConvBlock) -> bool:
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return bool(regex.fullmatch(block.path) or regex.fullmatch(block.conv))
+    return fnmatch.fnmatchcase(block.path, pattern) or fnmatch.fnmatchcase(block.conv, pattern)
+
+
+@dataclass(frozen=True)
+class Replace:
+    """What goes in place of each matched block's convolution: a registered replacement and its arguments."""
+
+    name: str
+    args: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.args)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A parsed rule file."""
+
+    name: str
+    description: str
+    select: Selector
+    replace: Replace
+    exclude: tuple[Selector, ...] = ()
+    source: str | None = field(default=None, compare=False)
+
+    def selects(self, block: ConvBlock) -> bool:
+        """Whether the rule rewrites `block` (never a fixed, untrainable convolution such as DFL's)."""
+        return block.trainable and self.select.matches(block) and not any(e.matches(block) for e in self.exclude)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "description": self.description, "select": self.select.to_dict()}
+        if self.exclude:
+            out["exclude"] = [e.to_dict() for e in self.exclude]
+        out["replace"] = {"with": self.replace.name, "args": dict(self.replace.args)}
+        return out
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_args(self, overrides: dict[str, Any], registry: Registry) -> Rule:
+        """This rule with replacement arguments overridden (validated like the file's own)."""
+        args = {**self.replace.kwargs, **overrides}
+        _check_args(args, self.replace.name, registry, f"{self.source or self.name}: replace.args")
+        return dataclasses.replace(self, replace=Replace(self.replace.name, tuple(sorted(args.items()))))
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def _ints(value, where: str) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+        raise RuleError(f"{where}: expected a whole number or a list of them, got {value!r}")
+    return tuple(items)
+
+
+def _strs(value, where: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise RuleError(f"{where}: expected a name or a list of names, got {value!r}")
+    if allowed:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise RuleError(f"{where}: {bad[0]!r} is not one of {', '.join(allowed)}")
+    return tuple(items)
+
+
+def _patterns(value, where: str) -> tuple[str, ...]:
+    patterns = _strs(value, where)
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as error:
+                raise RuleError(f"{where}: bad regular expression {p[3:]!r}: {error}") from None
+    return patterns
+
+
+def _layers(value, where: str) -> tuple[tuple[int, int], ...]:
+    items = value if isinstance(value, list) else [value]
+    ranges = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            ranges.append((item, item))
+        elif isinstance(item, str) and re.fullmatch(r"\d+-\d+", item.strip()):
+            a, b = (int(x) for x in item.split("-"))
+            if a > b:
+                raise RuleError(f"{where}: range {item!r} runs backwards")
+            ranges.append((a, b))
+        else:
+            raise RuleError(f"{where}: expected a layer index or a range 'A-B', got {item!r}")
+    return tuple(ranges)
+
+
+def _channels(value, where: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, dict) and set(value) <= {"min", "max"} and value:
+        lo, hi = value.get("min", 0), value.get("max", 1 << 30)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) and lo <= hi:
+            return (lo, hi)
+    raise RuleError(f"{where}: expected a channel count or {{min: A, max: B}}, got {value!r}")
+
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RuleError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+_SELECTOR_FIELDS = {
+    "region": lambda v, w: _strs(v, w, REGIONS),
+    "layers": _layers,
+    "path": _patterns,
+    "type": _strs,
+    "kernel": _ints,
+    "stride": _ints,
+    "groups": _ints,
+    "depthwise": _bool,
+    "in_channels": _channels,
+    "out_channels": _channels,
+    "act": _strs,
+}
+
+
+def parse_selector(data, where: str) -> Selector:
+    if not isinstance(data, dict):
+        raise RuleError(f"{where}: expected a mapping of selector fields, got {type(data).__name__}")
+    unknown = set(data) - set(_SELECTOR_FIELDS)
+    if unknown:
+        raise RuleError(f"{where}: unknown field {sorted(unknown)[0]!r} (fields: {', '.join(_SELECTOR_FIELDS)})")
+    return Selector(**{k: _SELECTOR_FIELDS[k](v, f"{where}.{k}") for k, v in data.items()})
+
+
+def _check_args(args: dict, replacement: str, registry: Registry, where: str) -> None:
+    entry = registry.get(replacement)
+    known = entry.parameters()
+    for key in args:
+        if key not in known:
+            raise RuleError(f"{where}: {replacement} has no argument {key!r} (arguments: {', '.join(known) or 'none'})")
+
+
+def parse_rule(data, source: str, registry: Registry) -> Rule:
+    """Validate a rule's YAML data (already loaded) into a Rule."""
+    if not isinstance(data, dict):
+        raise RuleError(f"{source}: a rule file must be a mapping with {', '.join(sorted(_RULE_KEYS))}")
+    unknown = set(data) - _RULE_KEYS
+    if unknown:
+        raise RuleError(f"{source}: unknown field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(_RULE_KEYS))})")
+    for key in ("name", "select", "replace"):
+        if key not in data:
+            raise RuleError(f"{source}: missing field {key!r}")
+    name, description = data["name"], data.get("description", "")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise RuleError(f"{source}: name: expected a word (letters, digits, _ . -), got {name!r}")
+    if not isinstance(description, str):
+        raise RuleError(f"{source}: description: expected one line of text")
+    select = parse_selector(data["select"], f"{source}: select")
+    exclude_data = data.get("exclude", [])
+    if not isinstance(exclude_data, list):
+        raise RuleError(f"{source}: exclude: expected a list of selectors")
+    exclude = tuple(parse_selector(e, f"{source}: exclude[{i}]") for i, e in enumerate(exclude_data))
+    replace = data["replace"]
+    if not isinstance(replace, dict) or "with" not in replace:
+        raise RuleError(f"{source}: replace: expected a mapping with 'with' (a replacement name) and 'args'")
+    unknown = set(replace) - _REPLACE_KEYS
+    if unknown:
+        raise RuleError(f"{source}: replace: unknown field {sorted(unknown)[0]!r} (fields: with, args)")
+    if not isinstance(replace["with"], str):
+        raise RuleError(f"{source}: replace.with: expected a replacement name")
+    if replace["with"] not in registry:
+        known = ", ".join(e.name for e in registry)
+        raise RuleError(f"{source}: replace.with: unknown replacement {replace['with']!r} (known: {known})")
+    args = replace.get("args") or {}
+    if not isinstance(args, dict):
+        raise RuleError(f"{source}: replace.args: expected a mapping of argument names to values")
+    _check_args(args, replace["with"], registry, f"{source}: replace.args")
+    return Rule(name, description.strip(), select, Replace(replace["with"], tuple(sorted(args.items()))),
+                exclude, source)
+
+
+def builtin_rule_names() -> list[str]:
+    return sorted(p.stem for p in RULES_DIR.glob("*.yaml"))
+
+
+def load_rule(name_or_path: str | Path, registry: Registry) -> Rule:
+    """Read a built-in rule by name, or a rule file by path."""
+    text_path = Path(name_or_path)
+    if text_path.suffix in (".yaml", ".yml") or text_path.exists() or "/" in str(name_or_path):
+        path = text_path
+    else:
+        path = RULES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise RuleError(f"no rule named {name_or_path!r} (built-in rules: {', '.join(builtin_rule_names())}; "
+                            "or give a path to a .yaml rule file)")
+    if not path.is_file():
+        raise RuleError(f"{path}: no such rule file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RuleError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise RuleError(f"{path}: not a text file") from None
+    return parse_rule(data, str(path), registry)
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str | None, dict[str, Any]]:
+    """``key=value`` / ``rule.key=value`` strings -> {rule name or None (all rules): {key: value}}."""
+    out: dict[str | None, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise RuleError(f"--set {pair!r}: expected key=value")
+        rule, _, arg = key.rpartition(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(rule or None, {})[arg] = value
+    return out

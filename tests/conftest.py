@@ -1,0 +1,47 @@
+"""Shared fixtures: Ultralytics kept offline, real models built from the package's own configs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Must run before anything imports ultralytics.
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="surgeon-tests-yolo-"))
+from surgeon._env import offline_ultralytics  # noqa: E402
+
+offline_ultralytics()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def build_ultralytics(cfg: str):
+    """Build an Ultralytics model from one of the package's own YAML configs, in eval mode."""
+    from ultralytics import RTDETR, YOLO
+
+    cls = RTDETR if cfg.startswith("rtdetr") else YOLO
+    return cls(cfg).model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Returns make(cfg) -> path of an Ultralytics checkpoint built from `cfg`, cached per session."""
+    from ultralytics import RTDETR, YOLO
+
+    cache: dict[str, str] = {}
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(cfg: str) -> str:
+        if cfg not in cache:
+            cls = RTDETR if cfg.startswith("rtdetr") else YOLO
+            path = root / cfg.replace(".yaml", ".pt")
+            cls(cfg).save(path)
+            cache[cfg] = str(path)
+        return cache[cfg]
+
+    return make
