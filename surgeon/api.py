@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import io
 import os
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from surgeon import __version__
-from surgeon.blocks import ConvBlock, LayerLayout, find_blocks, run_model, sample_input
+from surgeon.blocks import ConvBlock, LayerLayout, LayerTarget, find_blocks, run_model, sample_input
 from surgeon.errors import RuleError, SurgeryError
 from surgeon.io import Loaded, load, save_checkpoint
 from surgeon.match import match_rules
@@ -21,7 +22,7 @@ from surgeon.measure import Measurement, measure
 from surgeon.modules import builtin_replacements
 from surgeon.registry import Registry
 from surgeon.report import Change, Report
-from surgeon.rewrite import Replaced, rewrite
+from surgeon.rewrite import Inserted, Replaced, rewrite
 from surgeon.rules import Rule, load_rule, parse_overrides
 from surgeon.trace import Traced, trace
 
@@ -34,6 +35,7 @@ class Inspection:
     traced: Traced
     blocks: list[ConvBlock]
     totals: Measurement
+    layers: list[LayerTarget]
 
     def to_dict(self) -> dict:
         return {
@@ -56,7 +58,8 @@ def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int 
     traced = trace(loaded.model)
     totals = measure(loaded.model, imgsz)
     blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv)) for b in find_blocks(traced, totals.shapes)]
-    return Inspection(loaded, traced, blocks, totals)
+    layers = LayerLayout(loaded.model).targets(loaded.model, totals.layer_shapes)
+    return Inspection(loaded, traced, blocks, totals, layers)
 
 
 # --- apply --------------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ class ApplyResult:
     loaded: Loaded
     rules: list[Rule]
     model: nn.Module
-    replaced: list[Replaced]
+    replaced: list[Replaced | Inserted]
     report: Report
     imgsz: int
 
@@ -80,7 +83,9 @@ class ApplyResult:
             "source": {"name": self.loaded.path.name if self.loaded.path else self.loaded.name,
                        "sha256": self.loaded.sha256, "format": self.loaded.format},
             "rules": [_resolved_rule(rule) for rule in self.rules],
-            "replaced": [r.conv for r in self.replaced],
+            "replaced": [r.conv for r in self.replaced if isinstance(r, Replaced)],
+            "inserted": [{"path": r.path, "after" if r.position == "after" else "before": r.target}
+                         for r in self.replaced if isinstance(r, Inserted)],
             "imgsz": self.imgsz,
         }
 
@@ -96,11 +101,12 @@ class ApplyResult:
         return save_checkpoint(self.loaded, self.model, path, self.recipe())
 
 
-def _resolved_rule(rule: Rule) -> dict:
+def _resolved_rule(rule: Rule, registry: Registry | None = None) -> dict:
+    """The rule as data, with every argument of its module filled in (defaults included)."""
+    registry = registry or builtin_replacements()
     data = rule.to_dict()
-    entry = builtin_replacements().get(rule.replace.name) if rule.replace.name in builtin_replacements() else None
-    if entry is not None:
-        data["replace"]["args"] = {**entry.defaults(), **rule.replace.kwargs}
+    if rule.action.name in registry:
+        data[rule.action.kind]["args"] = {**registry.get(rule.action.name).defaults(), **rule.action.kwargs}
     return data
 
 
@@ -176,11 +182,12 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
             overrides, (list, tuple)) else [*overrides, *(f"{k}={v}" for k, v in set_args.items())]
     resolved = resolve_rules(rules, overrides, registry)
     before = inspect_model(loaded, imgsz=imgsz)
-    matches = match_rules(before.blocks, resolved, model_name=str(loaded.path or loaded.name), overlap=overlap)
-    model, replaced = rewrite(loaded.model, matches, registry)
+    matches = match_rules(before.blocks, resolved, layers=before.layers, model_name=str(loaded.path or loaded.name),
+                          overlap=overlap)
+    model, replaced = rewrite(loaded.model, matches, registry, before.totals.layer_shapes)
     check = output_check(loaded.model, model, check_imgsz or imgsz)
     after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz)
-    report = build_report(before, after, output=check, replaced=replaced, rules=resolved)
+    report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
     report.after = f"{loaded.name} + {' + '.join(r.name for r in resolved)}"
     return ApplyResult(loaded, resolved, model, replaced, report, imgsz)
 
@@ -188,41 +195,74 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
 # --- diff ---------------------------------------------------------------------------------------
 
 
+def _layer_alignment(old: nn.Module, new: nn.Module) -> dict[int, int]:
+    """New layer index -> old layer index for layers the two models share (inserted layers have none).
+
+    Aligns the two layer lists by their class sequence, so a layer inserted in the middle shifts the
+    numbering of what follows without making every later layer look changed.
+    """
+    old_layers, new_layers = LayerLayout(old).layers, LayerLayout(new).layers
+    if old_layers is None or new_layers is None:
+        return {}
+    matcher = difflib.SequenceMatcher(a=[type(m).__name__ for m in old_layers],
+                                      b=[type(m).__name__ for m in new_layers], autojunk=False)
+    mapping = {}
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag in ("equal", "replace") and i2 - i1 == j2 - j1:
+            mapping.update({j1 + k: i1 + k for k in range(j2 - j1)})
+    return mapping
+
+
+def _path_key(before: nn.Module, after: nn.Module):
+    """A function turning a path of `after` into the matching path of `before` ('+' marks new layers)."""
+    alignment = _layer_alignment(before, after)
+
+    def key(path: str) -> str:
+        parts = path.split(".")
+        if not alignment or len(parts) < 2 or parts[0] != "model" or not parts[1].isdigit():
+            return path
+        index = alignment.get(int(parts[1]))
+        return "+" + path if index is None else ".".join(["model", str(index), *parts[2:]])
+
+    return key
+
+
 def _changes(before: Inspection, after: Inspection) -> list[Change]:
     old = dict(before.loaded.model.named_modules())
-    new = dict(after.loaded.model.named_modules())
+    key = _path_key(before.loaded.model, after.loaded.model)
+    new = {key(p): (p, m) for p, m in after.loaded.model.named_modules()}
     changes: list[Change] = []
     covered: list[str] = []
-
-    def inside(path: str) -> bool:
-        return any(path.startswith(p + ".") for p in covered)
-
-    for path in sorted(set(old) | set(new), key=lambda p: (p.count("."), p)):
-        if not path or inside(path):
+    for k in sorted(set(old) | set(new), key=lambda p: (p.count("."), p)):
+        if not k or k == "+" or any(k.startswith(c + ".") for c in covered):
             continue
-        a, b = old.get(path), new.get(path)
+        a = old.get(k)
+        new_path, b = new.get(k, (None, None))
         if a is not None and b is not None and type(a) is type(b):
             continue
         kind = "replaced" if a is not None and b is not None else ("added" if a is None else "removed")
-        shapes = before.totals.shapes.get(path) or after.totals.shapes.get(path) or (None, None)
+        shapes = before.totals.shapes.get(k) or after.totals.shapes.get(new_path) or (None, None)
+        if kind == "added" and new_path in after.totals.layer_shapes:
+            shapes = (after.totals.layer_shapes[new_path], after.totals.layer_shapes[new_path])
         changes.append(Change(
-            path=path, kind=kind, old_type=type(a).__name__ if a is not None else None,
+            path=new_path if kind == "added" else k, kind=kind, old_type=type(a).__name__ if a is not None else None,
             new_type=type(b).__name__ if b is not None else None, in_shape=shapes[0], out_shape=shapes[1],
             params_before=sum(p.numel() for p in a.parameters()) if a is not None else 0,
             params_after=sum(p.numel() for p in b.parameters()) if b is not None else 0,
-            flops_before=before.totals.module_flops.get(path, 0), flops_after=after.totals.module_flops.get(path, 0),
+            flops_before=before.totals.module_flops.get(k, 0) if a is not None else 0,
+            flops_after=after.totals.module_flops.get(new_path, 0) if b is not None else 0,
         ))
-        covered.append(path)
+        covered.append(k)
     order = {p: i for i, p in enumerate(old)}
-    return sorted(changes, key=lambda c: order.get(c.path, len(order)))
+    return sorted(changes, key=lambda c: (order.get(c.path, len(order)), c.path))
 
 
-def _node_signatures(traced: Traced) -> list[str]:
-    """Graph nodes by what they call: module paths, and function/method nodes by name (types are in the changes)."""
+def _node_signatures(traced: Traced, key=lambda path: path) -> list[str]:
+    """Graph nodes by what they call: module paths (through `key`), and function/method nodes by name."""
     out = []
     for node in traced.graph.nodes:
         if node.op == "call_module":
-            out.append(node.target)
+            out.append(key(node.target))
         elif node.op in ("call_function", "call_method"):
             out.append(f"{node.name} ({getattr(node.target, '__name__', node.target)})")
     return out
@@ -243,21 +283,25 @@ def layer_table(model: nn.Module) -> list[dict]:
 
 
 def build_report(before: Inspection, after: Inspection, *, output: dict | None = None,
-                 replaced: list[Replaced] = (), rules: list[Rule] = ()) -> Report:
+                 replaced: list[Replaced | Inserted] = (), rules: list[Rule] = (),
+                 registry: Registry | None = None) -> Report:
     """The graph diff between two inspections of the same image size."""
     changes = _changes(before, after)
-    by_conv = {r.conv: r for r in replaced}
+    by_path = {r.conv if isinstance(r, Replaced) else r.path: r for r in replaced}
     for change in changes:
-        record = by_conv.get(change.path)
+        record = by_path.get(change.path)
         if record is not None:
-            change.rule, change.init_error = record.rule, record.init_error
-    old_nodes, new_nodes = _node_signatures(before.traced), _node_signatures(after.traced)
+            change.rule = record.rule
+            change.init_error = getattr(record, "init_error", None)
+    key = _path_key(before.loaded.model, after.loaded.model)
+    old_nodes, new_nodes = _node_signatures(before.traced), _node_signatures(after.traced, key)
     return Report(
         before=before.loaded.name, after=after.loaded.name, imgsz=before.totals.imgsz, changes=changes,
         params=(before.totals.params, after.totals.params), gflops=(before.totals.gflops, after.totals.gflops),
         checkpoint_bytes=(_file_size(before.loaded), _serialised_size(after.loaded)),
-        nodes_added=sorted(set(new_nodes) - set(old_nodes)), nodes_removed=sorted(set(old_nodes) - set(new_nodes)),
-        output_check=output, rules=[_resolved_rule(r) for r in rules], layers=layer_table(after.loaded.model),
+        nodes_added=sorted(n.lstrip("+") for n in set(new_nodes) - set(old_nodes)),
+        nodes_removed=sorted(set(old_nodes) - set(new_nodes)),
+        output_check=output, rules=[_resolved_rule(r, registry) for r in rules], layers=layer_table(after.loaded.model),
     )
 
 

@@ -8,6 +8,7 @@ Each block becomes a `ConvBlock` record; records never hold on to graph nodes or
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import networkx as nx
@@ -46,7 +47,7 @@ class ConvBlock:
         source: ``graph`` when found in the traced graph, ``leaf`` when found by walking a leaf module.
         in_channels, out_channels, kernel, stride, groups, dilation, bias: The convolution's geometry.
         params: Parameters of the convolution and norm.
-        trainable: Whether the convolution has trainable weights (fixed ones, like DFL's, are never rewritten).
+        trainable: False for convolutions that are fixed by design (the DFL integral), never rewritten.
         in_shape, out_shape: Tensor shapes at the inspected image size (batch 1).
         flops: FLOPs of the convolution at that size (filled in from `surgeon.measure`).
     """
@@ -159,6 +160,15 @@ def _leaf_chains(model: nn.Module, leaf_path: str) -> list[tuple[str, str | None
     return chains
 
 
+# Containers whose convolution is a fixed computation, not a learned layer (checkpoints' EMA copies
+# have requires_grad off everywhere, so that flag cannot tell).
+FIXED_CONTAINERS = ("DFL",)
+
+
+def _fixed(model: nn.Module, conv_path: str) -> bool:
+    return any(type(m).__name__ in FIXED_CONTAINERS for m in _ancestors(model, conv_path))
+
+
 def _ancestors(model: nn.Module, path: str) -> list[nn.Module]:
     parts = path.split(".")
     return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
@@ -174,6 +184,31 @@ def _container(model: nn.Module, conv: str, norm: str | None, act: str | None) -
         if children == members:
             return parent_path
     return conv
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """One top-level layer (``model.N``) of an Ultralytics-style model: what insert rules select.
+
+    Attributes:
+        path: ``model.N``.
+        type: Class name of the layer.
+        layer: N.
+        region: backbone, neck or head.
+        feeds: Detection levels (``P3``, ...) whose head input this layer's output is.
+        out_shape: Output shape at the inspected image size (batch 1), where it is one tensor.
+    """
+
+    path: str
+    type: str
+    layer: int
+    region: str | None
+    feeds: tuple[str, ...] = ()
+    out_shape: tuple[int, ...] | None = None
+
+    @property
+    def out_channels(self) -> int | None:
+        return self.out_shape[1] if self.out_shape and len(self.out_shape) == 4 else None
 
 
 class LayerLayout:
@@ -198,6 +233,33 @@ class LayerLayout:
         if layer < self.n_backbone:
             return "backbone"
         return "head" if layer == len(self.layers) - 1 else "neck"
+
+    def head_inputs(self, model: nn.Module) -> dict[int, str]:
+        """Layer index -> detection level name (``P3``, ...) for each input of the last layer (the head)."""
+        if self.layers is None:
+            return {}
+        sources = self.layers[-1].f if isinstance(self.layers[-1].f, list) else [self.layers[-1].f]
+        last = len(self.layers) - 1
+        sources = [last + s if s < 0 else s for s in sources]
+        strides = getattr(model, "stride", None)
+        levels = []
+        if isinstance(strides, torch.Tensor) and strides.numel() == len(sources):
+            levels = [f"P{int(round(math.log2(float(s))))}" for s in strides]
+        else:
+            levels = [f"P{3 + k}" for k in range(len(sources))]
+        return dict(zip(sources, levels))
+
+    def targets(self, model: nn.Module, shapes: dict[str, tuple] | None = None) -> list[LayerTarget]:
+        """Every top-level layer as an insertion target."""
+        if self.layers is None:
+            return []
+        feeds = self.head_inputs(model)
+        shapes = shapes or {}
+        return [
+            LayerTarget(f"model.{i}", type(layer).__name__, i, self.region(i), (feeds[i],) if i in feeds else (),
+                        shapes.get(f"model.{i}"))
+            for i, layer in enumerate(self.layers)
+        ]
 
 
 def run_model(model: nn.Module, x: torch.Tensor):
@@ -259,7 +321,7 @@ def find_blocks(traced: Traced, shapes: dict[str, tuple] | None = None) -> list[
             layer=layer, region=layout.region(layer), source=source, in_channels=conv.in_channels,
             out_channels=conv.out_channels, kernel=tuple(conv.kernel_size), stride=tuple(conv.stride),
             groups=conv.groups, dilation=tuple(conv.dilation), bias=conv.bias is not None, params=params,
-            trainable=any(p.requires_grad for p in conv.parameters()),
+            trainable=not _fixed(model, conv_path),
             in_shape=in_shape, out_shape=out_shape,
         ))
     order = {p: i for i, p in enumerate(shapes)}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgeon.blocks import NORM_TYPES, is_conv, sample_input
+from surgeon.blocks import NORM_TYPES, LayerLayout, is_conv, sample_input
 
 _NORM_FLOPS_PER_ELEMENT = 8
 
@@ -29,6 +29,7 @@ class Measurement:
         imgsz: Image size of that pass.
         module_flops: FLOPs per module path (every module, including its children's FLOPs).
         shapes: (input shape, output shape) of every convolution that ran, in execution order.
+        layer_shapes: Output shape of every top-level layer (``model.N``) whose output is one tensor.
     """
 
     params: int
@@ -36,6 +37,7 @@ class Measurement:
     imgsz: int
     module_flops: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def gflops(self) -> float:
@@ -58,6 +60,13 @@ def measure(model: nn.Module, imgsz: int = 640) -> Measurement:
             def conv_hook(_m, args, out, name=name):
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
             handles.append(module.register_forward_hook(conv_hook))
+    layer_shapes: dict[str, tuple] = {}
+    layout = LayerLayout(model)
+    for i, layer in enumerate(layout.layers if layout.layers is not None else []):
+        def layer_hook(_m, _args, out, name=f"model.{i}"):
+            if isinstance(out, torch.Tensor):
+                layer_shapes[name] = tuple(out.shape)
+        handles.append(layer.register_forward_hook(layer_hook))
     counter = FlopCounterMode(display=False)
     try:
         with counter, torch.no_grad():
@@ -84,4 +93,5 @@ def measure(model: nn.Module, imgsz: int = 640) -> Measurement:
         imgsz=imgsz,
         module_flops=module_flops,
         shapes=shapes,
+        layer_shapes=layer_shapes,
     )

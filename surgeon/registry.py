@@ -20,12 +20,15 @@ class Entry:
     Attributes:
         name: Name used in rule files.
         factory: Callable building the module; its keyword parameters are the rule's arguments.
+            Replacements take the original convolution first, insertions the channel count.
         description: One line shown by `surgeon rules`.
+        kind: ``replace`` (swaps a block's convolution) or ``insert`` (adds a layer).
     """
 
     name: str
     factory: Callable
     description: str = ""
+    kind: str = "replace"
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         """Keyword arguments a rule may set (everything after the first positional argument)."""
@@ -44,11 +47,13 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, factory: Callable, description: str = "") -> None:
+    def register(self, name: str, factory: Callable, description: str = "", kind: str = "replace") -> None:
         """Add a factory under `name`; a name already taken is an error."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
-        self._entries[name] = Entry(name, factory, description)
+        if kind not in ("replace", "insert"):
+            raise ValueError(f"kind must be 'replace' or 'insert', not {kind!r}")
+        self._entries[name] = Entry(name, factory, description, kind)
 
     def get(self, name: str) -> Entry:
         """Look up a name, raising RuleError that lists what exists."""

@@ -13,6 +13,17 @@ A rule is one YAML file (read with ``yaml.safe_load``)::
       with: dynamic_conv     # a registered replacement
       args: {experts: 4}
 
+or, instead of ``replace``, an insertion of a registered module after (or before) matched layers::
+
+    insert:
+      module: cot_attention
+      position: after        # after | before
+      args: {init: zero_gate}
+
+Replace rules select Conv blocks; insert rules select top-level layers (``model.N``) with the same
+selector fields that apply to layers (region, layers, path, type, out_channels) plus ``feeds``, the
+detection levels (``P3``, ``P4``, ...) whose head input the layer is.
+
 Built-in rules live in ``rules/`` (one file each) and are used by name; any other file by path.
 Parsing is strict: unknown keys, bad values and unknown replacements or arguments are errors that
 name the file and the field.
@@ -29,13 +40,17 @@ from typing import Any
 
 import yaml
 
-from surgeon.blocks import REGIONS, ConvBlock
+from surgeon.blocks import REGIONS, ConvBlock, LayerTarget
 from surgeon.errors import RuleError
 from surgeon.registry import Registry
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-_RULE_KEYS = {"name", "description", "select", "exclude", "replace"}
+_RULE_KEYS = {"name", "description", "select", "exclude", "replace", "insert"}
 _REPLACE_KEYS = {"with", "args"}
+_INSERT_KEYS = {"module", "position", "args"}
+POSITIONS = ("after", "before")
+# Selector fields that describe a convolution; an insert rule's targets are layers, which have none.
+_CONV_FIELDS = ("kernel", "stride", "groups", "depthwise", "in_channels", "act")
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class Selector:
         in_channels: Inclusive (min, max) range of input channels.
         out_channels: Inclusive (min, max) range of output channels.
         act: Activation class names (``SiLU``, ``ReLU``, ``none`` for no activation).
+        feeds: Detection levels (``P3``, ``P4``, ...) whose head input the layer is (insert rules).
     """
 
     region: tuple[str, ...] | None = None
@@ -68,6 +84,20 @@ class Selector:
     in_channels: tuple[int, int] | None = None
     out_channels: tuple[int, int] | None = None
     act: tuple[str, ...] | None = None
+    feeds: tuple[str, ...] | None = None
+
+    def matches_layer(self, layer: LayerTarget) -> bool:
+        """Whether a top-level layer satisfies every set field (convolution fields are not allowed here)."""
+        checks = (
+            self.region is None or layer.region in self.region,
+            self.layers is None or any(a <= layer.layer <= b for a, b in self.layers),
+            self.path is None or any(_path_matches(p, layer) for p in self.path),
+            self.type is None or layer.type in self.type,
+            self.out_channels is None or (
+                layer.out_channels is not None and self.out_channels[0] <= layer.out_channels <= self.out_channels[1]),
+            self.feeds is None or bool(set(self.feeds) & set(layer.feeds)),
+        )
+        return all(checks)
 
     def matches(self, block: ConvBlock) -> bool:
         """Whether `block` satisfies every set field."""
@@ -102,23 +132,38 @@ class Selector:
         return out
 
 
-def _path_matches(pattern: str, block: ConvBlock) -> bool:
+def _path_matches(pattern: str, target: ConvBlock | LayerTarget) -> bool:
+    paths = (target.path, target.conv) if isinstance(target, ConvBlock) else (target.path,)
     if pattern.startswith("re:"):
         regex = re.compile(pattern[3:])
-        return bool(regex.fullmatch(block.path) or regex.fullmatch(block.conv))
-    return fnmatch.fnmatchcase(block.path, pattern) or fnmatch.fnmatchcase(block.conv, pattern)
+        return any(regex.fullmatch(p) for p in paths)
+    return any(fnmatch.fnmatchcase(p, pattern) for p in paths)
 
 
 @dataclass(frozen=True)
-class Replace:
-    """What goes in place of each matched block's convolution: a registered replacement and its arguments."""
+class Action:
+    """What a rule does to each target: replace a block's convolution, or insert a module next to a layer.
 
+    Attributes:
+        kind: ``replace`` or ``insert``.
+        name: The registered module.
+        args: Its arguments, sorted by name.
+        position: For insertions, ``after`` or ``before`` the layer.
+    """
+
+    kind: str
     name: str
     args: tuple[tuple[str, Any], ...] = ()
+    position: str | None = None
 
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.args)
+
+    def to_dict(self) -> dict:
+        if self.kind == "replace":
+            return {"with": self.name, "args": dict(self.args)}
+        return {"module": self.name, "position": self.position, "args": dict(self.args)}
 
 
 @dataclass(frozen=True)
@@ -128,19 +173,23 @@ class Rule:
     name: str
     description: str
     select: Selector
-    replace: Replace
+    action: Action
     exclude: tuple[Selector, ...] = ()
     source: str | None = field(default=None, compare=False)
 
     def selects(self, block: ConvBlock) -> bool:
-        """Whether the rule rewrites `block` (never a fixed, untrainable convolution such as DFL's)."""
+        """Whether a replace rule rewrites `block` (never a fixed, untrainable convolution such as DFL's)."""
         return block.trainable and self.select.matches(block) and not any(e.matches(block) for e in self.exclude)
+
+    def selects_layer(self, layer: LayerTarget) -> bool:
+        """Whether an insert rule puts its module next to `layer`."""
+        return self.select.matches_layer(layer) and not any(e.matches_layer(layer) for e in self.exclude)
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "description": self.description, "select": self.select.to_dict()}
         if self.exclude:
             out["exclude"] = [e.to_dict() for e in self.exclude]
-        out["replace"] = {"with": self.replace.name, "args": dict(self.replace.args)}
+        out[self.action.kind] = self.action.to_dict()
         return out
 
     def dump(self) -> str:
@@ -148,9 +197,9 @@ class Rule:
 
     def with_args(self, overrides: dict[str, Any], registry: Registry) -> Rule:
         """This rule with replacement arguments overridden (validated like the file's own)."""
-        args = {**self.replace.kwargs, **overrides}
-        _check_args(args, self.replace.name, registry, f"{self.source or self.name}: replace.args")
-        return dataclasses.replace(self, replace=Replace(self.replace.name, tuple(sorted(args.items()))))
+        args = {**self.action.kwargs, **overrides}
+        _check_args(args, self.action.name, registry, f"{self.source or self.name}: {self.action.kind}.args")
+        return dataclasses.replace(self, action=dataclasses.replace(self.action, args=tuple(sorted(args.items()))))
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -229,6 +278,7 @@ _SELECTOR_FIELDS = {
     "in_channels": _channels,
     "out_channels": _channels,
     "act": _strs,
+    "feeds": lambda v, w: _strs(v, w, tuple(f"P{i}" for i in range(1, 8))),
 }
 
 
@@ -256,9 +306,11 @@ def parse_rule(data, source: str, registry: Registry) -> Rule:
     unknown = set(data) - _RULE_KEYS
     if unknown:
         raise RuleError(f"{source}: unknown field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(_RULE_KEYS))})")
-    for key in ("name", "select", "replace"):
+    for key in ("name", "select"):
         if key not in data:
             raise RuleError(f"{source}: missing field {key!r}")
+    if ("replace" in data) == ("insert" in data):
+        raise RuleError(f"{source}: a rule needs exactly one of 'replace' or 'insert'")
     name, description = data["name"], data.get("description", "")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise RuleError(f"{source}: name: expected a word (letters, digits, _ . -), got {name!r}")
@@ -269,23 +321,41 @@ def parse_rule(data, source: str, registry: Registry) -> Rule:
     if not isinstance(exclude_data, list):
         raise RuleError(f"{source}: exclude: expected a list of selectors")
     exclude = tuple(parse_selector(e, f"{source}: exclude[{i}]") for i, e in enumerate(exclude_data))
-    replace = data["replace"]
-    if not isinstance(replace, dict) or "with" not in replace:
-        raise RuleError(f"{source}: replace: expected a mapping with 'with' (a replacement name) and 'args'")
-    unknown = set(replace) - _REPLACE_KEYS
+    action = _parse_action(data, source, registry)
+    for where, selector in [("select", select), *((f"exclude[{i}]", e) for i, e in enumerate(exclude))]:
+        misplaced = [f for f in (_CONV_FIELDS if action.kind == "insert" else ("feeds",)) if getattr(selector, f)]
+        if misplaced:
+            targets = "layers, which have no convolution fields" if action.kind == "insert" else "Conv blocks"
+            raise RuleError(f"{source}: {where}.{misplaced[0]}: not a field for {action.kind} rules (they select "
+                            f"{targets})")
+    return Rule(name, description.strip(), select, action, exclude, source)
+
+
+def _parse_action(data: dict, source: str, registry: Registry) -> Action:
+    kind = "replace" if "replace" in data else "insert"
+    body = data[kind]
+    keys, name_key = (_REPLACE_KEYS, "with") if kind == "replace" else (_INSERT_KEYS, "module")
+    if not isinstance(body, dict) or name_key not in body:
+        raise RuleError(f"{source}: {kind}: expected a mapping with {name_key!r} (a module name) and 'args'")
+    unknown = set(body) - keys
     if unknown:
-        raise RuleError(f"{source}: replace: unknown field {sorted(unknown)[0]!r} (fields: with, args)")
-    if not isinstance(replace["with"], str):
-        raise RuleError(f"{source}: replace.with: expected a replacement name")
-    if replace["with"] not in registry:
-        known = ", ".join(e.name for e in registry)
-        raise RuleError(f"{source}: replace.with: unknown replacement {replace['with']!r} (known: {known})")
-    args = replace.get("args") or {}
+        raise RuleError(f"{source}: {kind}: unknown field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(keys))})")
+    name = body[name_key]
+    if not isinstance(name, str):
+        raise RuleError(f"{source}: {kind}.{name_key}: expected a module name")
+    known = [e.name for e in registry if e.kind == kind]
+    if name not in known:
+        raise RuleError(f"{source}: {kind}.{name_key}: unknown {kind} module {name!r} (known: {', '.join(known)})")
+    position = None
+    if kind == "insert":
+        position = body.get("position", "after")
+        if position not in POSITIONS:
+            raise RuleError(f"{source}: insert.position: expected after or before, got {position!r}")
+    args = body.get("args") or {}
     if not isinstance(args, dict):
-        raise RuleError(f"{source}: replace.args: expected a mapping of argument names to values")
-    _check_args(args, replace["with"], registry, f"{source}: replace.args")
-    return Rule(name, description.strip(), select, Replace(replace["with"], tuple(sorted(args.items()))),
-                exclude, source)
+        raise RuleError(f"{source}: {kind}.args: expected a mapping of argument names to values")
+    _check_args(args, name, registry, f"{source}: {kind}.args")
+    return Action(kind, name, tuple(sorted(args.items())), position)
 
 
 def builtin_rule_names() -> list[str]:

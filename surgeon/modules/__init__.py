@@ -19,6 +19,10 @@ An op:
    and is deterministic for a given ``seed`` argument where it draws random numbers.
 
 Ops that can become an ordinary convolution again define ``fold() -> nn.Conv2d``.
+
+An insertion factory has the signature ``factory(channels: int, **args) -> nn.Module`` and returns
+a module mapping a ``(B, channels, H, W)`` tensor to one of the same shape; rules put it after (or
+before) matched layers. Identity-preserving initialisation is the default where the module has one.
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ import importlib
 
 from surgeon.registry import Registry
 
-# Each module lists (name, factory, description) tuples in its REPLACEMENTS.
-_BUILTIN_MODULES = ("plain_conv", "dw_conv", "ds_conv")
+# Each module lists (name, factory, description) tuples in its REPLACEMENTS and/or INSERTIONS.
+_BUILTIN_MODULES = ("plain_conv", "dw_conv", "ds_conv", "cot_attention")
 
 
 def builtin_replacements() -> Registry:
     """A fresh registry holding every built-in replacement."""
-    registry = Registry("replacement")
+    registry = Registry("module")
     for module_name in _BUILTIN_MODULES:
         module = importlib.import_module(f"surgeon.modules.{module_name}")
-        for name, factory, description in module.REPLACEMENTS:
-            registry.register(name, factory, description)
+        for name, factory, description in getattr(module, "REPLACEMENTS", ()):
+            registry.register(name, factory, description, "replace")
+        for name, factory, description in getattr(module, "INSERTIONS", ()):
+            registry.register(name, factory, description, "insert")
     return registry

@@ -1,0 +1,219 @@
+"""A small synthetic detection dataset in YOLO format, for fine-tuning checks and tests.
+
+Filled shapes of a few classes (circle, square, triangle, ...) in random colours and sizes, one to
+four per image, on noisy gradient backgrounds. Everything is drawn from numpy generators seeded
+per image, so the same arguments write the same bytes, and a tiny detector learns it in tens of
+epochs at 128 px. Labels are the exact pixel extents of each drawn shape.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from surgeon.errors import SurgeonError
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
+"""Class names, in class-index order; ``n_classes`` takes the first ones."""
+
+MARKER = "surgeon-dataset.json"
+"""File marking a directory as written by :func:`make_dataset`, so it may be overwritten."""
+
+_SPLITS = ("train", "val")
+_MAX_OBJECTS = 4
+_MAX_OVERLAP = 0.2  # share of the smaller box two shapes may have in common, so no shape hides another
+_MIN_CONTRAST = 90.0  # summed |RGB| difference between a shape and the background under it
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn object.
+
+    Attributes:
+        cls: Class index into SHAPES.
+        box: Pixel box ``(x0, y0, x1, y1)``, exclusive of ``x1``/``y1``: the extent of the drawn pixels.
+    """
+
+    cls: int
+    box: tuple[int, int, int, int]
+
+    def yolo(self, imgsz: int) -> str:
+        """The label line: class and normalised centre-x, centre-y, width, height."""
+        x0, y0, x1, y1 = self.box
+        xc, yc, w, h = (x0 + x1) / 2 / imgsz, (y0 + y1) / 2 / imgsz, (x1 - x0) / imgsz, (y1 - y0) / imgsz
+        return f"{self.cls} {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}"
+
+
+def make_dataset(
+    root: str | Path, *, n_train: int = 32, n_val: int = 16, imgsz: int = 128, n_classes: int = 3, seed: int = 0
+) -> Path:
+    """Write a synthetic YOLO detection dataset under `root`.
+
+    Layout: ``images/{train,val}/*.png``, ``labels/{train,val}/*.txt`` and ``data.yaml`` (absolute
+    ``path``, ``train``, ``val``, ``names``). A `root` that holds anything else must be a dataset this
+    function wrote before; its images, labels and Ultralytics label caches are replaced.
+
+    Args:
+        root: Directory to write; created if missing.
+        n_train: Number of training images.
+        n_val: Number of validation images.
+        imgsz: Side of the square images in pixels (at least 32).
+        n_classes: Number of shape classes, 1 to ``len(SHAPES)``.
+        seed: Seed; the same arguments write the same bytes.
+
+    Returns:
+        The path of ``data.yaml``, ready for ``data=`` of the Ultralytics trainer.
+
+    Raises:
+        SurgeonError: `root` is a file or a non-empty directory make_dataset did not write, or an argument is
+            out of range.
+    """
+    if not 1 <= n_classes <= len(SHAPES):
+        raise SurgeonError(f"n_classes must be between 1 and {len(SHAPES)}, not {n_classes}")
+    if imgsz < 32:
+        raise SurgeonError(f"imgsz must be at least 32, not {imgsz}")
+    if n_train < 1 or n_val < 1:
+        raise SurgeonError(f"n_train and n_val must be at least 1, not {n_train} and {n_val}")
+    root = Path(root).resolve()
+    _prepare_root(root)
+
+    for split_index, (split, count) in enumerate(zip(_SPLITS, (n_train, n_val))):
+        image_dir, label_dir = root / "images" / split, root / "labels" / split
+        image_dir.mkdir(parents=True)
+        label_dir.mkdir(parents=True)
+        for i in range(count):
+            image, shapes = draw_image(imgsz, n_classes, (seed, split_index, i))
+            if not cv2.imwrite(str(image_dir / f"{i:05d}.png"), image):
+                raise SurgeonError(f"could not write {image_dir / f'{i:05d}.png'}")
+            (label_dir / f"{i:05d}.txt").write_text("".join(s.yolo(imgsz) + "\n" for s in shapes))
+
+    data = {
+        "path": str(root),
+        "train": "images/train",
+        "val": "images/val",
+        "names": dict(enumerate(SHAPES[:n_classes])),
+    }
+    (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    params = {"n_train": n_train, "n_val": n_val, "imgsz": imgsz, "n_classes": n_classes, "seed": seed}
+    (root / MARKER).write_text(json.dumps({"generator": "surgeon.data.make_dataset", **params}, sort_keys=True) + "\n")
+    return root / "data.yaml"
+
+
+def draw_image(imgsz: int, n_classes: int, seed: tuple[int, ...] | int) -> tuple[np.ndarray, list[Shape]]:
+    """Draw one image and the shapes on it.
+
+    Args:
+        imgsz: Side of the square image.
+        n_classes: Shapes are drawn from the first `n_classes` of SHAPES.
+        seed: Seed of this image's generator (``make_dataset`` uses ``(seed, split, index)``).
+
+    Returns:
+        The BGR uint8 image and its shapes, in drawing order.
+    """
+    rng = np.random.default_rng(seed)
+    image = _background(rng, imgsz)
+    shapes: list[Shape] = []
+    for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
+        for _attempt in range(20):
+            cls = int(rng.integers(n_classes))
+            mask = _shape_mask(rng, SHAPES[cls], imgsz)
+            ys, xs = np.nonzero(mask)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            if all(_overlap(box, s.box) <= _MAX_OVERLAP for s in shapes):
+                break
+        else:
+            continue  # no free place left for another shape
+        under = image[mask].astype(np.float32).mean(0)
+        for _attempt in range(20):
+            colour = rng.integers(0, 256, 3)
+            if np.abs(colour - under).sum() >= _MIN_CONTRAST:
+                break
+        image[mask] = colour.astype(np.uint8)
+        shapes.append(Shape(cls, box))
+    return image, shapes
+
+
+def _prepare_root(root: Path) -> None:
+    """Create `root`, or clear what an earlier make_dataset wrote there; refuse anything else."""
+    if root.exists() and not root.is_dir():
+        raise SurgeonError(f"dataset root {root} is a file")
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
+            raise SurgeonError(
+                f"dataset root {root} is not empty and was not written by make_dataset (no {MARKER}); "
+                "choose an empty or new directory"
+            )
+        for name in ("images", "labels"):
+            shutil.rmtree(root / name, ignore_errors=True)  # labels/ also holds Ultralytics' *.cache files
+        for name in ("data.yaml", MARKER):
+            (root / name).unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _background(rng: np.random.Generator, imgsz: int) -> np.ndarray:
+    """A linear gradient between two random colours at a random angle, plus Gaussian noise."""
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:imgsz, 0:imgsz].astype(np.float32) / max(imgsz - 1, 1)
+    t = np.cos(angle) * x + np.sin(angle) * y
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    image = a + (b - a) * t[..., None]
+    image += rng.normal(0.0, rng.uniform(3.0, 20.0), image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(rng: np.random.Generator, name: str, imgsz: int) -> np.ndarray:
+    """A boolean mask of one shape of random size, position and rotation, fully inside the image."""
+    size = rng.uniform(0.18, 0.45) * imgsz  # side of the square the shape spans before rotation
+    r = size / 2
+    c = rng.uniform(r + 1, imgsz - r - 1, 2)  # centre; the rotated shape can reach r * sqrt(2), clipped below
+    mask = np.zeros((imgsz, imgsz), np.uint8)
+    if name == "circle":
+        cv2.circle(mask, _point(c), round(r), 1, -1)
+    elif name == "ring":
+        cv2.circle(mask, _point(c), round(r), 1, -1)
+        cv2.circle(mask, _point(c), round(r * rng.uniform(0.45, 0.6)), 0, -1)
+    else:
+        angle = rng.uniform(-np.pi, np.pi) if name in ("triangle", "star") else rng.uniform(-0.25, 0.25)
+        points = _outline(name, r, angle) + c
+        cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def _outline(name: str, r: float, angle: float) -> np.ndarray:
+    """Polygon vertices of a shape of radius `r` centred on the origin, rotated by `angle`."""
+    if name == "square":
+        pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64) * r * 0.85
+    elif name == "triangle":
+        theta = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        pts = np.stack([np.cos(theta), np.sin(theta)], 1) * r
+    elif name == "cross":
+        a, b = r, r * 0.33
+        pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b],
+                        [-a, -b], [-b, -b]], np.float64)
+    elif name == "star":
+        theta = np.pi / 2 + np.arange(10) * np.pi / 5
+        radius = np.where(np.arange(10) % 2 == 0, r, r * 0.42)
+        pts = np.stack([np.cos(theta), np.sin(theta)], 1) * radius[:, None]
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return pts @ rotation.T
+
+
+def _point(c: np.ndarray) -> tuple[int, int]:
+    return round(c[0]), round(c[1])
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over the smaller box's area (IoU would let a large shape bury a small one)."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller

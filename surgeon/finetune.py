@@ -1,0 +1,435 @@
+"""Fine-tune a rewritten model with the Ultralytics trainer, keeping the swapped modules.
+
+``Model.train()`` asks the trainer for a model with ``get_model(cfg=model.yaml, weights=model)``,
+and the stock trainers build a fresh model from the YAML and copy over the tensors whose names and
+shapes match. Every module surgery swapped in is silently replaced by the original layer. The
+trainers here (one per task, :func:`trainer_for` picks one) return the rewritten model itself: a
+float32 deep copy with gradients on, its class-prediction layers resized when the dataset has a
+different number of classes. Training, EMA, ``last.pt``/``best.pt``, the final validation and any
+later ``YOLO("best.pt")`` then hold the rewritten modules.
+
+Multi-GPU (DDP): Ultralytics pickles the trainer class, its arguments, the model and the
+callbacks (``ultralytics.utils.dist.generate_ddp_file``), starts one process per GPU, and there
+re-creates ``TrainerClass(cfg=..., overrides=vars(args), _callbacks=...)`` and assigns the
+pickled model. This works here because the trainer classes, the temperature callback and the
+replacement modules are module-level classes importable in the worker. Versions of Ultralytics
+that do not ship the model along leave ``trainer.model`` as the checkpoint path from ``args.model``;
+:meth:`setup_model` then reads the rewritten model from that path instead of building it from YAML.
+
+Security: checkpoints are unpickled with ``torch.load(weights_only=False)``, which can run code
+stored in the file. Only load checkpoints that your own surgeon run wrote. All unpickling goes
+through :func:`_load_checkpoint_model`, the one place to swap for a restricted loader.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgeon._env import offline_ultralytics
+
+offline_ultralytics()  # before Ultralytics is first imported: it reads these settings at import time
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from ultralytics.engine.model import Model  # noqa: E402
+from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
+from ultralytics.models.yolo.classify import ClassificationTrainer  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.models.yolo.model import YOLO  # noqa: E402
+from ultralytics.models.yolo.obb import OBBTrainer  # noqa: E402
+from ultralytics.models.yolo.pose import PoseTrainer  # noqa: E402
+from ultralytics.models.yolo.segment import SegmentationTrainer  # noqa: E402
+from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder  # noqa: E402
+from ultralytics.utils import DEFAULT_CFG_DICT, RANK  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
+
+from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
+
+__all__ = [
+    "FinetuneResult",
+    "RewrittenClassificationTrainer",
+    "RewrittenDetectionTrainer",
+    "RewrittenOBBTrainer",
+    "RewrittenPoseTrainer",
+    "RewrittenRTDETRTrainer",
+    "RewrittenSegmentationTrainer",
+    "TemperatureAnnealer",
+    "TemperatureSchedule",
+    "finetune",
+    "load_yolo",
+    "set_temperature",
+    "trainer_for",
+]
+
+
+# --- checkpoint loading ---------------------------------------------------------------------------------------------
+
+
+def _load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Read a rewritten checkpoint the way ``ultralytics.nn.tasks.load_checkpoint`` does, minus its file-name tricks.
+
+    Ultralytics' own loader renames ``yolov5s.pt``/``yolov3.pt`` to their ``u`` variants and tries to
+    download those, so a user's file with such a name would never be read. This reads the file as
+    given. It unpickles with ``weights_only=False``: only for checkpoints your own surgeon run wrote.
+
+    Returns:
+        The float32 model in eval mode, carrying ``args``, ``pt_path``, ``task`` and ``stride`` like
+        Ultralytics' loader sets them, and the checkpoint dictionary.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, or holds no model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted: written by the user's surgeon run
+    except Exception as e:  # a damaged file can raise nearly anything from the unpickler
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(ckpt, nn.Module):  # torch.save(model, path) rather than the Ultralytics dictionary
+        ckpt = {"model": ckpt}
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not an Ultralytics checkpoint")
+    model = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"checkpoint {path} holds no model (neither 'ema' nor 'model' is a module)")
+    model = model.float().eval()
+    model.args = {**DEFAULT_CFG_DICT, **(ckpt.get("train_args") or {})}
+    model.pt_path = str(path)
+    if not hasattr(model, "task"):
+        from ultralytics.nn.tasks import guess_model_task
+
+        model.task = guess_model_task(model)
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    return model, ckpt
+
+
+class _CheckpointYOLO(YOLO):
+    """YOLO whose checkpoint loading goes through :func:`_load_checkpoint_model`."""
+
+    def _load(self, weights: str, task: str | None = None) -> None:
+        self.model, self.ckpt = _load_checkpoint_model(weights)
+        self.task = self.model.task
+        self.overrides = self.model.args = self._reset_ckpt_args(self.model.args)
+        self.ckpt_path = self.model.pt_path
+        self.overrides["model"] = str(weights)
+        self.overrides["task"] = self.task
+        self.model_name = str(weights)
+
+
+def load_yolo(path: str | Path) -> Model:
+    """An Ultralytics ``YOLO`` (or ``RTDETR``) object for a rewritten checkpoint, whatever the file is called.
+
+    Use it instead of ``YOLO(path)``, which renames ``yolov5s.pt`` and ``yolov3.pt`` and tries to
+    download the official weights instead of reading your file. The checkpoint is unpickled: load
+    only files your own surgeon run wrote.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, or holds no model.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".pt":
+        raise CheckpointError(f"checkpoint {path} must be a .pt file")
+    wrapper = _CheckpointYOLO(str(path))
+    if type(wrapper) is _CheckpointYOLO:  # YOLO switches itself to RTDETR for an RT-DETR head; keep that
+        wrapper.__class__ = YOLO
+    return wrapper
+
+
+# --- temperature annealing ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """Linear softmax-temperature schedule for modules with ``set_temperature`` (DynamicConv).
+
+    Dynamic Convolution (Chen et al., https://arxiv.org/abs/1912.03458) anneals the attention
+    temperature from 30 to 1 over the first 10 epochs.
+
+    Attributes:
+        start: Temperature at epoch 0.
+        end: Temperature from epoch ``epochs`` on.
+        epochs: Number of epochs to go from `start` to `end`.
+    """
+
+    start: float = 30.0
+    end: float = 1.0
+    epochs: int = 10
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, not {self.epochs}")
+
+    def at(self, epoch: int) -> float:
+        """Temperature for 0-based `epoch`: linear from `start` to `end`, then `end`."""
+        if self.epochs == 0 or epoch >= self.epochs:
+            return float(self.end)
+        return float(self.start + (self.end - self.start) * max(epoch, 0) / self.epochs)
+
+
+def set_temperature(model: nn.Module, value: float) -> int:
+    """Call ``set_temperature(value)`` on every submodule of `model` that has one; returns how many."""
+    count = 0
+    for module in model.modules():
+        if callable(getattr(module, "set_temperature", None)):
+            module.set_temperature(value)
+            count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class TemperatureAnnealer:
+    """``on_train_epoch_start`` callback applying a TemperatureSchedule to the model and its EMA copy.
+
+    The EMA copy matters: validation and the saved checkpoints use it, and EMA averages tensors,
+    not the Python attributes a temperature may live in. Epochs whose temperature was set are
+    recorded in ``trainer.temperatures`` (epoch -> value); a model without such modules is left
+    alone and nothing is recorded.
+    """
+
+    schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+
+    def __call__(self, trainer: Any) -> None:
+        value = self.schedule.at(trainer.epoch)
+        count = set_temperature(unwrap_model(trainer.model), value)
+        ema = getattr(getattr(trainer, "ema", None), "ema", None)
+        if ema is not None:
+            count += set_temperature(ema, value)
+        if count:
+            if not isinstance(getattr(trainer, "temperatures", None), dict):
+                trainer.temperatures = {}
+            trainer.temperatures[trainer.epoch] = value
+
+
+def _has_annealer(callbacks: dict) -> bool:
+    return any(isinstance(c, TemperatureAnnealer) for c in callbacks.get("on_train_epoch_start", []))
+
+
+# --- trainers -------------------------------------------------------------------------------------------------------
+
+
+class _KeepRewrittenModel:
+    """Mixin for an Ultralytics trainer: train the given rewritten model instead of one built from YAML.
+
+    Training always starts from the rewritten weights: ``pretrained`` is not consulted. A default
+    TemperatureAnnealer is added unless the callbacks already hold one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not _has_annealer(self.callbacks):
+            self.add_callback("on_train_epoch_start", TemperatureAnnealer())
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        """The rewritten model to train: `weights` when it is a module, else the checkpoint in ``args.model``.
+
+        `cfg` is ignored: building from it is what loses the rewritten modules. The result is a
+        float32 copy with gradients on; when the dataset's class count differs from the model's,
+        the final class-prediction layers are replaced by new ones of the right width.
+        """
+        if isinstance(weights, dict):  # a checkpoint dictionary, as Ultralytics' own get_model accepts
+            weights = weights.get("ema") or weights.get("model")
+        if not isinstance(weights, nn.Module):
+            weights, _ = _load_checkpoint_model(self.args.model)
+        model = deepcopy(weights).float()
+        for p in model.parameters():
+            if p.dtype.is_floating_point:
+                p.requires_grad_(True)
+        if getattr(self, "data", None) and "nc" in self.data:
+            _match_class_count(model, int(self.data["nc"]), verbose=verbose and RANK in {-1, 0})
+        return model
+
+    def setup_model(self):
+        """Keep a model already set; otherwise read the rewritten one from ``args.model`` (never from YAML)."""
+        if isinstance(self.model, nn.Module) or getattr(self, "resume", False):
+            return super().setup_model()  # resuming reads last.pt, whose module get_model() returns as is
+        self.model = self.get_model(cfg=None, weights=None, verbose=RANK in {-1, 0})
+        return None
+
+
+class RewrittenDetectionTrainer(_KeepRewrittenModel, DetectionTrainer):
+    """DetectionTrainer that trains the rewritten model it is given."""
+
+
+class RewrittenSegmentationTrainer(_KeepRewrittenModel, SegmentationTrainer):
+    """SegmentationTrainer that trains the rewritten model it is given."""
+
+
+class RewrittenPoseTrainer(_KeepRewrittenModel, PoseTrainer):
+    """PoseTrainer that trains the rewritten model it is given."""
+
+
+class RewrittenOBBTrainer(_KeepRewrittenModel, OBBTrainer):
+    """OBBTrainer that trains the rewritten model it is given."""
+
+
+class RewrittenClassificationTrainer(_KeepRewrittenModel, ClassificationTrainer):
+    """ClassificationTrainer that trains the rewritten model it is given."""
+
+
+class RewrittenRTDETRTrainer(_KeepRewrittenModel, RTDETRTrainer):
+    """RTDETRTrainer that trains the rewritten model it is given."""
+
+
+_TRAINERS = {
+    "detect": RewrittenDetectionTrainer,
+    "segment": RewrittenSegmentationTrainer,
+    "pose": RewrittenPoseTrainer,
+    "obb": RewrittenOBBTrainer,
+    "classify": RewrittenClassificationTrainer,
+}
+
+
+def trainer_for(model: nn.Module | str) -> type:
+    """The trainer class for a rewritten model, or for a task name (``detect``, ``segment``, ...).
+
+    Raises:
+        SurgeonError: A task or head the Ultralytics trainers here do not cover.
+    """
+    if isinstance(model, nn.Module):
+        head = _head(model)
+        if isinstance(head, RTDETRDecoder):
+            return RewrittenRTDETRTrainer
+        if not isinstance(head, (Detect, Classify)):  # e.g. a classic YOLOv5 model: its loss is not Ultralytics'
+            raise SurgeonError(
+                f"cannot fine-tune a model whose last layer is {type(head).__name__} with the Ultralytics trainer; "
+                "it needs an Ultralytics head (Detect, Segment, Pose, OBB, Classify, RTDETRDecoder)"
+            )
+        task = getattr(model, "task", None)
+    else:
+        task = model
+    try:
+        return _TRAINERS[task]
+    except KeyError:
+        raise SurgeonError(f"cannot fine-tune a model of task {task!r} (supported: {', '.join(_TRAINERS)})") from None
+
+
+def _head(model: nn.Module) -> nn.Module | None:
+    layers = getattr(model, "model", None)
+    return layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+
+
+def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None:
+    """Resize the class outputs of `model`'s head to `nc` classes, as Ultralytics does when fine-tuning.
+
+    Only the last layer of each class branch is replaced (freshly initialised); the hidden layers
+    keep their trained weights, whatever surgery did to them.
+
+    Raises:
+        SurgeonError: The head's class outputs are not plain layers this function knows how to resize.
+    """
+    head = _head(model)
+    current = getattr(head, "nc", None)
+    if head is None or current == nc:
+        return
+    if isinstance(head, Detect) and current is not None:
+        branches = [b for attr in ("cv3", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
+        if not branches or any(not (isinstance(b[-1], nn.Conv2d) and b[-1].out_channels == current) for b in branches):
+            raise SurgeonError(
+                f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "
+                "fine-tune on a dataset with the model's classes"
+            )
+        n_levels = len(getattr(head, "cv3", branches))
+        for i, branch in enumerate(branches):
+            old = branch[-1]
+            new = nn.Conv2d(old.in_channels, nc, 1).to(old.weight.device, old.weight.dtype)
+            stride = float(head.stride[i % n_levels]) if len(head.stride) else 32.0
+            with torch.no_grad():  # Ultralytics' Detect.bias_init: about 0.01 objects per cell at 640 px
+                new.bias.fill_(math.log(5 / nc / (640 / stride) ** 2))
+            branch[-1] = new
+        head.nc = nc
+        head.no = nc + head.reg_max * 4
+    elif isinstance(head, Classify) and isinstance(head.linear, nn.Linear):
+        old = head.linear
+        head.linear = nn.Linear(old.in_features, nc).to(old.weight.device, old.weight.dtype)
+    else:
+        raise SurgeonError(
+            f"cannot resize the class outputs of {type(head).__name__} to {nc} classes; "
+            "fine-tune on a dataset with the model's classes"
+        )
+    model.nc = nc
+    if isinstance(getattr(model, "yaml", None), dict):
+        model.yaml["nc"] = nc
+    if hasattr(model, "criterion"):
+        model.criterion = None  # built for the old class count
+    if verbose:
+        from ultralytics.utils import LOGGER
+
+        LOGGER.info(f"surgeon: new class outputs in {type(head).__name__} for {nc} classes (was {current})")
+
+
+# --- public entry point ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced.
+
+    Attributes:
+        save_dir: The Ultralytics run directory.
+        last: Checkpoint after the last epoch.
+        best: Checkpoint with the best validation fitness, or None when none was written.
+        metrics: Final validation metrics (``metrics/mAP50(B)``, ...; empty when validation did not run).
+        temperatures: Temperature set per epoch; empty unless the model has ``set_temperature`` modules, and
+            under DDP, where the epochs run in worker processes.
+    """
+
+    save_dir: Path
+    last: Path
+    best: Path | None
+    metrics: dict[str, float]
+    temperatures: dict[int, float]
+
+
+def finetune(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    temperature: TemperatureSchedule | None = None,
+    **train_args: Any,
+) -> FinetuneResult:
+    """Fine-tune a rewritten checkpoint with the Ultralytics trainer, keeping its rewritten modules.
+
+    The checkpoint is unpickled: load only files your own surgeon run wrote. Set ``project`` to
+    keep Ultralytics from writing ``runs/`` under the current directory.
+
+    Args:
+        checkpoint: A checkpoint written by surgeon (any file name, ``yolov5s.pt`` included).
+        data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`.
+        temperature: Temperature schedule for DynamicConv-style modules (default 30 -> 1 over 10 epochs).
+        **train_args: Ultralytics training arguments, passed through as they are (``epochs``, ``imgsz``,
+            ``batch``, ``device``, ``workers``, ``project``, ``name``, ``lr0``, ...). ``pretrained`` must be left
+            at its default: training starts from the rewritten weights.
+
+    Returns:
+        Where the run went and how it ended.
+
+    Raises:
+        CheckpointError: The checkpoint cannot be read.
+        SurgeonError: A task or argument this cannot fine-tune.
+    """
+    if train_args.get("pretrained", True) is not True:
+        raise SurgeonError("finetune always starts from the rewritten weights; leave 'pretrained' unset")
+    if "trainer" in train_args:
+        raise SurgeonError("finetune picks the trainer itself; do not pass 'trainer'")
+    yolo = load_yolo(checkpoint)
+    trainer_cls = trainer_for(yolo.model)
+    yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
+    yolo.train(trainer=trainer_cls, data=str(data), **train_args)
+
+    trainer = yolo.trainer
+    metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None
+    if metrics is None:  # DDP: the workers validated; Ultralytics recovers their metrics from the checkpoint
+        metrics = yolo.metrics if isinstance(yolo.metrics, dict) else getattr(yolo.metrics, "results_dict", {})
+    return FinetuneResult(
+        save_dir=Path(trainer.save_dir),
+        last=Path(trainer.last),
+        best=Path(trainer.best) if Path(trainer.best).exists() else None,
+        metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+        temperatures=dict(getattr(trainer, "temperatures", None) or {}),
+    )

@@ -1,0 +1,313 @@
+"""Fine-tuning rewritten models with the real Ultralytics trainer."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from surgeon.data import make_dataset
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.finetune import (
+    RewrittenClassificationTrainer,
+    RewrittenDetectionTrainer,
+    RewrittenOBBTrainer,
+    RewrittenPoseTrainer,
+    RewrittenSegmentationTrainer,
+    TemperatureAnnealer,
+    TemperatureSchedule,
+    _match_class_count,
+    finetune,
+    load_yolo,
+    set_temperature,
+    trainer_for,
+)
+from surgeon.modules.plain_conv import PlainConv2d, plain_conv
+
+IMGSZ = 64
+TRAIN_ARGS = {"imgsz": IMGSZ, "batch": 8, "workers": 0, "device": "cpu", "plots": False, "exist_ok": True}
+
+
+class ProbeConv(nn.Conv2d):
+    """A convolution with ``set_temperature`` that remembers the last value, like DynamicConv's interface."""
+
+    temperature: float | None = None
+
+    def set_temperature(self, t: float) -> None:
+        self.temperature = t
+
+
+def _rewrite(model: nn.Module, op=plain_conv) -> list[str]:
+    """Swap the ``.conv`` of a backbone block and two head blocks; returns the swapped ops' paths."""
+    head = len(model.model) - 1
+    names = ["model.1", f"model.{head}.cv2.0.0", f"model.{head}.cv3.1.1"]
+    for name in names:
+        block = model.get_submodule(name)
+        block.conv = op(block.conv)
+    return [f"{name}.conv" for name in names]
+
+
+def _paths(model: nn.Module, cls: type = PlainConv2d) -> list[str]:
+    return sorted(name for name, m in model.named_modules() if isinstance(m, cls))
+
+
+def _probe_conv(conv: nn.Conv2d) -> ProbeConv:
+    probe = ProbeConv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, conv.bias is not None)
+    probe.load_state_dict(conv.state_dict())
+    return probe
+
+
+def _save_rewritten(cfg: str, path: Path, op=plain_conv) -> list[str]:
+    from ultralytics import YOLO
+
+    yolo = YOLO(cfg)
+    swapped = _rewrite(yolo.model, op)
+    yolo.save(path)
+    return swapped
+
+
+@pytest.fixture(scope="module")
+def rewritten(tmp_path_factory):
+    """A yolov8n (80 classes) with three Conv blocks' convolutions swapped for PlainConv2d, saved to disk."""
+    path = tmp_path_factory.mktemp("ckpt") / "yolov8n-rewritten.pt"
+    swapped = _save_rewritten("yolov8n.yaml", path)
+    return SimpleNamespace(path=path, swapped=sorted(swapped))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "shapes", n_train=16, n_val=8, imgsz=IMGSZ)
+
+
+def _trainer(cls, checkpoint: Path, data: Path, project: Path):
+    return cls(overrides={"model": str(checkpoint), "data": str(data), "project": str(project), **TRAIN_ARGS})
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["yolov5s.pt", "yolov3.pt", "yolov8n-rewritten.pt"])
+def test_load_yolo_reads_the_file_under_any_name(rewritten, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(rewritten.path.read_bytes())
+    yolo = load_yolo(path)
+    assert type(yolo).__name__ == "YOLO"
+    assert yolo.ckpt_path == str(path) and yolo.overrides["model"] == str(path)
+    assert yolo.task == "detect"
+    assert _paths(yolo.model) == rewritten.swapped
+    assert not list(tmp_path.glob("yolov*u.pt"))  # nothing renamed, nothing downloaded
+
+
+def test_load_yolo_refuses_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_yolo(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_yolo(tmp_path / "junk.pt")
+    torch.save({"epoch": 3}, tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="holds no model"):
+        load_yolo(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=r"\.pt"):
+        load_yolo(tmp_path / "model.onnx")
+
+
+# --- trainers -------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_for_tasks(rewritten):
+    assert trainer_for(load_yolo(rewritten.path).model) is RewrittenDetectionTrainer
+    expected = {"detect": RewrittenDetectionTrainer, "segment": RewrittenSegmentationTrainer,
+                "pose": RewrittenPoseTrainer, "obb": RewrittenOBBTrainer, "classify": RewrittenClassificationTrainer}
+    for task, cls in expected.items():
+        assert trainer_for(task) is cls
+    with pytest.raises(SurgeonError, match="cannot fine-tune"):
+        trainer_for("world")
+    with pytest.raises(SurgeonError, match="Ultralytics head"):
+        trainer_for(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_stock_trainer_drops_the_rewrite_ours_keeps_it(rewritten, data, tmp_path):
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    model = load_yolo(rewritten.path).model
+    stock = _trainer(DetectionTrainer, rewritten.path, data, tmp_path).get_model(cfg=model.yaml, weights=model)
+    # The problem this module exists for (the class branch survives only when its width changes with nc).
+    assert not {"model.1.conv", "model.22.cv2.0.0.conv"} & set(_paths(stock))
+
+    ours = _trainer(RewrittenDetectionTrainer, rewritten.path, data, tmp_path).get_model(cfg=model.yaml, weights=model)
+    assert ours is not model and _paths(ours) == rewritten.swapped
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in ours.parameters())
+    op = ours.get_submodule(rewritten.swapped[0])
+    assert torch.equal(op.weight, model.get_submodule(rewritten.swapped[0]).weight)
+    assert ours.model[-1].nc == 3  # resized to the dataset's classes; the given model is untouched
+    assert model.model[-1].nc == 80
+
+
+def test_trainer_recreated_like_ddp_workers_builds_the_rewritten_model(rewritten, data, tmp_path):
+    """Ultralytics' generate_ddp_file pickles the class, vars(args) and callbacks and re-creates the trainer."""
+    from ultralytics.utils import DEFAULT_CFG_DICT
+    from ultralytics.utils.callbacks import get_default_callbacks
+
+    trainer = _trainer(RewrittenDetectionTrainer, rewritten.path, data, tmp_path)
+    ours = [c for c in trainer.callbacks["on_train_epoch_start"] if isinstance(c, TemperatureAnnealer)]
+    state = {"trainer": type(trainer), "args": vars(trainer.args), "annealers": ours,
+             "model": trainer.get_model(weights=load_yolo(rewritten.path).model)}
+    buffer = io.BytesIO()
+    # Ultralytics uses cloudpickle (its own callbacks hold lambdas); surgeon's parts pickle by reference.
+    torch.save(state, buffer, pickle_module=pickle)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    callbacks = get_default_callbacks()
+    callbacks["on_train_epoch_start"] += state["annealers"]
+
+    cls = getattr(importlib.import_module(type(trainer).__module__), type(trainer).__name__)
+    assert cls is state["trainer"] is RewrittenDetectionTrainer
+    assert _paths(state["model"]) == rewritten.swapped
+    cfg = {**DEFAULT_CFG_DICT, "save_dir": ""}
+    worker = cls(cfg=cfg, overrides=state["args"], _callbacks=callbacks)
+    assert worker.model == str(rewritten.path)  # older Ultralytics leaves only the path
+    assert worker.setup_model() is None
+    assert _paths(worker.model) == rewritten.swapped
+    annealers = [c for c in worker.callbacks["on_train_epoch_start"] if isinstance(c, TemperatureAnnealer)]
+    assert len(annealers) == 1
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml"])  # yolo26n: end-to-end head with one2one_cv3
+def test_match_class_count_resizes_only_the_class_outputs(cfg):
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(cfg, verbose=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _match_class_count(model, 5)
+    n, head = len(model.model) - 1, model.model[-1]
+    assert head.nc == 5 and head.no == 5 + 4 * head.reg_max and model.nc == 5 and model.yaml["nc"] == 5
+    after = model.state_dict()
+    changed = {k for k in before if before[k].shape != after[k].shape or not torch.equal(before[k], after[k])}
+    expected = {
+        f"model.{n}.{attr}.{i}.{len(branch) - 1}.{p}"
+        for attr in ("cv3", "one2one_cv3")
+        for i, branch in enumerate(getattr(head, attr, None) or [])
+        for p in ("weight", "bias")
+    }
+    assert changed == expected and len(expected) >= 6
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, 64, 64))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert out.shape[1] == 4 + 5  # (batch, box + classes, anchors)
+
+
+def test_match_class_count_resizes_a_classifier():
+    from ultralytics.nn.tasks import ClassificationModel
+
+    classifier = ClassificationModel("yolov8n-cls.yaml", nc=10, verbose=False)
+    _match_class_count(classifier, 4)
+    assert classifier.model[-1].linear.out_features == 4
+    with torch.no_grad():
+        out = classifier.eval()(torch.zeros(1, 3, 32, 32))
+    assert (out[0] if isinstance(out, tuple) else out).shape == (1, 4)
+
+
+# --- temperature ----------------------------------------------------------------------------------------------------
+
+
+def test_temperature_schedule():
+    schedule = TemperatureSchedule(start=30.0, end=1.0, epochs=10)
+    assert [schedule.at(e) for e in (0, 5, 10, 11, 100)] == [30.0, 15.5, 1.0, 1.0, 1.0]
+    assert TemperatureSchedule(start=4.0, end=2.0, epochs=0).at(0) == 2.0
+    with pytest.raises(ValueError):
+        TemperatureSchedule(epochs=-1)
+
+
+def test_annealer_sets_model_and_ema_and_records():
+    model = nn.Sequential(_probe_conv(nn.Conv2d(3, 4, 3)), nn.ReLU(), _probe_conv(nn.Conv2d(4, 4, 1)))
+    ema = nn.Sequential(_probe_conv(nn.Conv2d(3, 4, 3)))
+    trainer = SimpleNamespace(model=model, ema=SimpleNamespace(ema=ema), epoch=0)
+    annealer = TemperatureAnnealer(TemperatureSchedule(start=9.0, end=1.0, epochs=4))
+    seen = []
+    for epoch in range(6):
+        trainer.epoch = epoch
+        annealer(trainer)
+        seen.append((model[0].temperature, model[2].temperature, ema[0].temperature))
+    expected = [9.0, 7.0, 5.0, 3.0, 1.0, 1.0]
+    assert seen == [(t, t, t) for t in expected]
+    assert trainer.temperatures == dict(enumerate(expected))
+
+    plain = SimpleNamespace(model=nn.Conv2d(3, 3, 1), ema=None, epoch=0)
+    TemperatureAnnealer()(plain)
+    assert not hasattr(plain, "temperatures")
+    assert set_temperature(nn.Sequential(nn.Conv2d(1, 1, 1)), 2.0) == 0
+
+
+def test_finetune_refuses_other_starting_weights(rewritten, data):
+    with pytest.raises(SurgeonError, match="pretrained"):
+        finetune(rewritten.path, data, pretrained=False)
+    with pytest.raises(SurgeonError, match="trainer"):
+        finetune(rewritten.path, data, trainer=RewrittenDetectionTrainer)
+
+
+# --- real training runs ---------------------------------------------------------------------------------------------
+
+
+def _check_trained_checkpoint(result, checkpoint: Path, swapped: list[str], data: Path, project: Path):
+    from ultralytics import YOLO
+
+    assert result.last.is_file() and result.save_dir == result.last.parent.parent
+    assert result.metrics.keys() >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
+
+    trained = YOLO(str(result.last))  # a safe file name: Ultralytics' own loader
+    assert _paths(trained.model) == swapped
+    assert trained.model.model[-1].nc == 3
+    initial = load_yolo(checkpoint).model
+    moved = [torch.dist(trained.model.get_submodule(p).weight.float(), initial.get_submodule(p).weight.float()).item()
+             for p in swapped[:1]]  # the backbone op; the head's class branch is re-initialised anyway
+    assert all(d > 1e-3 for d in moved), moved
+
+    metrics = trained.val(data=str(data), project=str(project), name="val", **TRAIN_ARGS)
+    assert 0.0 <= metrics.box.map50 <= 1.0
+    image = next((data.parent / "images" / "val").glob("*.png"))
+    predictions = trained.predict(str(image), imgsz=IMGSZ, device="cpu", save=False, verbose=False)
+    assert len(predictions) == 1 and predictions[0].boxes is not None
+    assert _paths(YOLO(str(result.last)).model) == swapped  # val/predict fused a copy, not the file
+
+
+@pytest.mark.slow
+def test_finetune_yolov8n_keeps_rewritten_modules(rewritten, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything Ultralytics writes by default lands here, and is checked below
+    result = finetune(rewritten.path, data, epochs=1, project=str(tmp_path / "runs"), name="v8", **TRAIN_ARGS)
+    assert result.save_dir == tmp_path / "runs" / "v8"
+    assert result.temperatures == {}
+    _check_trained_checkpoint(result, rewritten.path, rewritten.swapped, data, tmp_path / "runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+@pytest.mark.slow
+def test_finetune_yolov5su_saved_as_yolov5s_pt(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "yolov5s.pt"  # the name Ultralytics would rename and download
+    swapped = sorted(_save_rewritten("yolov5s.yaml", checkpoint))
+    result = finetune(checkpoint, data, epochs=1, project=str(tmp_path / "runs"), name="v5", **TRAIN_ARGS)
+    _check_trained_checkpoint(result, checkpoint, swapped, data, tmp_path / "runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "yolov5s.pt"]
+
+
+@pytest.mark.slow
+def test_finetune_anneals_temperature_per_epoch(data, tmp_path, monkeypatch):
+    from ultralytics import YOLO
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "probe.pt"
+    swapped = sorted(_save_rewritten("yolov8n.yaml", checkpoint, op=_probe_conv))
+    schedule = TemperatureSchedule(start=5.0, end=1.0, epochs=2)
+    result = finetune(checkpoint, data, temperature=schedule, epochs=3, project=str(tmp_path / "runs"),
+                      name="t", **TRAIN_ARGS)
+    assert result.temperatures == {0: 5.0, 1: 3.0, 2: 1.0}
+    trained = YOLO(str(result.last)).model  # saved from the EMA copy, which must have been annealed too
+    assert _paths(trained, ProbeConv) == swapped
+    assert {trained.get_submodule(p).temperature for p in swapped} == {1.0}
