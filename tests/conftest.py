@@ -21,27 +21,23 @@ def _seed():
 
 
 def build_ultralytics(cfg: str):
-    """Build an Ultralytics model from one of the package's own YAML configs, in eval mode."""
-    from ultralytics import RTDETR, YOLO
+    """An Ultralytics model from one of the package's own configs, BatchNorm calibrated (see surgeon.zoo), eval mode."""
+    from surgeon.zoo import build
 
-    cls = RTDETR if cfg.startswith("rtdetr") else YOLO
-    return cls(cfg).model.eval()
+    return build(cfg)
 
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
-    """Returns make(cfg) -> path of an Ultralytics checkpoint built from `cfg`, cached per session."""
-    from ultralytics import RTDETR, YOLO
+    """Returns make(cfg) -> path of an Ultralytics checkpoint of `build_ultralytics(cfg)`, cached per session."""
+    from surgeon.zoo import save
 
     cache: dict[str, str] = {}
     root = tmp_path_factory.mktemp("checkpoints")
 
     def make(cfg: str) -> str:
         if cfg not in cache:
-            cls = RTDETR if cfg.startswith("rtdetr") else YOLO
-            path = root / cfg.replace(".yaml", ".pt")
-            cls(cfg).save(path)
-            cache[cfg] = str(path)
+            cache[cfg] = str(save(cfg, root / cfg.replace(".yaml", ".pt")))
         return cache[cfg]
 
     return make

@@ -1,0 +1,1 @@
+"""Weight initialisation for replacement modules: pure tensor math, no modules."""

@@ -1,0 +1,186 @@
+"""DSConv, the Distribution Shift Convolution, initialised from a trained kernel.
+
+"DSConv: Efficient Convolution Operator", Nascimento, Fawcett and Prisacariu, ICCV 2019,
+https://arxiv.org/abs/1901.01928. The kernel is a frozen b-bit integer tensor (the Variable
+Quantised Kernel, VQK) shaped like the original, moved towards the original's distribution by two
+trainable shifts: the Kernel Distribution Shift (a scale, optionally a bias, per block of
+``block_size`` input channels for every output channel and kernel position) and the Channel
+Distribution Shift (a scale per output channel, which is this op's ``weight``, and the op's
+``bias``). The VQK is stored as integers, two to a byte up to 4 bits, so these layers shrink in a
+checkpoint; `DSConv2d.fold` turns the op back into an ordinary convolution for export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from surgeon.init.factorise import relative_error
+from surgeon.init.quantise import dequantise, integer_range, pack_nibbles, quantise_kernel, unpack_nibbles
+
+
+class DSConv2d(nn.Module):
+    """A convolution whose kernel is ``weight[o] * (kernel_scale * VQK + kernel_bias)``, blockwise.
+
+    Parameters (trained by autograd): ``weight`` ``(out, 1, 1, 1)``, the Channel Distribution Shift
+    scale; ``kernel_scale`` and optional ``kernel_bias`` ``(out, ceil((in / groups) / block_size), kh,
+    kw)``, the Kernel Distribution Shift; ``bias`` ``(out,)`` or None. The VQK is the buffer ``vqk``:
+    int8 of the kernel's shape for more than 4 bits, otherwise uint8 with two values per byte. Buffers
+    get no gradients, so the integers stay as initialised. Because ``weight`` scales output channel
+    ``o`` linearly, a following BatchNorm folds into ``weight`` and ``bias``. The paper's per-channel
+    shift bias is ``bias``; it exists only when the original convolution had one, since in a Conv
+    block the BatchNorm's bias plays that part (and becomes ``bias`` when the two are fused).
+
+    Attributes:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode: The
+            replaced convolution's geometry.
+        kernel_shape: Shape of the kernel and of the unpacked VQK, ``(out, in / groups, kh, kw)``.
+        bits: Width of the VQK integers.
+        block_size: Input channels that share one Kernel Distribution Shift.
+        init_error: Relative Frobenius error of the kernel against the original's.
+    """
+
+    init_error: float | None = None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        bits: int = 4,
+        block_size: int = 32,
+        kernel_shift_bias: bool = False,
+    ):
+        super().__init__()
+        integer_range(bits)
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, not {block_size}")
+        # A weightless twin on the meta device validates and normalises the geometry like nn.Conv2d does.
+        twin = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False, padding_mode,
+            device="meta",
+        )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding = twin.kernel_size, twin.stride, twin.padding
+        self.dilation, self.padding_mode = twin.dilation, padding_mode
+        self._reversed_padding_repeated_twice = twin._reversed_padding_repeated_twice
+        self.bits, self.block_size = bits, block_size
+
+        self.kernel_shape = tuple(twin.weight.shape)
+        numel = math.prod(self.kernel_shape)
+        if bits <= 4:
+            self.register_buffer("vqk", torch.zeros(math.ceil(numel / 2), dtype=torch.uint8))
+        else:
+            self.register_buffer("vqk", torch.zeros(self.kernel_shape, dtype=torch.int8))
+        shift_shape = (out_channels, math.ceil(self.kernel_shape[1] / block_size), *self.kernel_size)
+        self.weight = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
+        self.kernel_scale = nn.Parameter(torch.zeros(shift_shape))
+        # Absent parameters are registered as None: BatchNorm folding assigns ``bias`` to an existing slot.
+        self.register_parameter("kernel_bias", nn.Parameter(torch.zeros(shift_shape)) if kernel_shift_bias else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_channels)) if bias else None)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the VQK is stored two values to a byte."""
+        return self.bits <= 4
+
+    def integers(self) -> Tensor:
+        """The VQK as an int8 tensor of the kernel's shape."""
+        if self.packed:
+            return unpack_nibbles(self.vqk, math.prod(self.kernel_shape)).reshape(self.kernel_shape)
+        return self.vqk
+
+    @torch.no_grad()
+    def set_integers(self, integers: Tensor) -> None:
+        """Store a new VQK (any integer dtype, the kernel's shape, values within the bit width)."""
+        low, high = integer_range(self.bits)
+        if tuple(integers.shape) != self.kernel_shape:
+            raise ValueError(f"VQK must have shape {self.kernel_shape}, not {tuple(integers.shape)}")
+        if integers.numel() and (integers.min() < low or integers.max() > high):
+            raise ValueError(f"VQK values must lie in {low}..{high} for {self.bits} bits")
+        integers = integers.to(device=self.vqk.device, dtype=torch.int8)
+        self.vqk.copy_(pack_nibbles(integers) if self.packed else integers)
+
+    def kernel(self) -> Tensor:
+        """The kernel this op convolves with, differentiable in the shifts."""
+        # weight * (alpha * Q + beta) with the channel scale applied to the small shift tensors first.
+        bias = None if self.kernel_bias is None else self.weight * self.kernel_bias
+        return dequantise(self.integers(), self.weight * self.kernel_scale, bias, self.block_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolve with the current kernel, so gradients flow into the shifts."""
+        # The integers are expanded on every call rather than cached, which keeps the module free of
+        # hidden state that could go stale. On one busy CPU thread this costs 10-40 ms per yolov8n forward
+        # (8 and 4 bits; the forward itself takes ~470 ms at 640 px), once per batch; fold() removes it.
+        kernel = self.kernel()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, kernel, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, kernel, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def fold(self) -> nn.Conv2d:
+        """An ordinary ``nn.Conv2d`` with the dequantised kernel (for export)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode,
+        ).to(self.weight)
+        with torch.no_grad():
+            conv.weight.copy_(self.kernel())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        return text + f", bits={self.bits}, block_size={self.block_size}"
+
+
+def dsconv(conv: nn.Conv2d, bits: int = 4, block_size: int = 32, kernel_shift_bias: bool = False) -> DSConv2d:
+    """Replace `conv` by a DSConv fitted to its kernel.
+
+    Per block of `block_size` input channels (for every output channel and kernel position) the
+    weights are scaled to the integer range and rounded, and the block's scale is fitted by least
+    squares, ``alpha = <w, q> / <q, q>``; a few clipped scales and alternating refits are tried on top
+    and the best kept (see `surgeon.init.quantise.fit_blocks`). The Channel Distribution Shift starts
+    at 1 and the bias is the original's.
+
+    Args:
+        conv: The trained convolution (any groups; blocks run over each group's input channels).
+        bits: Width of the VQK integers, 2 to 8.
+        block_size: Input channels sharing one Kernel Distribution Shift.
+        kernel_shift_bias: Also give every block a bias (``w ~ alpha * q + beta``).
+    """
+    op = DSConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, conv.bias is not None, conv.padding_mode, bits, block_size, kernel_shift_bias,
+    ).to(conv.weight)
+    fit = quantise_kernel(conv.weight.detach(), bits, block_size, kernel_shift_bias)
+    op.set_integers(fit.integers)
+    with torch.no_grad():
+        op.kernel_scale.copy_(fit.scale)
+        if fit.bias is not None:
+            op.kernel_bias.copy_(fit.bias)
+        if conv.bias is not None:
+            op.bias.copy_(conv.bias)
+        op.init_error = relative_error(op.kernel(), conv.weight)
+    return op
+
+
+REPLACEMENTS = [
+    ("dsconv", dsconv, "DSConv: b-bit integer kernel with trainable kernel and channel distribution shifts"),
+]

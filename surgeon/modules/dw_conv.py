@@ -1,0 +1,305 @@
+"""Grouped and depthwise-separable convolutions initialised from a trained kernel.
+
+- ``dwconv``: YOLOv5's ``DWConv``, a grouped convolution with ``groups = gcd(c_in, c_out)``
+  (depthwise when ``c_in == c_out``), initialised from the block-diagonal part of the trained kernel.
+- ``dwsep``: a depthwise ``k x k`` convolution followed by a pointwise ``1 x 1`` one (MobileNets,
+  https://arxiv.org/abs/1704.04861), initialised by the best rank-r factorisation of the trained
+  kernel per input channel, as in "Network Decoupling: From Regular to Depthwise Separable
+  Convolutions", Guo et al., BMVC 2018, https://arxiv.org/abs/1808.05517. `refine_pointwise`
+  then optionally refits the pointwise weights by least squares on real activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from surgeon.init.factorise import (
+    block_diagonal,
+    dense_kernel,
+    normal_equations,
+    relative_error,
+    residual_energy,
+    separable_kernel,
+    solve_pointwise,
+    svd_factors,
+    tap_factors,
+)
+
+
+class GroupedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` with fewer connections than the convolution it replaces.
+
+    ``groups`` is this convolution's own group count (what it computes with); ``original_groups``
+    is the replaced convolution's. All other geometry is the original's.
+
+    Attributes:
+        original_groups: Groups of the replaced convolution.
+        init_error: Relative Frobenius error of the kernel against the original's full kernel, i.e. the
+            weight of the off-block-diagonal part that was dropped; None for random initialisation.
+    """
+
+    original_groups: int = 1
+    init_error: float | None = None
+
+    def fold(self) -> nn.Conv2d:
+        """The same convolution as a stock ``nn.Conv2d``."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode,
+        ).to(self.weight)
+        conv.load_state_dict(self.state_dict())
+        return conv
+
+
+class DepthwiseSeparableConv2d(nn.Module):
+    """Depthwise ``k x k`` then pointwise ``1 x 1``, with `rank` depthwise filters per input channel.
+
+    The pointwise kernel is the ``weight`` parameter (output channels first, so a following
+    BatchNorm folds into it and ``bias``); the depthwise kernel is ``depthwise.weight``. Branch ``j``
+    of input channel ``i`` is depthwise channel ``i * rank + j``; the pointwise convolution sums them.
+
+    Attributes:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode: The
+            replaced convolution's geometry (``groups`` is always 1).
+        rank: Depthwise filters per input channel.
+        init_error: Relative Frobenius error of the equivalent dense kernel against the original; None
+            for random initialisation or when ``mid_act`` makes the op non-linear.
+    """
+
+    init_error: float | None = None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        rank: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        mid_act: bool = False,
+    ):
+        super().__init__()
+        self.depthwise = nn.Conv2d(
+            in_channels, in_channels * rank, kernel_size, stride, padding, dilation,
+            groups=in_channels, bias=False, padding_mode=padding_mode,
+        )
+        self.mid_act = nn.ReLU() if mid_act else nn.Identity()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels * rank, 1, 1))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            # Registered as None so BatchNorm folding can assign a bias later.
+            self.register_parameter("bias", None)
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.kernel_size, self.stride = self.depthwise.kernel_size, self.depthwise.stride
+        self.padding, self.dilation = self.depthwise.padding, self.depthwise.dilation
+        self.groups, self.padding_mode = 1, padding_mode
+        self.reset_parameters()
+
+    @property
+    def linear(self) -> bool:
+        """Whether the op is one linear map (no activation between the parts), so it has a dense kernel."""
+        return isinstance(self.mid_act, nn.Identity)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default convolution initialisation for both parts."""
+        self.depthwise.reset_parameters()
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight.shape[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The depthwise part's output (after ``mid_act``): what the pointwise convolution sees."""
+        return self.mid_act(self.depthwise(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Depthwise, then pointwise."""
+        return F.conv2d(self.features(x), self.weight, self.bias)
+
+    def kernel(self) -> Tensor:
+        """The dense ``(out, in, kh, kw)`` kernel this op computes.
+
+        Raises:
+            ValueError: If the op has an activation between its parts.
+        """
+        if not self.linear:
+            raise ValueError("a depthwise-separable op with mid_act is not a single convolution")
+        return separable_kernel(self.depthwise.weight, self.weight, self.in_channels)
+
+    def fold(self) -> nn.Conv2d:
+        """The equivalent dense ``nn.Conv2d`` (for export); only without ``mid_act``."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, 1, self.bias is not None, self.padding_mode,
+        ).to(self.weight)
+        with torch.no_grad():
+            conv.weight.copy_(self.kernel())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}"
+
+
+_DWCONV_INITS = ("diagonal", "random")
+_DWSEP_INITS = ("svd", "center", "random")
+
+
+def dwconv(conv: nn.Conv2d, init: str = "diagonal", seed: int = 0) -> GroupedConv2d:
+    """Replace `conv` by a grouped convolution with ``groups = gcd(in_channels, out_channels)``.
+
+    Args:
+        conv: The trained convolution (any groups; its groups always divide the new ones).
+        init: ``diagonal`` keeps the original's weights on the new diagonal blocks and drops the rest;
+            ``random`` draws fresh ones (PyTorch's default init).
+        seed: Seed for ``init="random"``.
+    """
+    if init not in _DWCONV_INITS:
+        raise ValueError(f"init must be one of {_DWCONV_INITS}, not {init!r}")
+    groups = math.gcd(conv.in_channels, conv.out_channels)
+    op = GroupedConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, groups, conv.bias is not None, conv.padding_mode,
+    ).to(conv.weight)
+    op.original_groups = conv.groups
+    if init == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            op.reset_parameters()
+        return op
+    with torch.no_grad():
+        original = dense_kernel(conv.weight, conv.groups)
+        op.weight.copy_(block_diagonal(original, groups))
+        if conv.bias is not None:
+            op.bias.copy_(conv.bias)
+        op.init_error = relative_error(dense_kernel(op.weight, groups), original)
+    return op
+
+
+def dwsep(
+    conv: nn.Conv2d, rank: int = 1, init: str = "svd", mid_act: bool = False, seed: int = 0
+) -> DepthwiseSeparableConv2d:
+    """Replace `conv` by a depthwise ``k x k`` plus pointwise ``1 x 1`` pair.
+
+    Args:
+        conv: The trained convolution; it must have ``groups=1``.
+        rank: Depthwise filters per input channel, 1 to ``kh * kw``; their outputs are summed by the
+            pointwise convolution. ``rank = kh * kw`` reproduces the original exactly.
+        init: ``svd`` is the best rank-`rank` factorisation of the kernel per input channel; ``center``
+            the naive one (the centre tap as pointwise weights behind a delta depthwise filter, then the
+            strongest other taps for ``rank > 1``); ``random`` PyTorch's default init.
+        mid_act: Put a ReLU between the parts (MobileNet style). The factorisation still initialises the
+            weights, but the op then no longer computes the original's linear map, its ``init_error`` is
+            None and it cannot be folded. Off by default: the block's own BatchNorm and activation follow.
+        seed: Seed for ``init="random"``.
+
+    Raises:
+        ValueError: For a grouped convolution, an unknown `init` or a `rank` out of range.
+    """
+    if conv.groups != 1:
+        raise ValueError(
+            f"dwsep replaces only convolutions with groups=1 (select groups: 1 in the rule); this one has "
+            f"groups={conv.groups}"
+        )
+    if init not in _DWSEP_INITS:
+        raise ValueError(f"init must be one of {_DWSEP_INITS}, not {init!r}")
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    if not 1 <= rank <= taps:
+        raise ValueError(f"rank must be in 1..{taps} for a {conv.kernel_size} kernel, not {rank}")
+    op = DepthwiseSeparableConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        rank, conv.bias is not None, conv.padding_mode, mid_act,
+    ).to(conv.weight)
+    if init == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            op.reset_parameters()
+        return op
+    depthwise, pointwise = (svd_factors if init == "svd" else tap_factors)(conv.weight, rank)
+    with torch.no_grad():
+        op.depthwise.weight.copy_(depthwise)
+        op.weight.copy_(pointwise)
+        if conv.bias is not None:
+            op.bias.copy_(conv.bias)
+    if op.linear:
+        op.init_error = relative_error(op.kernel(), conv.weight)
+    return op
+
+
+@torch.no_grad()
+def refine_pointwise(
+    op: DepthwiseSeparableConv2d,
+    inputs: Tensor | Iterable[Tensor],
+    original: nn.Conv2d,
+    ridge: float = 1e-2,
+    chunk_size: int = 8,
+) -> float:
+    """Refit the pointwise weights of `op` by least squares so it reproduces `original` on `inputs`.
+
+    The depthwise part stays as it is; the pointwise weights become the ones that minimise
+    ``||op(x) - original(x)||^2`` over all pixels of `inputs` plus a small penalty on moving away from
+    the current weights (the kernel-optimal SVD init is not output-optimal once real activations are
+    correlated). The refit is kept only if it lowers the error on `inputs`. ``op.init_error`` is
+    updated to the new kernel's error, which may rise while the output error falls.
+
+    Args:
+        op: A ``dwsep`` op built from `original`.
+        inputs: Calibration inputs of the convolution (one ``(n, c, h, w)`` tensor or several);
+            generated images passed through the layers before it are enough.
+        original: The trained convolution the op replaces.
+        ridge: Relative damping towards the current pointwise weights (see `solve_pointwise`); it keeps
+            the refit from overfitting when there are few calibration pixels per pointwise input.
+        chunk_size: Images per pass, which bounds memory.
+
+    Returns:
+        Relative output error ``||op(x) - original(x)|| / ||original(x)||`` over `inputs` after the refit.
+
+    Raises:
+        TypeError: If `op` is not a depthwise-separable op.
+        ValueError: If `original` does not match `op`, or its outputs on `inputs` are all zero.
+    """
+    if not isinstance(op, DepthwiseSeparableConv2d):
+        raise TypeError(f"refine_pointwise needs a dwsep op, not {type(op).__name__}")
+    if (original.in_channels, original.out_channels) != (op.in_channels, op.out_channels):
+        raise ValueError(
+            f"original maps {original.in_channels} -> {original.out_channels} channels, the op "
+            f"{op.in_channels} -> {op.out_channels}"
+        )
+    batches = [inputs] if isinstance(inputs, Tensor) else inputs
+    gram = cross = energy = None
+    for batch in batches:
+        for x in batch.to(op.weight).split(chunk_size):
+            target = original(x)
+            if op.bias is not None:
+                target = target - op.bias.view(1, -1, 1, 1)
+            stats = normal_equations(op.features(x), target)
+            gram, cross, energy = stats if gram is None else (gram + stats[0], cross + stats[1], energy + stats[2])
+    if gram is None or energy <= 0:
+        raise ValueError("refine_pointwise needs inputs on which the original convolution is not all zero")
+
+    shape = (op.out_channels, op.weight.shape[1])
+    best = residual_energy(op.weight.reshape(shape), gram, cross, energy)
+    solved = solve_pointwise(gram, cross, ridge, prior=op.weight.reshape(shape)).to(op.weight)
+    error = residual_energy(solved, gram, cross, energy)
+    if error < best:
+        op.weight.copy_(solved.reshape(op.weight.shape))
+        best = error
+        if op.linear:
+            op.init_error = relative_error(op.kernel(), original.weight)
+    return math.sqrt(max(best.item(), 0.0) / energy.item())
+
+
+REPLACEMENTS = [
+    ("dwconv", dwconv, "grouped convolution, groups = gcd(c_in, c_out), from the original's block-diagonal part"),
+    ("dwsep", dwsep, "depthwise k x k + pointwise 1 x 1, from the best rank-r factorisation per input channel"),
+]
