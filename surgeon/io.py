@@ -30,7 +30,7 @@ from torch import nn
 from surgeon.errors import CheckpointError, UnsafeCheckpointError
 
 _CLASS_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "surgeon.modules")
-_CLASS_MODULES = ("ultralytics.nn.tasks",)
+_CLASS_MODULES = ("ultralytics.nn.tasks", "surgeon.classic")
 
 
 @dataclass

@@ -41,3 +41,24 @@ def checkpoint_factory(tmp_path_factory):
         return cache[cfg]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def classic_checkpoint(tmp_path_factory):
+    """Path of a classic YOLOv5s checkpoint (ultralytics/yolov5 repository layout, ``models.*`` names).
+
+    Built with the real classic code (the PyPI ``yolov5`` package), BatchNorm calibrated like the
+    Ultralytics test models; skipped, with the reason shown, where that package is not installed.
+    """
+    from classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
+
+    from surgeon.zoo import calibrate_batchnorm
+
+    with undo_yolov5_import():
+        pytest.importorskip("yolov5.models.yolo", reason="classic checkpoints are built with the PyPI `yolov5` "
+                            "package (extra `classic`)")
+    model = build_classic_model("yolov5s.yaml", nc=80)
+    calibrate_batchnorm(model, torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    path = tmp_path_factory.mktemp("classic") / "yolov5s.pt"
+    write_classic_checkpoint(path, model)
+    return str(path)

@@ -210,3 +210,21 @@ def test_diff_of_two_checkpoints(y8, tmp_path):
     result = run("diff", y8, out, "--imgsz", IMGSZ, "--report", tmp_path / "d.md")
     assert result.exit_code == 0, result.stderr
     assert "PlainConv2d" in (tmp_path / "d.md").read_text()
+
+
+def test_apply_on_a_classic_checkpoint(classic_checkpoint, tmp_path):
+    digest = sha(classic_checkpoint)
+    result = surgeon.apply(classic_checkpoint, "plain_head", imgsz=IMGSZ)
+    assert result.loaded.format == "classic"
+    inspection = surgeon.inspect(classic_checkpoint, imgsz=IMGSZ)
+    rule = load_rule("plain_head", builtin_replacements())
+    assert {c.path for c in result.report.changes} == {b.conv for b in inspection.blocks if rule.selects(b)}
+    out = result.save(tmp_path / "classic-plain.pt")
+    assert sha(classic_checkpoint) == digest
+    again = surgeon.load(out)
+    assert again.format == "classic"
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.predict(x)[0], result.model.predict(x)[0], atol=1e-1, rtol=1e-2)
+    assert {n for n, m in again.model.named_modules() if isinstance(m, PlainConv2d)} == {
+        c.path for c in result.report.changes}

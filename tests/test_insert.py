@@ -149,3 +149,18 @@ def test_cot_neck_trains_one_epoch_and_reloads(checkpoint_factory, tmp_path, mon
     assert len(gates) == 2
     assert any(float(g.gamma.abs().max()) > 0 for g in gates), "the gates must have trained away from zero"
     assert _head_inputs(trained)[1:] == [g.i for g in gates]
+
+
+def test_cot_neck_on_a_classic_checkpoint(classic_checkpoint, tmp_path):
+    original = surgeon.load(classic_checkpoint).model
+    result = surgeon.apply(classic_checkpoint, "cot_neck", imgsz=IMGSZ)
+    inserted = [i for i, m in enumerate(result.model.model) if isinstance(m, ZeroGate)]
+    assert len(inserted) == 2 and _head_inputs(result.model)[1:] == inserted
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        a, b = original.predict(x)[0], result.model.predict(x)[0]
+    torch.testing.assert_close(b / a.abs().max(), a / a.abs().max(), atol=1e-5, rtol=0)
+    out = result.save(tmp_path / "classic-cot.pt")
+    again = surgeon.load(out)
+    assert again.format == "classic"
+    assert sum(isinstance(m, ZeroGate) for m in again.model.model) == 2

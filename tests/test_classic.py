@@ -1,0 +1,384 @@
+"""Classic YOLOv5 checkpoints: they load without the repository, compute what it computes, and nothing else loads."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import io
+import os
+import pickle
+import pickletools
+import sys
+
+import numpy as np
+import pytest
+import torch
+from classic_factory import (
+    YOLOV5S_V3,
+    build_classic_model,
+    load_config,
+    make_classic_checkpoint,
+    read_data_pkl,
+    save_classic,
+    undo_yolov5_import,
+    write_classic_checkpoint,
+)
+from torch import fx, nn
+from ultralytics.nn.modules import Conv
+
+from surgeon.classic import (
+    ClassicDetect,
+    ClassicDetectionModel,
+    classic_safe_globals,
+    is_classic_checkpoint,
+    load_classic,
+    pickled_globals,
+    torch_safe_globals,
+)
+from surgeon.errors import CheckpointError, UnsafeCheckpointError
+
+# Small inputs keep the equivalence checks fast: 64 is the P6 models' stride; a batch of 2 gives
+# BatchNorm more than one value per channel on their 1x1 P6 maps in training mode.
+IMAGE = (2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def yolov5():
+    """The PyPI `yolov5` package, imported without leaving its folder on sys.path."""
+    with undo_yolov5_import():
+        return pytest.importorskip(
+            "yolov5.models.yolo",
+            reason="the classic YOLOv5 tests build checkpoints with the PyPI `yolov5` package (extra `classic`)",
+        )
+
+
+@pytest.fixture(scope="module")
+def yolov5n(yolov5):
+    """A classic yolov5n (real depth and width) in float32."""
+    return build_classic_model("yolov5n.yaml", nc=80)
+
+
+def assert_no_repository():
+    assert "models" not in sys.modules
+    assert importlib.util.find_spec("models") is None
+
+
+def as_stored(classic):
+    """The classic model with the float16 round trip the checkpoint applies to its weights."""
+    return copy.deepcopy(classic).half().float()
+
+
+def assert_same_outputs(loaded, classic):
+    reference = as_stored(classic)
+    x = torch.rand(IMAGE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (pred, maps), (ref_pred, ref_maps) = loaded.eval()(x), reference.eval()(x)
+        torch.testing.assert_close(pred, ref_pred)
+        torch.testing.assert_close(maps, ref_maps)
+        train, ref_train = loaded.train()(x), reference.train()(x)
+    torch.testing.assert_close(train, ref_train)
+
+
+def test_checkpoint_pickles_the_repository_names(yolov5n, tmp_path):
+    path = tmp_path / "yolov5n.pt"
+    write_classic_checkpoint(path, yolov5n)
+
+    names = pickled_globals(path)
+    assert {"models.yolo.DetectionModel", "models.yolo.Detect", "models.common.Conv", "models.common.C3"} <= names
+    assert not [n for n in names if n.startswith("yolov5")]
+    raw = read_data_pkl(path)
+    assert b"models.common" in raw and b"yolov5.models" not in raw
+    assert_no_repository()
+
+
+def test_loads_without_the_repository_and_matches_it(yolov5n, tmp_path):
+    path = tmp_path / "yolov5n.pt"
+    write_classic_checkpoint(path, yolov5n)
+    assert_no_repository()
+
+    model, ckpt = load_classic(path)
+
+    assert isinstance(model, ClassicDetectionModel) and model is ckpt["model"]
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert ckpt["epoch"] == -1 and ckpt["opt"]["imgsz"] == 640 and ckpt["git"]["branch"] == "master"
+    assert model.nc == 80 and model.names[0] == "class0" and model.yaml["width_multiple"] == 0.25
+    assert model.save == yolov5n.save and model.stride.tolist() == [8.0, 16.0, 32.0]
+    assert_same_outputs(model, yolov5n)
+    assert_no_repository()
+
+
+def test_layers_are_ultralytics_blocks_with_the_classic_layer_attributes(yolov5n, tmp_path):
+    path = tmp_path / "yolov5n.pt"
+    write_classic_checkpoint(path, yolov5n)
+
+    model, _ = load_classic(path)
+
+    assert type(model.model[0]) is Conv and model.model[0].type == "models.common.Conv"
+    assert sum(isinstance(m, Conv) for m in model.modules()) == sum(
+        type(m).__name__ == "Conv" for m in yolov5n.modules()
+    )
+    head = model.model[-1]
+    assert isinstance(head, ClassicDetect) and (head.nl, head.na, head.no) == (3, 3, 85)
+    assert [(m.i, m.f, m.np) for m in model.model] == [(m.i, m.f, m.np) for m in yolov5n.model]
+
+
+def assert_same_weights(loaded, classic):
+    reference = as_stored(classic).state_dict()
+    state = loaded.state_dict()
+    assert state.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_legacy_model_name(yolov5n, tmp_path):
+    path = tmp_path / "old.pt"
+    write_classic_checkpoint(path, yolov5n, legacy_model_name=True)
+    assert "models.yolo.Model" in pickled_globals(path)
+    assert "models.yolo.DetectionModel" not in pickled_globals(path)
+
+    model, _ = load_classic(path)
+
+    assert type(model) is ClassicDetectionModel  # whose outputs the test above checks
+    assert_same_weights(model, yolov5n)
+
+
+def test_unstripped_checkpoint_gives_the_ema_model(yolov5n, tmp_path):
+    path = tmp_path / "last.pt"
+    write_classic_checkpoint(path, yolov5n, stripped=False)
+
+    model, ckpt = load_classic(path)
+
+    assert model is ckpt["ema"] and ckpt["model"] is not model
+    assert float(ckpt["best_fitness"][0]) == 0.25 and ckpt["optimizer"]["param_groups"][0]["nesterov"]
+    assert_same_weights(model, yolov5n)
+
+
+@pytest.mark.parametrize(
+    "cfg, levels, options",
+    [
+        pytest.param(YOLOV5S_V3, 3, {"legacy_model_name": True, "pre_v6": True}, id="v3-focus-csp-spp-hardswish"),
+        pytest.param("yolov5n6.yaml", 4, {}, id="yolov5n6-p6", marks=pytest.mark.slow),  # building it takes ~5 s
+        pytest.param("yolov3-tiny.yaml", 2, {"pre_v6": True}, id="yolov3-tiny-zeropad-maxpool"),
+    ],
+)
+def test_other_layouts_match(yolov5, tmp_path, cfg, levels, options):
+    path = tmp_path / "classic.pt"
+    classic = make_classic_checkpoint(path, load_config(cfg, width_multiple=0.125), nc=3, **options)
+    assert is_classic_checkpoint(path)
+
+    model, _ = load_classic(path)
+
+    assert model.model[-1].nl == levels
+    assert_same_outputs(model, classic)
+
+
+@pytest.mark.parametrize(
+    "make, channels",
+    [
+        pytest.param(lambda c: c.DWConv(8, 8, 3), 8, id="DWConv"),
+        pytest.param(lambda c: c.DWConvTranspose2d(8, 8, 2, 2), 8, id="DWConvTranspose2d"),
+        pytest.param(lambda c: c.CrossConv(8, 8, 3, 1, shortcut=True), 8, id="CrossConv"),
+        pytest.param(lambda c: c.C3x(8, 8, 2), 8, id="C3x"),
+        pytest.param(lambda c: c.C3SPP(8, 8), 8, id="C3SPP"),
+        pytest.param(lambda c: c.C3TR(16, 16), 16, id="C3TR"),
+        pytest.param(lambda c: c.C3Ghost(16, 16), 16, id="C3Ghost"),
+        pytest.param(lambda c: c.GhostBottleneck(8, 16, 3, 2), 8, id="GhostBottleneck-stride2"),
+        pytest.param(lambda c: c.Contract(2), 8, id="Contract"),
+        pytest.param(lambda c: c.Expand(2), 16, id="Expand"),
+    ],
+)
+def test_blocks_outside_the_shipped_configs_match(yolov5, make, channels):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = make(yolov5)
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    buffer = io.BytesIO()
+    save_classic({"block": block}, buffer)
+    buffer.seek(0)
+    with torch.serialization.safe_globals([*classic_safe_globals(), *torch_safe_globals()]):
+        loaded = torch.load(buffer, weights_only=True)["block"]
+
+    assert type(loaded).__module__ != type(block).__module__
+    x = torch.rand(2, channels, 16, 16)
+    with torch.no_grad():
+        for training in (False, True):
+            torch.testing.assert_close(loaded.train(training)(x), block.train(training)(x))
+
+
+def test_legacy_torch_format_is_refused_with_a_clear_error(yolov5n, tmp_path):
+    """torch < 1.6 pickled every module class by its source code; weights-only loading cannot read that."""
+    path = tmp_path / "v2.pt"
+    write_classic_checkpoint(path, yolov5n, legacy_model_name=True, pre_v6=True, legacy_format=True)
+    assert is_classic_checkpoint(path)
+
+    with pytest.raises(CheckpointError, match="legacy") as error:
+        load_classic(path)
+    assert not isinstance(error.value, UnsafeCheckpointError)
+
+
+def test_fx_traces_predict(yolov5n, tmp_path):
+    path = tmp_path / "yolov5n.pt"
+    write_classic_checkpoint(path, yolov5n)
+    model, _ = load_classic(path)
+    x = torch.rand(1, 3, 64, 64)
+
+    class DetectLeaf(fx.Tracer):
+        traced_func_name = "predict"
+
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, ClassicDetect) or super().is_leaf_module(m, qualname)
+
+    class Plain(fx.Tracer):
+        traced_func_name = "predict"
+
+    for tracer, training in ((DetectLeaf(), False), (Plain(), True)):  # in training the head traces too
+        model.train(training)
+        traced = fx.GraphModule(model, tracer.trace(model))
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), model(x))
+        convs = {n.target for n in traced.graph.nodes if n.op == "call_module" and n.target.endswith(".conv")}
+        assert len(convs) == sum(isinstance(m, Conv) for m in model.modules())
+
+
+class Evil:
+    """Unpickled by a plain pickle, this creates the file it names; written as `models.common.Evil`."""
+
+    def __init__(self, marker):
+        with open(marker, "w") as f:
+            f.write("pwned")
+
+    def __reduce__(self):
+        return Evil, (self.marker,)
+
+
+Evil.__module__ = "yolov5.models.common"  # what save_classic renames to the repository's models.common
+
+
+def evil(marker):
+    """An Evil whose unpickling would create `marker` (made without running __init__)."""
+    payload = Evil.__new__(Evil)
+    payload.marker = str(marker)
+    return payload
+
+
+class System:
+    """Unpickled by a plain pickle, this runs a shell command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class Hollow(nn.Module):
+    """Pickled as `models.yolo.DetectionModel`, without the layers one has."""
+
+
+Hollow.__module__, Hollow.__qualname__ = "yolov5.models.yolo", "DetectionModel"
+
+
+def test_refuses_a_class_outside_the_allow_list(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    save_classic({"model": evil(marker)}, path)
+    assert "models.common.Evil" in pickled_globals(path) and is_classic_checkpoint(path)
+
+    with pytest.raises(UnsafeCheckpointError, match=r"models\.common\.Evil"):
+        load_classic(path)
+    assert not marker.exists()
+
+
+def test_refuses_os_system(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "system.pt"
+    torch.save({"model": System(f"touch {marker}")}, path)
+
+    with pytest.raises(UnsafeCheckpointError, match=r"\bsystem\b"):
+        load_classic(path)
+    assert not marker.exists()
+
+
+def test_evil_payload_is_live(tmp_path):
+    """Control for the refusal tests: a plain unpickler does run the payload."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    save_classic({"model": evil(marker)}, path)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            return Evil if (module, name) == ("models.common", "Evil") else super().find_class(module, name)
+
+    Unpickler(io.BytesIO(read_data_pkl(path))).load()
+    assert marker.exists()
+
+
+def test_rejects_files_that_are_not_classic_checkpoints(tmp_path, checkpoint_factory):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, weights)
+
+    hollow = tmp_path / "hollow.pt"
+    save_classic({"model": Hollow()}, hollow)  # names models.yolo.DetectionModel, has no layers
+
+    for path in (junk, weights, hollow, tmp_path / "missing.pt"):
+        with pytest.raises(CheckpointError):
+            load_classic(path)
+    with pytest.raises(UnsafeCheckpointError, match="ultralytics"):
+        load_classic(checkpoint_factory("yolov8n.yaml"))
+
+
+def test_is_classic_checkpoint(yolov5n, tmp_path, checkpoint_factory):
+    classic = tmp_path / "yolov5n.pt"
+    write_classic_checkpoint(classic, yolov5n)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+
+    assert is_classic_checkpoint(classic)
+    assert not is_classic_checkpoint(checkpoint_factory("yolov8n.yaml"))
+    assert not is_classic_checkpoint(junk)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_is_classic_checkpoint_reads_protocol_4_and_legacy_files(tmp_path):
+    payload = evil(tmp_path / "pwned")
+    save_classic({"model": payload}, tmp_path / "p4.pt", pickle_protocol=4)
+    save_classic({"model": payload}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    ops = {op.name for op, _, _ in pickletools.genops(read_data_pkl(tmp_path / "p4.pt"))}
+    assert "STACK_GLOBAL" in ops and "GLOBAL" not in ops
+
+    assert "models.common.Evil" in pickled_globals(tmp_path / "p4.pt")
+    assert "models.common.Evil" in pickled_globals(tmp_path / "legacy.pt")
+    for name in ("p4.pt", "legacy.pt"):
+        with pytest.raises(CheckpointError):  # protocol 4: torch's weights-only unpickler has no STACK_GLOBAL
+            load_classic(tmp_path / name)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_allow_list_covers_both_model_names_and_maps_conv_to_ultralytics():
+    allowed = {name: obj for obj, name in classic_safe_globals()}
+
+    assert allowed["models.yolo.Model"] is allowed["models.yolo.DetectionModel"] is ClassicDetectionModel
+    assert allowed["models.yolo.Detect"] is ClassicDetect
+    assert allowed["models.common.Conv"] is Conv
+    assert not [name for name in allowed if name.startswith(("os.", "posix.", "builtins.", "subprocess."))]
+
+
+def test_allow_list_reads_numpy_numbers_and_namespaces_but_not_object_arrays(tmp_path):
+    numbers = tmp_path / "numbers.pt"
+    opt = argparse.Namespace(epochs=3)
+    torch.save({"best_fitness": np.array([0.5]), "scalar": np.float64(0.25), "opt": opt}, numbers)
+    objects = tmp_path / "objects.pt"
+    torch.save({"best_fitness": np.array([{"a": 1}], dtype=object)}, objects)
+
+    with torch.serialization.safe_globals([*classic_safe_globals(), *torch_safe_globals()]):
+        ckpt = torch.load(numbers, weights_only=True)
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(objects, weights_only=True)
+
+    assert ckpt["best_fitness"].tolist() == [0.5] and ckpt["scalar"] == 0.25 and ckpt["opt"].epochs == 3
