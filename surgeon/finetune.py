@@ -23,6 +23,7 @@ through :func:`_load_checkpoint_model`, the one place to swap for a restricted l
 
 from __future__ import annotations
 
+import contextvars
 import math
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
+from surgeon.io import load  # noqa: E402
 
 __all__ = [
     "FinetuneResult",
@@ -69,35 +71,26 @@ __all__ = [
 # --- checkpoint loading ---------------------------------------------------------------------------------------------
 
 
-def _load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Read a rewritten checkpoint the way ``ultralytics.nn.tasks.load_checkpoint`` does, minus its file-name tricks.
+_TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_finetune_trust", default=False)
 
-    Ultralytics' own loader renames ``yolov5s.pt``/``yolov3.pt`` to their ``u`` variants and tries to
-    download those, so a user's file with such a name would never be read. This reads the file as
-    given. It unpickles with ``weights_only=False``: only for checkpoints your own surgeon run wrote.
+
+def _load_checkpoint_model(path: str | Path, trust: bool = False) -> tuple[nn.Module, dict]:
+    """Read a rewritten checkpoint with `surgeon.io.load`, then set what Ultralytics' own loader sets.
+
+    Ultralytics' loader renames ``yolov5s.pt``/``yolov3.pt`` to their ``u`` variants and tries to
+    download those, so a user's file with such a name would never be read; and it unpickles anything.
+    This reads the file as given, through surgeon's allow-list (`trust` lifts it).
 
     Returns:
         The float32 model in eval mode, carrying ``args``, ``pt_path``, ``task`` and ``stride`` like
         Ultralytics' loader sets them, and the checkpoint dictionary.
 
     Raises:
-        CheckpointError: The file is missing, unreadable, or holds no model.
+        CheckpointError: The file is missing, unreadable, unsafe, or holds no model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted: written by the user's surgeon run
-    except Exception as e:  # a damaged file can raise nearly anything from the unpickler
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if isinstance(ckpt, nn.Module):  # torch.save(model, path) rather than the Ultralytics dictionary
-        ckpt = {"model": ckpt}
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not an Ultralytics checkpoint")
-    model = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"checkpoint {path} holds no model (neither 'ema' nor 'model' is a module)")
-    model = model.float().eval()
+    loaded = load(path, trust=trust)
+    model = loaded.model
+    ckpt = {**loaded.checkpoint, "model": model}
     model.args = {**DEFAULT_CFG_DICT, **(ckpt.get("train_args") or {})}
     model.pt_path = str(path)
     if not hasattr(model, "task"):
@@ -113,7 +106,7 @@ class _CheckpointYOLO(YOLO):
     """YOLO whose checkpoint loading goes through :func:`_load_checkpoint_model`."""
 
     def _load(self, weights: str, task: str | None = None) -> None:
-        self.model, self.ckpt = _load_checkpoint_model(weights)
+        self.model, self.ckpt = _load_checkpoint_model(weights, trust=_TRUST.get())
         self.task = self.model.task
         self.overrides = self.model.args = self._reset_ckpt_args(self.model.args)
         self.ckpt_path = self.model.pt_path
@@ -122,12 +115,12 @@ class _CheckpointYOLO(YOLO):
         self.model_name = str(weights)
 
 
-def load_yolo(path: str | Path) -> Model:
+def load_yolo(path: str | Path, *, trust: bool = False) -> Model:
     """An Ultralytics ``YOLO`` (or ``RTDETR``) object for a rewritten checkpoint, whatever the file is called.
 
     Use it instead of ``YOLO(path)``, which renames ``yolov5s.pt`` and ``yolov3.pt`` and tries to
-    download the official weights instead of reading your file. The checkpoint is unpickled: load
-    only files your own surgeon run wrote.
+    download the official weights instead of reading your file. The file is read through
+    surgeon's allow-list; `trust` lifts it (only for files you trust).
 
     Raises:
         CheckpointError: The file is missing, unreadable, or holds no model.
@@ -135,7 +128,11 @@ def load_yolo(path: str | Path) -> Model:
     path = Path(path)
     if path.suffix.lower() != ".pt":
         raise CheckpointError(f"checkpoint {path} must be a .pt file")
-    wrapper = _CheckpointYOLO(str(path))
+    token = _TRUST.set(trust)
+    try:
+        wrapper = _CheckpointYOLO(str(path))
+    finally:
+        _TRUST.reset(token)
     if type(wrapper) is _CheckpointYOLO:  # YOLO switches itself to RTDETR for an RT-DETR head; keep that
         wrapper.__class__ = YOLO
     return wrapper
@@ -391,6 +388,7 @@ def finetune(
     data: str | Path,
     *,
     temperature: TemperatureSchedule | None = None,
+    trust: bool = False,
     **train_args: Any,
 ) -> FinetuneResult:
     """Fine-tune a rewritten checkpoint with the Ultralytics trainer, keeping its rewritten modules.
@@ -402,6 +400,7 @@ def finetune(
         checkpoint: A checkpoint written by surgeon (any file name, ``yolov5s.pt`` included).
         data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`.
         temperature: Temperature schedule for DynamicConv-style modules (default 30 -> 1 over 10 epochs).
+        trust: Read the checkpoint without surgeon's allow-list (only for files you trust).
         **train_args: Ultralytics training arguments, passed through as they are (``epochs``, ``imgsz``,
             ``batch``, ``device``, ``workers``, ``project``, ``name``, ``lr0``, ...). ``pretrained`` must be left
             at its default: training starts from the rewritten weights.
@@ -417,7 +416,7 @@ def finetune(
         raise SurgeonError("finetune always starts from the rewritten weights; leave 'pretrained' unset")
     if "trainer" in train_args:
         raise SurgeonError("finetune picks the trainer itself; do not pass 'trainer'")
-    yolo = load_yolo(checkpoint)
+    yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
     yolo.train(trainer=trainer_cls, data=str(data), **train_args)
