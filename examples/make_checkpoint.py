@@ -1,19 +1,16 @@
-"""Build an untrained Ultralytics checkpoint from one of the package's own model configs.
+"""Build a checkpoint from one of the Ultralytics package's own model configs.
 
-No weights can be downloaded offline; a model built from its config is the same architecture a
-trained checkpoint has, so every surgeon command works on it the same way.
+No weights can be downloaded offline; a model built from its config has the architecture of the
+trained checkpoint, and `surgeon.zoo.build` calibrates its BatchNorm layers on generated images so
+its layers carry activations of realistic scale.
 
     python examples/make_checkpoint.py yolov5s.yaml yolov5s.pt
 """
 
 import sys
 
-from surgeon._env import offline_ultralytics
-
-offline_ultralytics()
-
-from ultralytics import RTDETR, YOLO  # noqa: E402
+from surgeon.zoo import save
 
 cfg, out = sys.argv[1], sys.argv[2]
-(RTDETR if cfg.startswith("rtdetr") else YOLO)(cfg).save(out)
+save(cfg, out)
 print(f"wrote {out} from {cfg}")

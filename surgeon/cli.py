@@ -178,3 +178,63 @@ def rules_show_cmd(rule: str, model: Path | None, imgsz: int, trust: bool):
         b = m.block
         click.echo(f"{b.path}  region={b.region} layer={b.layer} {b.type} {b.in_channels}->{b.out_channels} "
                    f"k={b.kernel[0]} s={b.stride[0]} g={b.groups}")
+
+
+def _train_value(raw: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+@main.command("finetune", context_settings={"ignore_unknown_options": True})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset YAML (see `surgeon dataset`).")
+@click.option("--epochs", type=int, help="Ultralytics `epochs`.")
+@click.option("--imgsz", type=int, help="Ultralytics `imgsz`.")
+@click.option("--batch", type=int, help="Ultralytics `batch`.")
+@click.option("--workers", type=int, help="Ultralytics `workers`.")
+@click.option("--device", help="Ultralytics `device` (cpu, 0, 0,1,2,3 for DDP on several GPUs).")
+@click.option("--project", help="Ultralytics `project` (where runs are written).")
+@click.option("--name", help="Ultralytics `name` (the run's folder).")
+@click.option("--lr0", type=float, help="Ultralytics `lr0`.")
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[KEY=VALUE]...")
+def finetune_cmd(checkpoint: Path, data: Path, trust: bool, extra, **options):
+    """Fine-tune a rewritten CHECKPOINT with the Ultralytics trainer, keeping its new modules.
+
+    Other Ultralytics training arguments pass through as KEY=VALUE (e.g. `amp=False optimizer=SGD`).
+    DynamicConv temperatures are annealed per epoch.
+    """
+    from surgeon.errors import SurgeonError
+    from surgeon.finetune import finetune
+
+    train_args = {k: v for k, v in options.items() if v is not None}
+    for item in extra:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise SurgeonError(f"{item}: training arguments are KEY=VALUE (or one of the listed options)")
+        train_args[key] = _train_value(raw)
+    if not data.is_file():
+        raise SurgeonError(f"{data}: no such dataset YAML")
+    result = finetune(checkpoint, data, trust=trust, **train_args)
+    click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))
+    for key in sorted(result.metrics):
+        click.echo(f"  {key}: {result.metrics[key]:.4f}")
+
+
+@main.command("dataset")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--train", "n_train", default=32, show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=16, show_default=True, help="Validation images.")
+@click.option("--imgsz", default=128, show_default=True, help="Image size.")
+@click.option("--classes", "n_classes", default=3, show_default=True, help="Number of shape classes.")
+@click.option("--seed", default=0, show_default=True, help="Seed; the same seed writes the same files.")
+def dataset_cmd(root: Path, n_train: int, n_val: int, imgsz: int, n_classes: int, seed: int):
+    """Write a small generated YOLO-format detection dataset (shapes on varied backgrounds) to ROOT."""
+    from surgeon.data import make_dataset
+
+    path = make_dataset(root, n_train=n_train, n_val=n_val, imgsz=imgsz, n_classes=n_classes, seed=seed)
+    click.echo(f"wrote {path}")

@@ -311,3 +311,27 @@ def test_finetune_anneals_temperature_per_epoch(data, tmp_path, monkeypatch):
     trained = YOLO(str(result.last)).model  # saved from the EMA copy, which must have been annealed too
     assert _paths(trained, ProbeConv) == swapped
     assert {trained.get_submodule(p).temperature for p in swapped} == {1.0}
+
+
+@pytest.mark.slow
+def test_cli_dataset_and_finetune(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "rewritten.pt"
+    swapped = sorted(_save_rewritten("yolov8n.yaml", checkpoint))
+    runner = CliRunner()
+    made = runner.invoke(main, ["dataset", str(tmp_path / "d"), "--train", "8", "--val", "4", "--imgsz", "64"])
+    assert made.exit_code == 0, made.output
+    data = tmp_path / "d" / "data.yaml"
+    result = runner.invoke(main, ["finetune", str(checkpoint), "--data", str(data), "--epochs", "1", "--imgsz", "64",
+                                  "--batch", "4", "--workers", "0", "--device", "cpu", "--project",
+                                  str(tmp_path / "runs"), "--name", "cli", "plots=False", "amp=False"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    last = tmp_path / "runs" / "cli" / "weights" / "last.pt"
+    assert f"last {last}" in result.output and "metrics/mAP50-95(B)" in result.output
+    assert _paths(load_yolo(last).model) == swapped
+    bad = runner.invoke(main, ["finetune", str(checkpoint), "--data", str(data), "epochs"])
+    assert bad.exit_code != 0 and "KEY=VALUE" in bad.stderr
