@@ -50,7 +50,7 @@ def classic_checkpoint(tmp_path_factory):
     Built with the real classic code (the PyPI ``yolov5`` package), BatchNorm calibrated like the
     Ultralytics test models; skipped, with the reason shown, where that package is not installed.
     """
-    from classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
+    from surgeon.classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
 
     from surgeon.zoo import calibrate_batchnorm
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from classic_factory import (
+from surgeon.classic_factory import (
     YOLOV5S_V3,
     build_classic_model,
     load_config,

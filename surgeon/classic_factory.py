@@ -1,4 +1,4 @@
-"""Classic YOLOv5 checkpoints for tests, built with the PyPI ``yolov5`` package.
+"""Classic YOLOv5 checkpoints for tests and benchmarks, built with the PyPI ``yolov5`` package (extra ``classic``).
 
 The package is github.com/ultralytics/yolov5 repackaged under ``yolov5.models``; users of the
 repository have checkpoints that pickle ``models.yolo.*`` and ``models.common.*``. This module
