@@ -15,7 +15,7 @@ from torch import nn
 
 from surgeon import __version__
 from surgeon.blocks import ConvBlock, LayerLayout, LayerTarget, find_blocks, run_model, sample_input
-from surgeon.errors import RuleError, SurgeryError
+from surgeon.errors import RuleError, SurgeonError, SurgeryError
 from surgeon.io import Loaded, load, save_checkpoint
 from surgeon.match import match_rules
 from surgeon.measure import Measurement, measure
@@ -52,9 +52,17 @@ class Inspection:
         }
 
 
+def _check_imgsz(model: nn.Module, imgsz: int) -> None:
+    stride = getattr(model, "stride", None)
+    stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 1
+    if not isinstance(imgsz, int) or imgsz < 1 or imgsz % stride:
+        raise SurgeonError(f"image size {imgsz} does not fit this model: use a positive multiple of its stride {stride}")
+
+
 def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640, trust: bool = False) -> Inspection:
     """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`."""
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
+    _check_imgsz(loaded.model, imgsz)
     traced = trace(loaded.model)
     totals = measure(loaded.model, imgsz)
     blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv)) for b in find_blocks(traced, totals.shapes)]

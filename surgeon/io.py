@@ -118,8 +118,16 @@ def _check_file(path: Path) -> None:
     # torch.save writes a zip archive; the legacy format starts with a pickle protocol opcode.
     if head[:2] != b"PK" and head[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
-    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint")
+    if head[:2] == b"PK":
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()  # torch does not check CRCs; overwritten bytes would load silently
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({error})") from None
+        if damaged is not None:
+            raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {damaged})")
 
 
 _UNSUPPORTED = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class|unsupported GLOBAL) ?([\w.]+)")
@@ -138,7 +146,14 @@ def _torch_load(path: Path, trust: bool):
                 f"{path}: refused to load class {found.group(1)}, which is not on the allow-list of checkpoint "
                 "classes; load it with --trust (trust=True) only if you trust where the file came from"
             ) from None
-        raise CheckpointError(f"{path}: corrupt checkpoint ({str(error).splitlines()[0]})") from None
+        text = str(error)
+        if "Only persistent_load of storage is allowed" in text:
+            raise CheckpointError(
+                f"{path}: written in torch's legacy (pre-1.6, non-zip) format with whole pickled modules, which "
+                "cannot be read safely; load it with --trust only if you trust where it came from") from None
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = detail.group(1) if detail else text.splitlines()[0]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
 
 
 def _load_file(path: Path, trust: bool):
@@ -195,10 +210,11 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
         fmt = "classic" if isinstance(model, ClassicDetectionModel) else "ultralytics"
         meta = {k: v for k, v in obj.items() if k not in ("model", "ema", "optimizer")}
         return Loaded(model.float().eval(), fmt, path, digest, meta)
-    state = obj.get("state_dict", obj)
+    state = obj.get("state_dict", obj.get("model", obj))
     if state and all(isinstance(v, torch.Tensor) for v in state.values()):
         if arch is None:
-            raise CheckpointError(f"{path}: holds a state dict but no model; pass the architecture (arch=...)")
+            raise CheckpointError(f"{path}: holds a state dict but no model; load it from Python with "
+                                  "surgeon.load(path, arch=...) naming the architecture")
         model = _resolve_arch(arch)
         try:
             model.load_state_dict(state)
