@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import io
@@ -16,7 +15,7 @@ from torch import nn
 from surgeon import __version__
 from surgeon.blocks import ConvBlock, LayerLayout, LayerTarget, find_blocks, run_model, sample_input
 from surgeon.errors import RuleError, SurgeonError, SurgeryError
-from surgeon.io import Loaded, load, save_checkpoint
+from surgeon.io import Loaded, checkpoint_dict, load, save_checkpoint
 from surgeon.match import match_rules
 from surgeon.measure import Measurement, measure
 from surgeon.modules import builtin_replacements
@@ -321,7 +320,7 @@ def _serialised_size(loaded: Loaded) -> int | None:
     if loaded.path is not None:
         return loaded.path.stat().st_size
     buffer = io.BytesIO()
-    torch.save({"model": copy.deepcopy(loaded.model).half()}, buffer)
+    torch.save(checkpoint_dict(loaded, loaded.model, {}), buffer)
     return buffer.tell()
 
 

@@ -155,6 +155,20 @@ class ClassicDetectionModel(nn.Module):
             y.append(x if m.i in self.save else None)
         return x
 
+    def fuse(self) -> ClassicDetectionModel:
+        """Fold each Conv block's BatchNorm into its convolution, as the classic model's ``fuse()`` does.
+
+        Uses Ultralytics' folding, so replacement ops that follow surgeon's op contract fold too.
+        """
+        from ultralytics.utils.torch_utils import fuse_conv_and_bn
+
+        for m in self.modules():
+            if isinstance(m, (Conv, DWConv)) and hasattr(m, "bn"):
+                m.conv = fuse_conv_and_bn(m.conv, m.bn)
+                delattr(m, "bn")
+                m.forward = m.forward_fuse
+        return self
+
 
 class ClassicContract(nn.Module):
     """``models.common.Contract``: moves ``gain`` x ``gain`` spatial blocks into channels."""

@@ -239,11 +239,10 @@ def atomic_path(target: Path):
         tmp_path.unlink(missing_ok=True)
 
 
-def save_checkpoint(loaded: Loaded, model: nn.Module, path: Path, recipe: dict) -> Path:
-    """Write `model` as an Ultralytics-format checkpoint (fp16 model, ema None) carrying `recipe`.
+def checkpoint_dict(loaded: Loaded, model: nn.Module, recipe: dict) -> dict:
+    """The Ultralytics-format checkpoint of `model` (fp16, ema None) with `loaded`'s metadata and `recipe`.
 
     Metadata of the source checkpoint (train args, names, ...) is kept; training state is not.
-    The file appears atomically: an interrupted write leaves no partial file.
     """
     from copy import deepcopy
 
@@ -260,6 +259,12 @@ def save_checkpoint(loaded: Loaded, model: nn.Module, path: Path, recipe: dict) 
         "version": checkpoint.get("version", ultralytics.__version__),
         "surgeon": recipe,
     })
+    return checkpoint
+
+
+def save_checkpoint(loaded: Loaded, model: nn.Module, path: Path, recipe: dict) -> Path:
+    """Write `checkpoint_dict(...)` to `path` atomically: an interrupted write leaves no partial file."""
+    checkpoint = checkpoint_dict(loaded, model, recipe)
     with atomic_path(Path(path)) as tmp:
         torch.save(checkpoint, tmp)
     return Path(path)
