@@ -193,9 +193,9 @@ def test_a_rewrite_that_fails_is_not_saved(y8, tmp_path):
     rule_obj = load_rule(rule, registry)
     import dataclasses
 
-    from surgeon.rules import Replace
+    from surgeon.rules import Action
 
-    broken = dataclasses.replace(rule_obj, replace=Replace("broken"))
+    broken = dataclasses.replace(rule_obj, action=Action("replace", "broken"))
     with pytest.raises(SurgeryError, match="fails on a test batch"):
         surgeon.apply(y8, [broken], registry=registry, imgsz=IMGSZ)
 

@@ -178,7 +178,7 @@ def test_overrides():
     with pytest.raises(RuleError, match="key=value"):
         parse_overrides(["experts"])
     rule = parse_rule(rule_data(), "inline", REGISTRY)
-    assert rule.with_args({"init": "random"}, REGISTRY).replace.kwargs == {"init": "random"}
+    assert rule.with_args({"init": "random"}, REGISTRY).action.kwargs == {"init": "random"}
     with pytest.raises(RuleError, match="no argument 'bogus'"):
         rule.with_args({"bogus": 1}, REGISTRY)
 
