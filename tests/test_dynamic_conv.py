@@ -84,6 +84,7 @@ def reference(op: MixtureConv2d, x: torch.Tensor, routing: torch.Tensor) -> torc
     outputs = []
     for b in range(x.shape[0]):
         kernel = sum(routing[b, k] * op.weight[:, k] for k in range(op.experts))
+        kernel = kernel.reshape(op.out_channels, op.in_channels // op.groups, *op.kernel_size)
         bias = op.bias
         if bias is not None and bias.dim() == 2:
             bias = sum(routing[b, k] * bias[k] for k in range(op.experts))
@@ -151,7 +152,7 @@ def test_upcycled_softmax_op_is_exact_at_any_temperature():
     conv = randomise(make_conv("3x3-bias"))
     op = randomise(dynamic_conv(conv))
     with torch.no_grad():
-        op.weight.copy_(conv.weight.unsqueeze(1).expand_as(op.weight))
+        op.weight.copy_(conv.weight.flatten(1, 2).unsqueeze(1).expand_as(op.weight))
         op.bias.copy_(conv.bias.expand_as(op.bias))
     x = torch.randn(3, conv.in_channels, 8, 8)
     for temperature in (30.0, 1.0, 0.1):
@@ -370,3 +371,14 @@ def test_yolov8n_detect_head_and_backbone_keep_their_outputs_and_fuse():
         blocks[0].conv.weight.mul_(1.01)
         moved = (_outputs(model, x)["boxes"] - expected["boxes"]).abs().max() / expected["boxes"].abs().max()
         assert moved > 1e-3
+
+
+def test_survives_channels_last_as_ultralytics_validator_does():
+    """AutoBackend moves models to channels_last, which only 4-d parameters accept."""
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    op = dynamic_conv(conv)
+    x = torch.rand(2, 16, 12, 12)
+    with torch.no_grad():
+        expected = op.eval()(x)
+        moved = copy.deepcopy(op).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(moved(x), expected)

@@ -32,7 +32,7 @@ import importlib
 from surgeon.registry import Registry
 
 # Each module lists (name, factory, description) tuples in its REPLACEMENTS and/or INSERTIONS.
-_BUILTIN_MODULES = ("plain_conv", "dw_conv", "ds_conv", "cot_attention")
+_BUILTIN_MODULES = ("plain_conv", "dw_conv", "ds_conv", "cot_attention", "dynamic_conv")
 
 
 def builtin_replacements() -> Registry:
