@@ -1,0 +1,89 @@
+"""The built-in rules on real models: what they select, function preservation, and training with them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgeon
+from surgeon.modules.dynamic_conv import CondConv2d, DynamicConv2d
+
+IMGSZ = 128
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        out = model.eval().predict(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _preserved(original, rewritten, tolerance):
+    x = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(3))
+    a, b = _outputs(original, x), _outputs(rewritten, x)
+    assert (a - b).abs().max() <= tolerance * a.abs().max(), float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.mark.parametrize("rule", ["dyn_head", "dyn_all"])
+@pytest.mark.parametrize("cfg", ["yolov5s.yaml", "yolov8n.yaml", "yolo11n.yaml"])
+def test_dynamic_rules_preserve_the_function(cfg, rule, checkpoint_factory):
+    source = checkpoint_factory(cfg)
+    result = surgeon.apply(source, rule, imgsz=IMGSZ)
+    ops = [m for m in result.model.modules() if isinstance(m, DynamicConv2d)]
+    assert len(ops) == len(result.report.changes) > 0
+    _preserved(surgeon.load(source).model, result.model, 1e-4)
+
+
+def test_condconv_head_preserves_the_function_and_fuses(checkpoint_factory):
+    source = checkpoint_factory("yolov8n.yaml")
+    result = surgeon.apply(source, "condconv_head", imgsz=IMGSZ)
+    assert all(isinstance(result.model.get_submodule(c.path), CondConv2d) for c in result.report.changes)
+    _preserved(surgeon.load(source).model, result.model, 1e-4)
+    # Ultralytics folds BatchNorm into the experts; the fused rewritten model still matches the fused original.
+    _preserved(surgeon.load(source).model.fuse(verbose=False), result.model.fuse(verbose=False), 1e-4)
+
+
+@pytest.mark.parametrize("rule", ["dyn_head", "dyn_all"])
+def test_dynamic_rules_preserve_a_classic_model(rule, classic_checkpoint):
+    result = surgeon.apply(classic_checkpoint, rule, imgsz=IMGSZ)
+    assert result.report.changes
+    _preserved(surgeon.load(classic_checkpoint).model, result.model, 1e-4)
+
+
+def test_dyn_head_selects_the_1x1_conv_blocks_after_the_backbone(checkpoint_factory):
+    source = checkpoint_factory("yolov8n.yaml")
+    blocks = surgeon.inspect(source, imgsz=IMGSZ).blocks
+    expected = {b.conv for b in blocks if b.region in ("neck", "head") and b.kernel == (1, 1) and b.type == "Conv"}
+    result = surgeon.apply(source, "dyn_head", imgsz=IMGSZ)
+    assert {c.path for c in result.report.changes} == expected
+
+
+@pytest.mark.parametrize(("rule", "bound"), [("ds8_head", 5e-2), ("dw_backbone", None), ("dwsep_all", None),
+                                             ("ds4_all", None), ("dyn_neck3x3", 1e-4)])
+def test_other_rules_apply_and_report_their_error(rule, bound, checkpoint_factory):
+    result = surgeon.apply(checkpoint_factory("yolov8n.yaml"), rule, imgsz=IMGSZ)
+    assert result.report.changes
+    assert all(c.init_error is not None and c.init_error >= 0 for c in result.report.changes)
+    if bound is not None:
+        assert result.report.output_check["max_rel"] <= bound
+
+
+@pytest.mark.slow
+def test_dyn_head_fine_tunes_with_annealing_and_reloads(checkpoint_factory, tmp_path, monkeypatch):
+    from ultralytics import YOLO
+
+    from surgeon.data import make_dataset
+    from surgeon.finetune import TemperatureSchedule, finetune
+
+    monkeypatch.chdir(tmp_path)
+    data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=64)
+    out = surgeon.apply(checkpoint_factory("yolov8n.yaml"), "dyn_head", imgsz=64).save(tmp_path / "dyn.pt")
+    result = finetune(out, data, temperature=TemperatureSchedule(start=30.0, end=1.0, epochs=1), epochs=2, imgsz=64,
+                      batch=4, workers=0, device="cpu", plots=False, amp=False, project=str(tmp_path / "runs"),
+                      name="dyn")
+    assert result.temperatures == {0: 30.0, 1: 1.0}  # annealed per epoch
+    trained = YOLO(str(result.last))
+    ops = [m for m in trained.model.modules() if isinstance(m, DynamicConv2d)]
+    assert ops and {m.temperature for m in ops} == {1.0}
+    metrics = trained.val(data=str(data), imgsz=64, batch=4, workers=0, device="cpu", plots=False,
+                          project=str(tmp_path / "runs"), name="val")
+    assert 0.0 <= metrics.box.map <= 1.0
