@@ -20,6 +20,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The test inputs are small: intra-op threads gain little on them, and on a shared 2-core machine they
+    # wait on each other (measured 5-30x slower). Benchmarks keep torch's default.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_ultralytics(cfg: str):
     """An Ultralytics model from one of the package's own configs, BatchNorm calibrated (see surgeon.zoo), eval mode."""
     from surgeon.zoo import build
@@ -51,7 +61,6 @@ def classic_checkpoint(tmp_path_factory):
     Ultralytics test models; skipped, with the reason shown, where that package is not installed.
     """
     from surgeon.classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
-
     from surgeon.zoo import calibrate_batchnorm
 
     with undo_yolov5_import():

@@ -14,16 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from surgeon.classic_factory import (
-    YOLOV5S_V3,
-    build_classic_model,
-    load_config,
-    make_classic_checkpoint,
-    read_data_pkl,
-    save_classic,
-    undo_yolov5_import,
-    write_classic_checkpoint,
-)
 from torch import fx, nn
 from ultralytics.nn.modules import Conv
 
@@ -35,6 +25,16 @@ from surgeon.classic import (
     load_classic,
     pickled_globals,
     torch_safe_globals,
+)
+from surgeon.classic_factory import (
+    YOLOV5S_V3,
+    build_classic_model,
+    load_config,
+    make_classic_checkpoint,
+    read_data_pkl,
+    save_classic,
+    undo_yolov5_import,
+    write_classic_checkpoint,
 )
 from surgeon.errors import CheckpointError, UnsafeCheckpointError
 

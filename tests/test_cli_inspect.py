@@ -21,15 +21,6 @@ from surgeon.errors import CheckpointError
 IMGSZ = "128"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small inputs gain nothing from intra-op threads, and on a shared 2-core machine they spin: up to 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runner():
     try:

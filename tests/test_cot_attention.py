@@ -15,15 +15,6 @@ from surgeon.modules.cot_attention import INSERTIONS, CoTAttention, ZeroGate, co
 from surgeon.registry import Registry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensor ops on a busy 2-core machine: extra intra-op threads only wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_cot(module: CoTAttention, x: torch.Tensor) -> torch.Tensor:
     """The External-Attention-pytorch forward, written with explicit shapes, on `module`'s layers."""
     b, c, h, w = x.shape

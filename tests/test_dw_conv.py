@@ -27,16 +27,6 @@ from surgeon.modules.dw_conv import DepthwiseSeparableConv2d, GroupedConv2d, dwc
 YOLO_LAYERS = ["model.0", "model.1", "model.3", "model.22.cv3.0.1", "model.7"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small tensor ops: on a busy 2-core machine extra intra-op threads only wait on each other
-    # (measured 5-10x slower), so this file runs single-threaded and restores the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def yolov8n():
     from ultralytics import YOLO

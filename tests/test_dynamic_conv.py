@@ -25,16 +25,6 @@ from surgeon.modules.dynamic_conv import (
     spatial_mean,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: OpenMP hand-offs, not arithmetic, would dominate (badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FACTORIES = {"dynamic_conv": dynamic_conv, "condconv": condconv}
 
 # id: (in, out, kernel, stride, padding, dilation, groups, bias)

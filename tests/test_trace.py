@@ -24,15 +24,6 @@ OPAQUE_TYPES = (Detect, RTDETRDecoder, AIFI)
 CHUNKING_TYPES = ("C2f", "C3k2", "C2fCIB", "ELAN1", "RepNCSPELAN4", "A2C2f")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small inputs gain nothing from intra-op threads, and on a shared 2-core machine they spin: up to 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def traced_cache():
     """get(cfg) -> (eval-mode model, its trace), built once per module; tests must not change either."""
