@@ -16,7 +16,8 @@ def offline_ultralytics() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     os.environ.setdefault("YOLO_VERBOSE", "False")
-    config_dir = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "surgeon-ultralytics")))
+    default_dir = Path(tempfile.gettempdir()) / "surgeon-ultralytics"
+    config_dir = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(default_dir)))
     font = config_dir / "Ultralytics" / "Arial.ttf"
     if not font.exists():
         # Training plots ask for Arial.ttf and download it when missing; any TTF will do.

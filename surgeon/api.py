@@ -55,10 +55,12 @@ def _check_imgsz(model: nn.Module, imgsz: int) -> None:
     stride = getattr(model, "stride", None)
     stride = int(stride.max()) if isinstance(stride, torch.Tensor) and stride.numel() else 1
     if not isinstance(imgsz, int) or imgsz < 1 or imgsz % stride:
-        raise SurgeonError(f"image size {imgsz} does not fit this model: use a positive multiple of its stride {stride}")
+        raise SurgeonError(f"image size {imgsz} does not fit this model: use a positive multiple of its stride "
+                           f"{stride}")
 
 
-def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640, trust: bool = False) -> Inspection:
+def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640,
+                  trust: bool = False) -> Inspection:
     """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`."""
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
     _check_imgsz(loaded.model, imgsz)
@@ -119,7 +121,8 @@ def _resolved_rule(rule: Rule, registry: Registry | None = None) -> dict:
 
 def resolve_rules(rules, overrides: dict | list | tuple | None, registry: Registry) -> list[Rule]:
     """Rule names, paths or Rule objects -> Rules with `--set` style overrides applied."""
-    resolved = [r if isinstance(r, Rule) else load_rule(r, registry) for r in ([rules] if isinstance(rules, (str, Path, Rule)) else rules)]
+    given = [rules] if isinstance(rules, (str, Path, Rule)) else list(rules)
+    resolved = [r if isinstance(r, Rule) else load_rule(r, registry) for r in given]
     if not resolved:
         raise RuleError("no rule given (see `surgeon rules` for the built-in ones)")
     by_rule = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else {None: dict(overrides or {})}

@@ -299,7 +299,8 @@ def find_blocks(traced: Traced, shapes: dict[str, tuple] | None = None) -> list[
         act = act_node.target if act_node is not None and act_node.op == "call_module" else None
         act_type = None
         if act_node is not None:
-            act_type = type(modules[act]).__name__ if act else getattr(act_node.target, "__name__", str(act_node.target))
+            target = act_node.target
+            act_type = type(modules[act]).__name__ if act else getattr(target, "__name__", str(target))
         raw.append((conv, norm, act, act_type, "graph"))
     for leaf in traced.leaves:
         for conv, norm, act in _leaf_chains(model, leaf):

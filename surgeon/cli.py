@@ -149,7 +149,8 @@ def rules_cmd(ctx):
     for column in ("name", "arguments", "description"):
         replacements.add_column(column)
     for entry in registry:
-        replacements.add_row(entry.name, ", ".join(f"{k}={v!r}" for k, v in entry.defaults().items()), entry.description)
+        defaults = ", ".join(f"{k}={v!r}" for k, v in entry.defaults().items())
+        replacements.add_row(entry.name, defaults, entry.description)
     _console().print(replacements)
 
 

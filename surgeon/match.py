@@ -75,5 +75,6 @@ def match_rules(blocks: list[ConvBlock], rules: list[Rule], *, layers: list[Laye
                     continue
             chosen[match.key] = match
     order = {b.conv: i for i, b in enumerate(blocks)}
-    order.update({f"{p} {t.path}": len(order) + 2 * t.layer + (p == "after") for t in layers for p in ("before", "after")})
+    base = len(order)
+    order.update({f"{p} {t.path}": base + 2 * t.layer + (p == "after") for t in layers for p in ("before", "after")})
     return sorted(chosen.values(), key=lambda m: order.get(m.key, len(order)))

@@ -26,7 +26,8 @@ def inspection_table(inspection) -> Table:
     table = Table(title=f"{inspection.loaded.name} ({type(inspection.loaded.model).__name__}): Conv blocks",
                   caption=_totals_line(inspection), caption_justify="left")
     for column in ("#", "path", "region", "layer", "type", "act", "in", "out", "kernel", "params", "MFLOPs"):
-        table.add_column(column, justify="right" if column in ("#", "layer", "in", "out", "params", "MFLOPs") else "left")
+        numeric = column in ("#", "layer", "in", "out", "params", "MFLOPs")
+        table.add_column(column, justify="right" if numeric else "left")
     for i, b in enumerate(inspection.blocks):
         table.add_row(
             str(i), b.path, b.region or "-", "-" if b.layer is None else str(b.layer), b.type, b.act_type or "-",

@@ -18,7 +18,8 @@ from torch import nn
 from surgeon._env import offline_ultralytics
 
 
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, seed: int = 0, randomise_affine: bool = True) -> None:
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, seed: int = 0,
+                        randomise_affine: bool = True) -> None:
     """Set every BatchNorm's running statistics to those of `model`'s activations on `images`.
 
     Args:

@@ -138,7 +138,8 @@ def test_cli_apply_dry_run_reports_and_outputs(y8, tmp_path):
     assert "dry run" in dry.output and not out.exists()
 
     reports = [tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.svg"]
-    done = run("apply", y8, "--rule", "plain_head", "-o", out, "--imgsz", IMGSZ, *sum((["--report", r] for r in reports), []))
+    report_args = [arg for r in reports for arg in ("--report", r)]
+    done = run("apply", y8, "--rule", "plain_head", "-o", out, "--imgsz", IMGSZ, *report_args)
     assert done.exit_code == 0, done.output + done.stderr
     assert out.exists() and sha(y8) == digest
     data = json.loads(reports[1].read_text())

@@ -47,7 +47,8 @@ def test_cot_neck_on_ultralytics_models(cfg, checkpoint_factory):
     assert _head_inputs(model)[0] == _head_inputs(original)[0]
     # Layer indices are consecutive and every saved output is one somebody reads.
     assert [m.i for m in model.model] == list(range(len(model.model)))
-    refs = {(m.i + f) if f < 0 else f for m in model.model for f in (m.f if isinstance(m.f, list) else [m.f]) if f != -1}
+    refs = {(m.i + f) if f < 0 else f
+            for m in model.model for f in (m.f if isinstance(m.f, list) else [m.f]) if f != -1}
     assert sorted(refs) == model.save
     _assert_identity(original, model)
 
@@ -67,7 +68,8 @@ def test_plain_init_changes_the_function(checkpoint_factory):
 def test_insert_before_a_single_input_layer(checkpoint_factory):
     source = checkpoint_factory("yolov8n.yaml")
     original = surgeon.load(source).model
-    rule = parse_rule({"name": "b", "select": {"layers": 1}, "insert": {"module": "cot_attention", "position": "before"}},
+    rule = parse_rule({"name": "b", "select": {"layers": 1},
+                       "insert": {"module": "cot_attention", "position": "before"}},
                       "inline", builtin_replacements())
     result = surgeon.apply(source, [rule], imgsz=IMGSZ)
     model = result.model
@@ -112,7 +114,8 @@ def test_insert_rules_refuse_convolution_fields():
         parse_rule({"name": "f", "select": {"feeds": "P3"}, "replace": {"with": "plain_conv"}}, "x.yaml",
                    builtin_replacements())
     with pytest.raises(RuleError, match="exactly one"):
-        parse_rule({"name": "f", "select": {}, "replace": {"with": "plain_conv"}, "insert": {"module": "cot_attention"}},
+        parse_rule({"name": "f", "select": {}, "replace": {"with": "plain_conv"},
+                    "insert": {"module": "cot_attention"}},
                    "x.yaml", builtin_replacements())
 
 
