@@ -239,3 +239,22 @@ def dataset_cmd(root: Path, n_train: int, n_val: int, imgsz: int, n_classes: int
 
     path = make_dataset(root, n_train=n_train, n_val=n_val, imgsz=imgsz, n_classes=n_classes, seed=seed)
     click.echo(f"wrote {path}")
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Ultralytics export format.")
+@click.option("--imgsz", default=640, show_default=True, help="Export image size.")
+@click.option("--batch", default=1, show_default=True, help="Export batch size (DynamicConv records its path for it).")
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
+    """Export a rewritten CHECKPOINT with Ultralytics' exporter (DSConv layers are folded into plain convolutions)."""
+    from surgeon.finetune import load_yolo
+    from surgeon.modules.ds_conv import DSConv2d
+    from surgeon.rewrite import fold_modules
+
+    yolo = load_yolo(checkpoint, trust=trust)
+    folded = fold_modules(yolo.model, (DSConv2d,))
+    if folded:
+        click.echo(f"folded {folded} DSConv layers into plain convolutions")
+    click.echo(f"wrote {yolo.export(format=fmt, imgsz=imgsz, batch=batch)}")

@@ -207,3 +207,11 @@ def _final_paths(model: nn.Module, placed: list[tuple[nn.Module, Inserted]]) -> 
     index = {id(m): i for i, m in enumerate(model.model)}
     records = [dataclasses.replace(record, path=f"model.{index[id(module)]}") for module, record in placed]
     return sorted(records, key=lambda r: int(r.path.split(".")[1]))
+
+
+def fold_modules(model: nn.Module, types: tuple[type, ...]) -> int:
+    """Replace, in place, every module of `types` by its ``fold()`` (an ordinary convolution); returns how many."""
+    targets = [name for name, m in model.named_modules() if isinstance(m, types) and hasattr(m, "fold")]
+    for name in targets:
+        _set_submodule(model, name, model.get_submodule(name).fold())
+    return len(targets)

@@ -1,0 +1,36 @@
+"""surgeon export: rewritten models through Ultralytics' ONNX exporter, checked in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgeon
+from surgeon.cli import main
+from surgeon.finetune import load_yolo
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the `test` extra")
+pytest.importorskip("onnx", reason="onnx is in the `test` extra")
+
+IMGSZ = 96
+
+
+@pytest.mark.parametrize("rule", ["dyn_head", "ds8_head", "cot_neck"])
+def test_export_onnx_matches_pytorch(rule, checkpoint_factory, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = surgeon.apply(checkpoint_factory("yolov8n.yaml"), rule, imgsz=IMGSZ).save(tmp_path / f"{rule}.pt")
+    result = CliRunner().invoke(main, ["export", str(out), "--imgsz", str(IMGSZ)])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    onnx_path = tmp_path / f"{rule}.onnx"
+    assert onnx_path.exists()
+    assert ("folded" in result.output) == (rule == "ds8_head")
+
+    session = ort.InferenceSession(str(onnx_path))
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    exported = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    model = load_yolo(out).model.fuse(verbose=False).eval()
+    with torch.no_grad():
+        reference = model.predict(x)[0].numpy()
+    assert np.abs(exported - reference).max() <= 1e-4 * np.abs(reference).max()
