@@ -175,8 +175,7 @@ def to_markdown(report: Report) -> str:
     lines = [f"# surgeon report: {report.before} -> {report.after}", ""]
     if report.rules:
         lines += ["## Rules", ""]
-        lines += [f"- `{r['name']}`: {r['description']} (replace with `{r['replace']['with']}`, "
-                  f"args {json.dumps(r['replace']['args'], sort_keys=True)})" for r in report.rules]
+        lines += [f"- `{r['name']}`: {r['description']} ({_action_text(r)})" for r in report.rules]
         lines.append("")
     lines += ["## Totals", "", "| | before | after | delta |", "|---|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in _totals_rows(report)]
@@ -185,6 +184,14 @@ def to_markdown(report: Report) -> str:
     lines += ["| " + " | ".join(_CHANGE_COLUMNS) + " |", "|" + "---|" * len(_CHANGE_COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _change_rows(report)]
     return "\n".join(lines) + "\n"
+
+
+def _action_text(rule: dict) -> str:
+    if "replace" in rule:
+        action, verb = rule["replace"], f"replace with `{rule['replace']['with']}`"
+    else:
+        action, verb = rule["insert"], f"insert `{rule['insert']['module']}` {rule['insert']['position']} layers"
+    return f"{verb}, args {json.dumps(action['args'], sort_keys=True)}"
 
 
 def to_svg(report: Report) -> str:

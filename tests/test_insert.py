@@ -167,3 +167,12 @@ def test_cot_neck_on_a_classic_checkpoint(classic_checkpoint, tmp_path):
     again = surgeon.load(out)
     assert again.format == "classic"
     assert sum(isinstance(m, ZeroGate) for m in again.model.model) == 2
+
+
+def test_reports_of_mixed_rules_render_in_every_format(checkpoint_factory, tmp_path):
+    result = surgeon.apply(checkpoint_factory("yolov8n.yaml"), ["plain_head", "cot_neck"], imgsz=IMGSZ)
+    for suffix in (".md", ".json", ".svg"):
+        result.report.write(tmp_path / f"r{suffix}")
+    markdown = (tmp_path / "r.md").read_text()
+    assert "insert `cot_attention` after layers" in markdown and "replace with `plain_conv`" in markdown
+    assert markdown.count("| added |") == 2
