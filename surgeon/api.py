@@ -101,13 +101,18 @@ class ApplyResult:
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write an Ultralytics-format checkpoint atomically; never the input, never over a file without `force`."""
         path = Path(path)
-        if self.loaded.path is not None and path.resolve() == self.loaded.path.resolve():
-            raise SurgeryError(f"{path}: refusing to overwrite the input checkpoint; choose another output with -o")
-        if path.exists() and not force:
-            raise SurgeryError(f"{path}: already exists (use --force to overwrite)")
-        if path.is_dir():
-            raise SurgeryError(f"{path}: is a directory")
+        check_output(path, self.loaded.path, force=force)
         return save_checkpoint(self.loaded, self.model, path, self.recipe())
+
+
+def check_output(path: Path, source: Path | None, *, force: bool = False) -> None:
+    """Refuse an output path that is the input, a directory, or an existing file (without `force`)."""
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise SurgeryError(f"{path}: refusing to overwrite the input checkpoint; choose another output with -o")
+    if path.is_dir():
+        raise SurgeryError(f"{path}: is a directory")
+    if path.exists() and not force:
+        raise SurgeryError(f"{path}: already exists (use --force to overwrite)")
 
 
 def _resolved_rule(rule: Rule, registry: Registry | None = None) -> dict:

@@ -84,17 +84,13 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
-    from surgeon.api import apply
+    from surgeon.api import apply, check_output
     from surgeon.errors import SurgeryError
     from surgeon.report import to_terminal
 
     output = output or _default_output(model, rules)
     if not dry_run:
-        # Fail before the (slow) surgery when the output cannot be written anyway.
-        if output.exists() and output.resolve() == model.resolve():
-            raise SurgeryError(f"{output}: refusing to overwrite the input checkpoint; choose another output with -o")
-        if output.exists() and not force:
-            raise SurgeryError(f"{output}: already exists (use --force to overwrite)")
+        check_output(output, model, force=force)  # fail before the (slow) surgery, not after it
     for report_path in reports:
         if Path(report_path).suffix.lower() not in (".md", ".json", ".svg"):
             raise SurgeryError(f"{report_path}: report format must be .md, .json or .svg")
