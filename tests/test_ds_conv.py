@@ -123,6 +123,39 @@ def test_kernel_shift_bias_fits_each_block_mean():
     assert_close(residual.mean(1), torch.zeros(8, 3, 3), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kernel_shift_bias", [False, True])
+def test_an_adamw_step_moves_the_kernel_by_a_fraction_of_itself(kernel_shift_bias):
+    # Trained kernels have block scales around 1e-3; Adam-type optimisers move each parameter by about the
+    # learning rate per step, which the relative parametrisation turns into a relative move.
+    conv = make_conv(64, 32)
+    with torch.no_grad():
+        conv.weight.mul_(1e-3 / conv.weight.abs().mean())
+    op = dsconv(conv, bits=8, kernel_shift_bias=kernel_shift_bias).train()
+    # Every output channel's shifts have a root mean square of 1 in their unit.
+    assert_close(op.kernel_scale.square().mean((1, 2, 3)).sqrt(), torch.ones(32))
+    before = op.kernel().detach()
+    optimiser = torch.optim.AdamW(op.parameters(), lr=1.4e-3)  # Ultralytics' auto optimiser on small data
+    op(torch.randn(2, 64, 8, 8)).square().mean().backward()
+    optimiser.step()
+    change = relative_error(op.kernel().detach(), before)
+    assert 0 < change < 1e-2
+
+
+def test_random_init_quantises_a_fresh_kernel():
+    conv = make_conv(40, 24, bias=True)
+    op = dsconv(conv, bits=4, init="random", seed=3)
+    again = dsconv(conv, bits=4, init="random", seed=3)
+    assert op.init_error is None
+    assert torch.equal(op.vqk, again.vqk) and torch.equal(op.kernel(), again.kernel())
+    assert relative_error(op.kernel(), conv.weight) > 0.5
+    assert not op.bias.any()
+    fresh = nn.Conv2d(40, 24, 3, padding=1)
+    # The scale of PyTorch's default initialisation, quantised.
+    assert op.kernel().std().item() == pytest.approx(fresh.weight.std().item(), rel=0.1)
+    with pytest.raises(ValueError, match="init"):
+        dsconv(conv, init="svd")
+
+
 GEOMETRIES = {
     "3x3": dict(c_in=40, c_out=24),
     "stride2-bias": dict(c_in=16, c_out=24, stride=2, bias=True),
@@ -284,4 +317,4 @@ def test_dsconv_rejects_bad_arguments(kwargs, message):
 def test_registered_as_builtin():
     entry = builtin_replacements().get("dsconv")
     assert entry.factory is dsconv
-    assert entry.defaults() == {"bits": 4, "block_size": 32, "kernel_shift_bias": False}
+    assert entry.defaults() == {"bits": 4, "block_size": 32, "kernel_shift_bias": False, "init": "fit", "seed": 0}

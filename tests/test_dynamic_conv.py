@@ -22,6 +22,7 @@ from surgeon.modules.dynamic_conv import (
     anneal_temperature,
     condconv,
     dynamic_conv,
+    pooled_linear,
     spatial_mean,
 )
 
@@ -372,3 +373,12 @@ def test_survives_channels_last_as_ultralytics_validator_does():
         expected = op.eval()(x)
         moved = copy.deepcopy(op).to(memory_format=torch.channels_last)
         torch.testing.assert_close(moved(x), expected)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_pooled_linear_is_linear_of_the_mean(grad):
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 3)
+    x = torch.randn(2, 6, 5, 7, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(pooled_linear(x, linear), linear(x.mean((2, 3))))

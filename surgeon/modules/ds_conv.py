@@ -23,14 +23,20 @@ from surgeon.init.quantise import dequantise, integer_range, pack_nibbles, quant
 
 
 class DSConv2d(nn.Module):
-    """A convolution whose kernel is ``weight[o] * (kernel_scale * VQK + kernel_bias)``, blockwise.
+    """A convolution whose kernel is ``weight[o] * kernel_unit * (kernel_scale * VQK + kernel_bias)``, blockwise.
 
     Parameters (trained by autograd): ``weight`` ``(out, 1, 1, 1)``, the Channel Distribution Shift
     scale; ``kernel_scale`` and optional ``kernel_bias`` ``(out, ceil((in / groups) / block_size), kh,
-    kw)``, the Kernel Distribution Shift; ``bias`` ``(out,)`` or None. The VQK is the buffer ``vqk``:
-    int8 of the kernel's shape for more than 4 bits, otherwise uint8 with two values per byte. Buffers
-    get no gradients, so the integers stay as initialised. Because ``weight`` scales output channel
-    ``o`` linearly, a following BatchNorm folds into ``weight`` and ``bias``. The paper's per-channel
+    kw)``, the Kernel Distribution Shift; ``bias`` ``(out,)`` or None. The Kernel Distribution Shift
+    is stored in units of the buffer ``kernel_unit`` ``(out, 1, 1, 1)``, the root mean square of each
+    output channel's fitted scales, so its values are of order 1. The absolute scales of a trained
+    kernel are ~1e-3 or smaller, and an optimiser that moves every parameter by about its learning
+    rate per step (Adam, AdamW, the Ultralytics default) would wipe out such a fit in a few steps; in
+    units of order 1 a step moves a block by a fraction of its size, as it does a BatchNorm scale.
+    The VQK is the buffer ``vqk``: int8 of the kernel's shape for more than 4 bits, otherwise uint8
+    with two values per byte. Buffers get no gradients, so the integers and the units stay as
+    initialised. Because ``weight`` scales output channel ``o`` linearly, a following BatchNorm folds
+    into ``weight`` and ``bias``. The paper's per-channel
     shift bias is ``bias``; it exists only when the original convolution had one, since in a Conv
     block the BatchNorm's bias plays that part (and becomes ``bias`` when the two are fused).
 
@@ -83,6 +89,7 @@ class DSConv2d(nn.Module):
             self.register_buffer("vqk", torch.zeros(self.kernel_shape, dtype=torch.int8))
         shift_shape = (out_channels, math.ceil(self.kernel_shape[1] / block_size), *self.kernel_size)
         self.weight = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
+        self.register_buffer("kernel_unit", torch.ones(out_channels, 1, 1, 1))
         self.kernel_scale = nn.Parameter(torch.zeros(shift_shape))
         # Absent parameters are registered as None: BatchNorm folding assigns ``bias`` to an existing slot.
         self.register_parameter("kernel_bias", nn.Parameter(torch.zeros(shift_shape)) if kernel_shift_bias else None)
@@ -112,9 +119,10 @@ class DSConv2d(nn.Module):
 
     def kernel(self) -> Tensor:
         """The kernel this op convolves with, differentiable in the shifts."""
-        # weight * (alpha * Q + beta) with the channel scale applied to the small shift tensors first.
-        bias = None if self.kernel_bias is None else self.weight * self.kernel_bias
-        return dequantise(self.integers(), self.weight * self.kernel_scale, bias, self.block_size)
+        # weight * unit * (scale * Q + bias) with the channel scale applied to the small shift tensors first.
+        unit = self.weight * self.kernel_unit
+        bias = None if self.kernel_bias is None else unit * self.kernel_bias
+        return dequantise(self.integers(), unit * self.kernel_scale, bias, self.block_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve with the current kernel, so gradients flow into the shifts."""
@@ -150,34 +158,61 @@ class DSConv2d(nn.Module):
         return text + f", bits={self.bits}, block_size={self.block_size}"
 
 
-def dsconv(conv: nn.Conv2d, bits: int = 4, block_size: int = 32, kernel_shift_bias: bool = False) -> DSConv2d:
+_INITS = ("fit", "random")
+
+
+def dsconv(
+    conv: nn.Conv2d,
+    bits: int = 4,
+    block_size: int = 32,
+    kernel_shift_bias: bool = False,
+    init: str = "fit",
+    seed: int = 0,
+) -> DSConv2d:
     """Replace `conv` by a DSConv fitted to its kernel.
 
     Per block of `block_size` input channels (for every output channel and kernel position) the
     weights are scaled to the integer range and rounded, and the block's scale is fitted by least
     squares, ``alpha = <w, q> / <q, q>``; a few clipped scales and alternating refits are tried on top
-    and the best kept (see `surgeon.init.quantise.fit_blocks`). The Channel Distribution Shift starts
-    at 1 and the bias is the original's.
+    and the best kept (see `surgeon.init.quantise.fit_blocks`). The fitted shifts are stored in units
+    of ``kernel_unit`` (see `DSConv2d`). The Channel Distribution Shift starts at 1 and the bias is the
+    original's.
 
     Args:
         conv: The trained convolution (any groups; blocks run over each group's input channels).
         bits: Width of the VQK integers, 2 to 8.
         block_size: Input channels sharing one Kernel Distribution Shift.
         kernel_shift_bias: Also give every block a bias (``w ~ alpha * q + beta``).
+        init: ``fit`` quantises the trained kernel; ``random`` quantises a kernel drawn with PyTorch's
+            default convolution initialisation instead (and zeroes the bias), the from-scratch baseline.
+        seed: Seed of ``init="random"``.
+
+    Raises:
+        ValueError: For `bits` outside 2..8, a non-positive `block_size` or an unknown `init`.
     """
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, not {init!r}")
     op = DSConv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
         conv.groups, conv.bias is not None, conv.padding_mode, bits, block_size, kernel_shift_bias,
     ).to(conv.weight)
-    fit = quantise_kernel(conv.weight.detach(), bits, block_size, kernel_shift_bias)
+    kernel = conv.weight.detach()
+    if init == "random":
+        kernel = torch.empty_like(kernel)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))  # nn.Conv2d's default
+    fit = quantise_kernel(kernel, bits, block_size, kernel_shift_bias)
     op.set_integers(fit.integers)
     with torch.no_grad():
-        op.kernel_scale.copy_(fit.scale)
+        unit = fit.scale.square().mean((1, 2, 3), keepdim=True).sqrt()
+        op.kernel_unit.copy_(torch.where(unit > 0, unit, 1.0))  # an all-zero channel keeps unit 1
+        op.kernel_scale.copy_(fit.scale / op.kernel_unit)
         if fit.bias is not None:
-            op.kernel_bias.copy_(fit.bias)
-        if conv.bias is not None:
+            op.kernel_bias.copy_(fit.bias / op.kernel_unit)
+        if conv.bias is not None and init == "fit":
             op.bias.copy_(conv.bias)
-        op.init_error = relative_error(op.kernel(), conv.weight)
+        op.init_error = relative_error(op.kernel(), conv.weight) if init == "fit" else None
     return op
 
 
