@@ -7,7 +7,7 @@ kernel, depthwise-separable pairs by SVD, DSConv by quantising the kernel) and w
 initialised at random (``init=random``, the original papers' way; the block's trained BatchNorm is kept). Both
 are validated as they are (step 0) and after fine-tuning for the same number of epochs with the same
 settings, and the table shows mAP50-95 of the baseline, at step 0 and after fine-tuning, with wall times.
-A replacement without a random initialisation (DSConv) gets its error in the random row instead of numbers.
+DSConv's random row quantises a freshly initialised kernel (only the shifts train, the integers stay).
 A control row (rule ``none``) fine-tunes the baseline itself the same way, without surgery, so a gain over
 the baseline that is only the extra epochs is not read as recovery.
 

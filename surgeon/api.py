@@ -84,6 +84,7 @@ class ApplyResult:
     replaced: list[Replaced | Inserted]
     report: Report
     imgsz: int
+    calibration: dict | None = None
 
     def recipe(self) -> dict:
         """How to reproduce this model: rules with resolved arguments, tool version, source hash."""
@@ -96,6 +97,7 @@ class ApplyResult:
             "inserted": [{"path": r.path, "after" if r.position == "after" else "before": r.target}
                          for r in self.replaced if isinstance(r, Inserted)],
             "imgsz": self.imgsz,
+            "calibration": self.calibration,
         }
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -173,7 +175,8 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
 
 def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,
           imgsz: int = 640, check_imgsz: int | None = None, overlap: str = "error", trust: bool = False,
-          registry: Registry | None = None, **set_args) -> ApplyResult:
+          registry: Registry | None = None, calibrate: int = 0, calibrate_imgsz: int = 320,
+          **set_args) -> ApplyResult:
     """Rewrite a model with one or more rules.
 
     Args:
@@ -185,6 +188,9 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
         overlap: Two rules selecting one block: ``error``, or the ``first``/``last`` rule wins.
         trust: Allow classes outside the checkpoint allow-list.
         registry: Replacement registry (default: the built-ins).
+        calibrate: Refit the replacements that can be refitted (``dwsep``) on this many generated images, layer by
+            layer towards the original's activations (`surgeon.calibrate`); 0 (the default) keeps the data-free init.
+        calibrate_imgsz: Image size of the calibration images.
         **set_args: More overrides for every rule, as keyword arguments.
 
     Raises:
@@ -200,11 +206,29 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     matches = match_rules(before.blocks, resolved, layers=before.layers, model_name=str(loaded.path or loaded.name),
                           overlap=overlap)
     model, replaced = rewrite(loaded.model, matches, registry, before.totals.layer_shapes)
+    calibration = None
+    if calibrate:
+        replaced, calibration = _calibrate(loaded.model, model, replaced, calibrate, calibrate_imgsz)
     check = output_check(loaded.model, model, check_imgsz or imgsz)
     after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz)
     report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
     report.after = f"{loaded.name} + {' + '.join(r.name for r in resolved)}"
-    return ApplyResult(loaded, resolved, model, replaced, report, imgsz)
+    return ApplyResult(loaded, resolved, model, replaced, report, imgsz, calibration)
+
+
+def _calibrate(original: nn.Module, model: nn.Module, replaced: list, images: int, imgsz: int) -> tuple[list, dict]:
+    """Refit `model`'s refittable replacements on generated images; records get the refitted kernels' errors."""
+    from surgeon.calibrate import refine, refittable
+    from surgeon.data import image_batch
+
+    if images < 0:
+        raise RuleError(f"calibrate must be a number of images, not {images}")
+    if not refittable(model, replaced):
+        raise RuleError("calibrate refits dwsep replacements only, and these rules make none")
+    errors = refine(original, model, replaced, image_batch(imgsz, images))
+    updated = [dataclasses.replace(r, init_error=getattr(model.get_submodule(r.conv), "init_error", None))
+               if isinstance(r, Replaced) and r.conv in errors else r for r in replaced]
+    return updated, {"images": images, "imgsz": imgsz, "output_errors": errors}
 
 
 # --- diff ---------------------------------------------------------------------------------------

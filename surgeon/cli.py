@@ -82,7 +82,12 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
               help="When two rules select one block: fail, or let the first/last rule win.")
 @click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
-def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust):
+@click.option("--calibrate", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Refit dwsep replacements layer by layer on N generated images (data-aware init; 0: off).")
+@click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=320, show_default=True,
+              help="Image size of the calibration images.")
+def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,
+              calibrate_imgsz):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
     from surgeon.api import apply, check_output
     from surgeon.errors import SurgeryError
@@ -94,7 +99,8 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
     for report_path in reports:
         if Path(report_path).suffix.lower() not in (".md", ".json", ".svg"):
             raise SurgeryError(f"{report_path}: report format must be .md, .json or .svg")
-    result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust)
+    result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust,
+                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz)
     _console().print(to_terminal(result.report))
     if dry_run:
         click.echo("dry run: nothing written")

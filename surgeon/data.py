@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import yaml
 
 from surgeon.errors import SurgeonError
@@ -137,6 +138,12 @@ def draw_image(imgsz: int, n_classes: int, seed: tuple[int, ...] | int) -> tuple
         image[mask] = colour.astype(np.uint8)
         shapes.append(Shape(cls, box))
     return image, shapes
+
+
+def image_batch(imgsz: int, n: int, seed: int = 0) -> torch.Tensor:
+    """`n` generated detection images as an RGB float batch ``(n, 3, imgsz, imgsz)`` in [0, 1] (calibration data)."""
+    images = [draw_image(imgsz, len(SHAPES), (seed, i))[0][..., ::-1] for i in range(n)]  # BGR -> RGB
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255
 
 
 def _prepare_root(root: Path) -> None:

@@ -236,20 +236,28 @@ def dwsep(
     return op
 
 
+# Dampings tried when refine_pointwise chooses its own (relative to the mean feature energy, see solve_pointwise).
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
 @torch.no_grad()
 def refine_pointwise(
     op: DepthwiseSeparableConv2d,
     inputs: Tensor | Iterable[Tensor],
     original: nn.Conv2d,
-    ridge: float = 1e-2,
+    ridge: float | None = None,
     chunk_size: int = 8,
+    targets: Tensor | None = None,
 ) -> float:
     """Refit the pointwise weights of `op` by least squares so it reproduces `original` on `inputs`.
 
     The depthwise part stays as it is; the pointwise weights become the ones that minimise
-    ``||op(x) - original(x)||^2`` over all pixels of `inputs` plus a small penalty on moving away from
+    ``||op(x) - original(x)||^2`` over all pixels of `inputs` plus a penalty on moving away from
     the current weights (the kernel-optimal SVD init is not output-optimal once real activations are
-    correlated). The refit is kept only if it lowers the error on `inputs`. ``op.init_error`` is
+    correlated). Deep layers see few pixels per pointwise weight, where an undamped fit follows the
+    calibration images and fails on others; so by default the damping is chosen by validation: fitted
+    on the even images, measured on the odd ones, for each of `RIDGES` and for keeping the current
+    weights, and the winner is refitted on all images (or the weights are kept). ``op.init_error`` is
     updated to the new kernel's error, which may rise while the output error falls.
 
     Args:
@@ -257,16 +265,21 @@ def refine_pointwise(
         inputs: Calibration inputs of the convolution (one ``(n, c, h, w)`` tensor or several);
             generated images passed through the layers before it are enough.
         original: The trained convolution the op replaces.
-        ridge: Relative damping towards the current pointwise weights (see `solve_pointwise`); it keeps
-            the refit from overfitting when there are few calibration pixels per pointwise input.
+        ridge: Relative damping towards the current pointwise weights (see `solve_pointwise`); None
+            chooses it by validation (which needs two images at least), a number fits with it and keeps
+            the fit if it lowers the error on `inputs`.
         chunk_size: Images per pass, which bounds memory.
+        targets: The outputs to fit instead of ``original(inputs)`` (one tensor, for one `inputs` tensor):
+            the original convolution's outputs in the original model, when `inputs` come from a rewritten
+            one whose earlier layers already differ (see `surgeon.calibrate`).
 
     Returns:
-        Relative output error ``||op(x) - original(x)|| / ||original(x)||`` over `inputs` after the refit.
+        Relative output error ``||op(x) - target|| / ||target||`` over `inputs` after the refit.
 
     Raises:
         TypeError: If `op` is not a depthwise-separable op.
-        ValueError: If `original` does not match `op`, or its outputs on `inputs` are all zero.
+        ValueError: If `original` does not match `op`, its outputs on `inputs` are all zero, or the
+            damping is to be chosen from fewer than two images.
     """
     if not isinstance(op, DepthwiseSeparableConv2d):
         raise TypeError(f"refine_pointwise needs a dwsep op, not {type(op).__name__}")
@@ -276,26 +289,53 @@ def refine_pointwise(
             f"{op.in_channels} -> {op.out_channels}"
         )
     batches = [inputs] if isinstance(inputs, Tensor) else inputs
-    gram = cross = energy = None
+    if targets is not None and not isinstance(inputs, Tensor):
+        raise ValueError("targets need the inputs as one tensor")
+    # Normal equations of the even and of the odd images, counted over all batches.
+    halves: list[list[Tensor] | None] = [None, None]
+    seen = 0
     for batch in batches:
-        for x in batch.to(op.weight).split(chunk_size):
-            target = original(x)
+        chunks = batch.to(op.weight).split(chunk_size)
+        wanted = [None] * len(chunks) if targets is None else targets.to(op.weight).split(chunk_size)
+        for x, target in zip(chunks, wanted):
+            target = original(x) if target is None else target
             if op.bias is not None:
                 target = target - op.bias.view(1, -1, 1, 1)
-            stats = normal_equations(op.features(x), target)
-            gram, cross, energy = stats if gram is None else (gram + stats[0], cross + stats[1], energy + stats[2])
-    if gram is None or energy <= 0:
+            features = op.features(x)
+            for half in (0, 1):
+                picked = slice((half - seen) % 2, None, 2)
+                if not features[picked].shape[0]:
+                    continue
+                stats = normal_equations(features[picked], target[picked])
+                halves[half] = list(stats) if halves[half] is None else [a + b for a, b in zip(halves[half], stats)]
+            seen += x.shape[0]
+    present = [h for h in halves if h is not None]
+    if not present:
+        raise ValueError("refine_pointwise needs inputs on which the original convolution is not all zero")
+    gram, cross, energy = (sum(parts) for parts in zip(*present))
+    if energy <= 0:
         raise ValueError("refine_pointwise needs inputs on which the original convolution is not all zero")
 
     shape = (op.out_channels, op.weight.shape[1])
-    best = residual_energy(op.weight.reshape(shape), gram, cross, energy)
-    solved = solve_pointwise(gram, cross, ridge, prior=op.weight.reshape(shape)).to(op.weight)
-    error = residual_energy(solved, gram, cross, energy)
-    if error < best:
-        op.weight.copy_(solved.reshape(op.weight.shape))
-        best = error
-        if op.linear:
-            op.init_error = relative_error(op.kernel(), original.weight)
+    current = op.weight.reshape(shape)
+    if ridge is None:
+        if len(present) < 2:
+            raise ValueError("refine_pointwise needs two images at least to choose its damping; or pass a ridge")
+        fit, check = halves
+        best_error = residual_energy(current, *check)
+        for candidate in RIDGES:
+            error = residual_energy(solve_pointwise(fit[0], fit[1], candidate, prior=current), *check)
+            if error < best_error:
+                ridge, best_error = candidate, error
+    best = residual_energy(current, gram, cross, energy)
+    if ridge is not None:
+        solved = solve_pointwise(gram, cross, ridge, prior=current).to(op.weight)
+        error = residual_energy(solved, gram, cross, energy)
+        if error < best:
+            op.weight.copy_(solved.reshape(op.weight.shape))
+            best = error
+            if op.linear:
+                op.init_error = relative_error(op.kernel(), original.weight)
     return math.sqrt(max(best.item(), 0.0) / energy.item())
 
 

@@ -1,0 +1,103 @@
+"""Data-aware refinement of a rewritten model: refit the replacements on activations of calibration images.
+
+Initialising each replacement from its own kernel (SVD for depthwise-separable pairs) minimises the kernel error
+layer by layer, but the errors of many layers compound. Here every refittable replacement is refitted in execution
+order, on the inputs it receives in the *rewritten* model, towards the outputs its original convolution produced in
+the *original* model, so each layer also corrects what the layers before it got wrong (the reconstruction of He et
+al., "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, https://arxiv.org/abs/1707.06168).
+Generated images are enough; no labels are used.
+
+Refittable: ``dwsep`` ops (their pointwise weights, by least squares; `surgeon.modules.dw_conv.refine_pointwise`).
+DSConv ops are not: refitting their channel scale and bias (bias correction) on a few generated images lowered the
+error on those images but tripled it on others (yolov5s ds8_head, 4 images at 192 px: 1.7% -> 1.3% vs 1.8% -> 6.0%
+at the detect head's inputs), because what rounding changes in a channel's mean differs from image to image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from surgeon.blocks import run_model
+from surgeon.modules.dw_conv import DepthwiseSeparableConv2d, refine_pointwise
+from surgeon.rewrite import Replaced
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the activation it was run for has been captured."""
+
+
+def refittable(model: nn.Module, replaced: list) -> list[Replaced]:
+    """The records of `replaced` whose module in `model` can be refitted on data."""
+    return [r for r in replaced if isinstance(r, Replaced)
+            and isinstance(model.get_submodule(r.conv), DepthwiseSeparableConv2d)]
+
+
+def _outputs(model: nn.Module, paths: list[str], images: Tensor) -> tuple[dict[str, Tensor], list[str]]:
+    """Outputs of the modules at `paths` on `images`, and the paths in the order they run."""
+    outputs: dict[str, Tensor] = {}
+    order: list[str] = []
+    hooks = []
+    for path in paths:
+        def keep(_module, _args, output, path=path):
+            if path not in outputs:
+                order.append(path)
+                outputs[path] = output.detach().clone()
+        hooks.append(model.get_submodule(path).register_forward_hook(keep))
+    try:
+        run_model(model, images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, order
+
+
+def _input(model: nn.Module, path: str, images: Tensor) -> Tensor:
+    """The input of the module at `path` when `model` runs on `images` (the pass stops there)."""
+    captured: list[Tensor] = []
+
+    def keep(_module, args):
+        captured.append(args[0].detach().clone())
+        raise _Stop
+
+    hook = model.get_submodule(path).register_forward_pre_hook(keep)
+    try:
+        run_model(model, images)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    if not captured:
+        raise RuntimeError(f"{path} did not run on the calibration images")
+    return captured[0]
+
+
+@torch.no_grad()
+def refine(original: nn.Module, model: nn.Module, replaced: list, images: Tensor, *,
+           ridge: float | None = None) -> dict:
+    """Refit every refittable replacement of `model` (a rewrite of `original`) on `images`, in execution order.
+
+    Args:
+        original: The model before surgery (not modified).
+        model: The rewritten model; its refittable modules are updated in place.
+        replaced: The rewrite's records (`surgeon.rewrite.Replaced`; others are skipped).
+        images: Calibration images ``(n, c, h, w)`` in [0, 1].
+        ridge: Damping towards the current weights (see `surgeon.init.factorise.solve_pointwise`); None chooses it
+            per layer by validation between the even and the odd images.
+
+    Returns:
+        Per refitted path, its relative output error on `images` after the refit (against the original's output).
+    """
+    records = refittable(model, replaced)
+    if not records:
+        return {}
+    original.eval()
+    model.eval()
+    parameter = next(model.parameters())
+    images = images.to(parameter.device, parameter.dtype)
+    targets, order = _outputs(original, [r.conv for r in records], images)
+    errors = {}
+    for path in order:
+        errors[path] = refine_pointwise(model.get_submodule(path), _input(model, path, images),
+                                        original.get_submodule(path), ridge=ridge, targets=targets.pop(path))
+    return errors
