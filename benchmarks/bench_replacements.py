@@ -190,21 +190,9 @@ def run_variant(loaded: Loaded, rule: str, init: str | None, imgsz: int, check_i
 
 
 def fuse(model: nn.Module) -> str:
-    """Fuse Conv + BatchNorm in place as Ultralytics does; returns how."""
-    if callable(getattr(model, "fuse", None)):
-        model.fuse(verbose=False)
-        return "ultralytics fuse()"
-    # The classic model (surgeon.classic) has no fuse(); its Conv blocks are Ultralytics' Conv, so do what
-    # Ultralytics' BaseModel.fuse does for them.
-    from ultralytics.nn.modules import Conv, DWConv
-    from ultralytics.utils.torch_utils import fuse_conv_and_bn
-
-    for m in model.modules():
-        if isinstance(m, (Conv, DWConv)) and hasattr(m, "bn"):
-            m.conv = fuse_conv_and_bn(m.conv, m.bn)
-            delattr(m, "bn")
-            m.forward = m.forward_fuse
-    return "Conv+BN loop of Ultralytics' fuse() (classic model has no fuse())"
+    """Fuse Conv + BatchNorm in place with the model's own ``fuse()`` (Ultralytics', or surgeon's classic one)."""
+    model.fuse(verbose=False)
+    return "fuse()"
 
 
 def latency(original: nn.Module, rewritten: dict[str, nn.Module], imgsz: int, repeats: int,

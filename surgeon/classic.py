@@ -155,10 +155,11 @@ class ClassicDetectionModel(nn.Module):
             y.append(x if m.i in self.save else None)
         return x
 
-    def fuse(self) -> ClassicDetectionModel:
+    def fuse(self, verbose: bool = False) -> ClassicDetectionModel:
         """Fold each Conv block's BatchNorm into its convolution, as the classic model's ``fuse()`` does.
 
-        Uses Ultralytics' folding, so replacement ops that follow surgeon's op contract fold too.
+        Uses Ultralytics' folding, so replacement ops that follow surgeon's op contract fold too. `verbose` is
+        accepted for the signature of Ultralytics' ``fuse()`` and prints nothing.
         """
         from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
