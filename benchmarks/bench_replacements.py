@@ -27,6 +27,7 @@ No trained weights can be downloaded here: the models are built from their confi
 generated images, so every error below is that of random-init-shaped kernels, not of trained ones. Usage::
 
     python benchmarks/bench_replacements.py [--quick] [--imgsz 640] [--repeats 20] [--threads 1] [--json PATH]
+    python benchmarks/bench_replacements.py --train-epochs 40 --check-imgsz 128   # on kernels trained here
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ CAVEAT = (
     "with BatchNorm calibrated on generated images, so kernel errors are those of random-init-shaped kernels; "
     "trained kernels have more structure (which favours low-rank and quantised approximations)."
 )
+TRAINED_CAVEAT = (
+    "Trained here: each model trained from its config on generated shapes (128 train images, 128 px; see "
+    "--train-epochs), not on a real dataset; its kernels have moved from their random init, not as far as in a "
+    "long real training."
+)
 MODELS = ("yolov5su", "yolov8n", "yolov5s-classic")
 RULES = ("dw_backbone", "dwsep_all", "ds4_all", "ds8_head")
 # Naive initialisations compared with each rule's own (SVD for dwsep, the block diagonal for dwconv).
@@ -64,12 +70,39 @@ OWN_INIT = {"dwsep_all": "svd", "dw_backbone": "diagonal"}
 # Rules also run with data-aware calibration (surgeon.calibrate): images, at CALIBRATE_IMGSZ.
 CALIBRATED = {"dwsep_all": 8}
 CALIBRATE_IMGSZ = 320
+TRAIN_IMGSZ = 128
 # The images every error is measured on are drawn with another seed than the calibration images (seed 0).
 EVAL_SEED = 1
 TIMED = ("dwsep_all", "dw_backbone", "ds4_all")
 DS8_GOAL = 1e-2
 FEATURE_BATCH = 2
 WARMUP = 2
+
+
+TRAINABLE = {"yolov5su": "yolov5s.yaml", "yolov8n": "yolov8n.yaml"}
+"""Models the Ultralytics trainer can train here (the classic layout has its own trainer, not installed)."""
+
+
+def train_checkpoints(folder: Path, models: tuple[str, ...], epochs: int, imgsz: int) -> dict[str, Path]:
+    """Train each trainable model from its config on a generated shapes dataset; name -> its best checkpoint.
+
+    The same data and settings as the recovery benchmark's baselines (`bench_recovery.train_baseline`).
+    """
+    from bench_recovery import DATASET, train_baseline
+
+    from surgeon.data import make_dataset
+
+    data = make_dataset(folder / "data", imgsz=imgsz, **DATASET)
+    paths = {}
+    for name in models:
+        if name not in TRAINABLE:
+            print(f"{name}: not trained (the Ultralytics trainer does not take it); skipped")
+            continue
+        baseline = train_baseline(TRAINABLE[name], data, epochs, imgsz, folder / "runs")
+        print(f"{name}: trained {epochs} epochs at {imgsz} px in {baseline['train_seconds']:.0f} s, "
+              f"mAP50-95 {baseline['map']:.3f}", flush=True)
+        paths[f"{name}-trained"] = baseline["checkpoint"]
+    return paths
 
 
 def write_checkpoints(folder: Path, models: tuple[str, ...]) -> dict[str, Path]:
@@ -384,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default 1: on a shared, busy machine every parallel op waits for "
                              "a descheduled thread, which makes small ops 10-100x slower and timings erratic)")
     parser.add_argument("--quick", action="store_true", help="a reduced run: smaller images, 5 repeats")
+    parser.add_argument("--train-epochs", type=int, default=0, metavar="N",
+                        help="first train yolov5su / yolov8n for N epochs on generated data (128 px, the recovery "
+                             "benchmark's recipe) and measure on those trained kernels instead (default 0: no)")
     args = parser.parse_args(argv)
     imgsz = args.imgsz or (320 if args.quick else 640)
     repeats = args.repeats or (5 if args.quick else 20)
@@ -396,11 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     offline_ultralytics()
     import ultralytics
 
-    print(CAVEAT + "\n")
+    caveat = TRAINED_CAVEAT if args.train_epochs else CAVEAT
+    print(caveat + "\n")
     start = time.perf_counter()
     images = image_batch(check_imgsz, FEATURE_BATCH, seed=EVAL_SEED)
     results: dict = {
-        "benchmark": "replacements", "caveat": CAVEAT, "imgsz": imgsz, "check_imgsz": check_imgsz,
+        "benchmark": "replacements", "caveat": caveat, "imgsz": imgsz, "check_imgsz": check_imgsz,
+        "train_epochs": args.train_epochs,
         "feature_batch": FEATURE_BATCH, "repeats": repeats, "quick": args.quick,
         "versions": {"torch": torch.__version__, "ultralytics": ultralytics.__version__,
                      "surgeon": surgeon.__version__, "python": platform.python_version()},
@@ -409,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-replacements-") as tmp:
         folder = Path(tmp)
-        for model_name, path in write_checkpoints(folder, models).items():
+        checkpoints = (train_checkpoints(folder, models, args.train_epochs, TRAIN_IMGSZ) if args.train_epochs
+                       else write_checkpoints(folder, models))
+        for model_name, path in checkpoints.items():
             loaded = surgeon.load(path)
             reference = capture(loaded.model, images)
             out_dir = folder / model_name

@@ -50,6 +50,7 @@ from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
 from surgeon.io import load  # noqa: E402
+from surgeon.modules.dynamic_conv import linear_temperature  # noqa: E402
 
 __all__ = [
     "FinetuneResult",
@@ -164,9 +165,7 @@ class TemperatureSchedule:
 
     def at(self, epoch: int) -> float:
         """Temperature for 0-based `epoch`: linear from `start` to `end`, then `end`."""
-        if self.epochs == 0 or epoch >= self.epochs:
-            return float(self.end)
-        return float(self.start + (self.end - self.start) * max(epoch, 0) / self.epochs)
+        return linear_temperature(epoch, epochs=self.epochs, start=self.start, end=self.end)
 
 
 def set_temperature(model: nn.Module, value: float) -> int:

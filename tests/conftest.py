@@ -37,6 +37,17 @@ def build_ultralytics(cfg: str):
     return build(cfg)
 
 
+@pytest.fixture(scope="module")
+def yolov8n_model():
+    """YOLOv8n straight from its config (uncalibrated, fixed seed), eval mode; one per test module."""
+    from ultralytics import YOLO
+
+    # Module fixtures are built before the per-test seed; fix the weights whatever ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return YOLO("yolov8n.yaml").model.eval()
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """Returns make(cfg) -> path of an Ultralytics checkpoint of `build_ultralytics(cfg)`, cached per session."""

@@ -21,16 +21,6 @@ from surgeon.modules.ds_conv import DSConv2d, dsconv
 YOLO_LAYERS = ["model.0", "model.1", "model.2.cv2", "model.22.cv3.0.1", "model.7"]
 
 
-@pytest.fixture(scope="module")
-def yolov8n():
-    from ultralytics import YOLO
-
-    # Module fixtures are built before the per-test seed; fix the weights whatever ran before.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return YOLO("yolov8n.yaml").model.eval()
-
-
 def make_conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
               bias: bool = False, padding_mode: str = "zeros") -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, k, stride, dilation * (k // 2), dilation, groups, bias, padding_mode)
@@ -93,8 +83,8 @@ def test_block_shift_is_the_least_squares_fit():
 
 
 @pytest.mark.parametrize("path", YOLO_LAYERS)
-def test_error_falls_with_bits(yolov8n, path):
-    conv = yolov8n.get_submodule(path).conv
+def test_error_falls_with_bits(yolov8n_model, path):
+    conv = yolov8n_model.get_submodule(path).conv
     errors = {bits: dsconv(conv, bits=bits).init_error for bits in (2, 4, 8)}
     assert errors[2] > errors[4] > errors[8]
     assert errors[4] < 0.12
@@ -102,8 +92,8 @@ def test_error_falls_with_bits(yolov8n, path):
 
 
 @pytest.mark.parametrize("path", YOLO_LAYERS)
-def test_8bit_layer_output_error_is_small(yolov8n, path):
-    conv = yolov8n.get_submodule(path).conv
+def test_8bit_layer_output_error_is_small(yolov8n_model, path):
+    conv = yolov8n_model.get_submodule(path).conv
     op = dsconv(conv, bits=8)
     assert op.init_error == pytest.approx(relative_error(op.kernel(), conv.weight))
     x = torch.randn(2, conv.in_channels, 20, 20)
@@ -238,8 +228,8 @@ def test_pickle_and_state_dict_round_trip(bits):
 
 @pytest.mark.parametrize(("bits", "largest_ratio"), [(4, 0.25), (8, 0.4)])
 @pytest.mark.parametrize("path", ["model.1", "model.22.cv3.0.1", "model.7"])
-def test_checkpoint_of_the_layer_shrinks(yolov8n, path, bits, largest_ratio):
-    conv = yolov8n.get_submodule(path).conv
+def test_checkpoint_of_the_layer_shrinks(yolov8n_model, path, bits, largest_ratio):
+    conv = yolov8n_model.get_submodule(path).conv
     op = dsconv(conv, bits=bits)
     assert tensor_bytes(op) < largest_ratio * tensor_bytes(conv)
     saved_op, saved_conv = io.BytesIO(), io.BytesIO()
@@ -277,12 +267,12 @@ def replace_every_conv(model: nn.Module, make_op) -> nn.Module:
     return model
 
 
-def test_8bit_yolov8n_keeps_its_outputs(yolov8n):
+def test_8bit_yolov8n_keeps_its_outputs(yolov8n_model):
     from ultralytics.nn.modules import Conv
 
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    predictions, features = head_inputs(yolov8n, x)
-    quantised = replace_every_conv(yolov8n, lambda conv: dsconv(conv, bits=8))
+    predictions, features = head_inputs(yolov8n_model, x)
+    quantised = replace_every_conv(yolov8n_model, lambda conv: dsconv(conv, bits=8))
     q_predictions, q_features = head_inputs(quantised, x)
 
     assert relative_error(q_predictions, predictions) <= 1e-2
@@ -292,7 +282,7 @@ def test_8bit_yolov8n_keeps_its_outputs(yolov8n):
     for ours, reference in zip(q_features, features):
         assert relative_error(ours, reference) <= 2e-2
     # Per layer, the blockwise fit beats the common per-output-channel int8 quantisation.
-    originals = [block.conv for block in yolov8n.modules() if isinstance(block, Conv)]
+    originals = [block.conv for block in yolov8n_model.modules() if isinstance(block, Conv)]
     ours = [block.conv.init_error for block in quantised.modules() if isinstance(block, Conv)]
     int8 = [relative_error(per_channel_int8(conv).weight, conv.weight) for conv in originals]
     assert sum(ours) / len(ours) < 0.95 * sum(int8) / len(int8)

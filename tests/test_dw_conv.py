@@ -23,18 +23,8 @@ from surgeon.init.factorise import (
 from surgeon.modules import builtin_replacements
 from surgeon.modules.dw_conv import DepthwiseSeparableConv2d, GroupedConv2d, dwconv, dwsep, refine_pointwise
 
-# 3x3 convolutions of yolov8n of different shapes: (out, in) = (16, 3), (32, 16), (64, 32), (80, 80), (256, 128).
+# 3x3 convolutions of yolov8n_model of different shapes: (out, in) = (16, 3), (32, 16), (64, 32), (80, 80), (256, 128).
 YOLO_LAYERS = ["model.0", "model.1", "model.3", "model.22.cv3.0.1", "model.7"]
-
-
-@pytest.fixture(scope="module")
-def yolov8n():
-    from ultralytics import YOLO
-
-    # Module fixtures are built before the per-test seed; fix the weights whatever ran before.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return YOLO("yolov8n.yaml").model.eval()
 
 
 def yolo_conv(model: nn.Module, path: str) -> nn.Conv2d:
@@ -80,8 +70,8 @@ def test_dwsep_full_rank_is_exact(geometry, init):
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
 @pytest.mark.parametrize("path", YOLO_LAYERS)
-def test_svd_is_not_worse_than_naive_inits(yolov8n, path, rank):
-    conv = yolo_conv(yolov8n, path)
+def test_svd_is_not_worse_than_naive_inits(yolov8n_model, path, rank):
+    conv = yolo_conv(yolov8n_model, path)
     svd, center = dwsep(conv, rank=rank, init="svd"), dwsep(conv, rank=rank, init="center")
     random = dwsep(conv, rank=rank, init="random")
     assert random.init_error is None
@@ -90,8 +80,8 @@ def test_svd_is_not_worse_than_naive_inits(yolov8n, path, rank):
 
 
 @pytest.mark.parametrize("path", YOLO_LAYERS)
-def test_svd_error_is_the_eckart_young_bound(yolov8n, path):
-    conv = yolo_conv(yolov8n, path)
+def test_svd_error_is_the_eckart_young_bound(yolov8n_model, path):
+    conv = yolo_conv(yolov8n_model, path)
     w = conv.weight.detach().double()
     # Singular values of each input channel's (out, kh * kw) slice, computed independently of the module.
     singular = torch.linalg.svdvals(w.permute(1, 0, 2, 3).flatten(2))
@@ -101,8 +91,8 @@ def test_svd_error_is_the_eckart_young_bound(yolov8n, path):
 
 
 @pytest.mark.parametrize("path", YOLO_LAYERS)
-def test_svd_error_decreases_with_rank(yolov8n, path):
-    conv = yolo_conv(yolov8n, path)
+def test_svd_error_decreases_with_rank(yolov8n_model, path):
+    conv = yolo_conv(yolov8n_model, path)
     errors = [dwsep(conv, rank=rank).init_error for rank in range(1, 10)]
     assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-6
@@ -134,9 +124,9 @@ def yolo_activations(model: nn.Module, path: str, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("path", ["model.3", "model.22.cv3.0.1"])
-def test_refine_pointwise_lowers_the_output_error(yolov8n, path, rank):
-    conv = yolo_conv(yolov8n, path)
-    calibration, held_out = yolo_activations(yolov8n, path, 0), yolo_activations(yolov8n, path, 1)
+def test_refine_pointwise_lowers_the_output_error(yolov8n_model, path, rank):
+    conv = yolo_conv(yolov8n_model, path)
+    calibration, held_out = yolo_activations(yolov8n_model, path, 0), yolo_activations(yolov8n_model, path, 1)
     op = dwsep(conv, rank=rank)
     with torch.no_grad():
         before = relative_error(op(calibration), conv(calibration))

@@ -444,6 +444,12 @@ def condconv(
     return op
 
 
+def linear_temperature(epoch: int, *, epochs: int = 10, start: float = 30.0, end: float = 1.0) -> float:
+    """The temperature of 0-based `epoch` on a linear schedule from `start` to `end` over `epochs`, then `end`."""
+    progress = 1.0 if epochs <= 0 else min(max(epoch, 0), epochs) / epochs
+    return float(start + (end - start) * progress)
+
+
 def anneal_temperature(
     model: nn.Module, epoch: int, *, epochs: int = 10, start: float = 30.0, end: float = 1.0
 ) -> float:
@@ -462,8 +468,7 @@ def anneal_temperature(
     Returns:
         The temperature set.
     """
-    progress = 1.0 if epochs <= 0 else min(max(epoch, 0), epochs) / epochs
-    temperature = start + (end - start) * progress
+    temperature = linear_temperature(epoch, epochs=epochs, start=start, end=end)
     for module in model.modules():
         if isinstance(module, DynamicConv2d):
             module.set_temperature(temperature)
