@@ -198,9 +198,10 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     """
     registry = registry or builtin_replacements()
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
-    if set_args:
-        overrides = {**(overrides if isinstance(overrides, dict) else {}), **set_args} if not isinstance(
-            overrides, (list, tuple)) else [*overrides, *(f"{k}={v}" for k, v in set_args.items())]
+    if set_args and isinstance(overrides, (list, tuple)):
+        overrides = [*overrides, *(f"{k}={v}" for k, v in set_args.items())]
+    elif set_args:
+        overrides = {**(overrides or {}), **set_args}
     resolved = resolve_rules(rules, overrides, registry)
     before = inspect_model(loaded, imgsz=imgsz)
     matches = match_rules(before.blocks, resolved, layers=before.layers, model_name=str(loaded.path or loaded.name),

@@ -229,3 +229,10 @@ def test_apply_on_a_classic_checkpoint(classic_checkpoint, tmp_path):
         torch.testing.assert_close(again.model.predict(x)[0], result.model.predict(x)[0], atol=1e-1, rtol=1e-2)
     assert {n for n, m in again.model.named_modules() if isinstance(m, PlainConv2d)} == {
         c.path for c in result.report.changes}
+
+
+@pytest.mark.parametrize("overrides", [None, {"experts": 2}, ["dyn_head.experts=2"]])
+def test_keyword_overrides_merge_with_the_others(y8, overrides):
+    result = surgeon.apply(y8, "dyn_head", overrides=overrides, imgsz=IMGSZ, temperature=5.0)
+    args = {record.args["experts"] for record in result.replaced}, {r.args["temperature"] for r in result.replaced}
+    assert args == ({4 if overrides is None else 2}, {5.0})
