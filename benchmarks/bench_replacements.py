@@ -86,7 +86,8 @@ TRAINABLE = {"yolov5su": "yolov5s.yaml", "yolov8n": "yolov8n.yaml"}
 def train_checkpoints(folder: Path, models: tuple[str, ...], epochs: int, imgsz: int) -> dict[str, Path]:
     """Train each trainable model from its config on a generated shapes dataset; name -> its best checkpoint.
 
-    The same data and settings as the recovery benchmark's baselines (`bench_recovery.train_baseline`).
+    The same data and settings as the recovery benchmark's baselines (`bench_recovery.train_baseline`). A
+    checkpoint already trained in `folder` (``--train-dir``) is reused.
     """
     from bench_recovery import DATASET, train_baseline
 
@@ -97,6 +98,11 @@ def train_checkpoints(folder: Path, models: tuple[str, ...], epochs: int, imgsz:
     for name in models:
         if name not in TRAINABLE:
             print(f"{name}: not trained (the Ultralytics trainer does not take it); skipped")
+            continue
+        kept = folder / "runs" / f"base-{Path(TRAINABLE[name]).stem}" / "weights" / "best.pt"
+        if kept.is_file():
+            print(f"{name}: reusing {kept}", flush=True)
+            paths[f"{name}-trained"] = kept
             continue
         baseline = train_baseline(TRAINABLE[name], data, epochs, imgsz, folder / "runs")
         print(f"{name}: trained {epochs} epochs at {imgsz} px in {baseline['train_seconds']:.0f} s, "
@@ -186,14 +192,18 @@ def file_bytes(path: Path) -> int:
 
 def run_variant(loaded: Loaded, rule: str, init: str | None, imgsz: int, check_imgsz: int, images: Tensor,
                 reference: tuple[list[Tensor], list[Tensor]], folder: Path | None,
-                calibrate: int = 0) -> tuple[dict, object | None]:
-    """Apply one rule (with `init` overridden, if given) and measure it; the apply result is returned for timing."""
-    row: dict = {"rule": rule, "init": init or OWN_INIT.get(rule), "calibrate": calibrate}
+                calibrate: int = 0, extra: dict | None = None) -> tuple[dict, object | None]:
+    """Apply one rule (with `init` and `extra` arguments overridden, if given) and measure it.
+
+    The apply result is returned too, for timing.
+    """
+    row: dict = {"rule": rule, "init": init or OWN_INIT.get(rule), "calibrate": calibrate, "extra": extra or {}}
     if calibrate:
         row["init"] = f"{row['init']}+cal{calibrate}"
+    overrides = {**(extra or {}), **({"init": init} if init else {})}
     start = time.perf_counter()
     try:
-        result = surgeon.apply(loaded, [rule], overrides={"init": init} if init else None, imgsz=imgsz,
+        result = surgeon.apply(loaded, [rule], overrides=overrides or None, imgsz=imgsz,
                                check_imgsz=check_imgsz, calibrate=calibrate, calibrate_imgsz=CALIBRATE_IMGSZ)
     except surgeon.SurgeonError as error:
         row["error"] = f"{type(error).__name__}: {error}"
@@ -365,13 +375,14 @@ def print_findings(results: dict) -> None:
             if "best_init" in data:
                 v = data["best_init"]
                 lines.append(
-                    f"{rule}: {own['init']} beats {'/'.join(NAIVE[rule])}? kernel mean {_yes(v['kernel_mean'])}, "
+                    f"{rule}: {own['init']} beats {'/'.join(NAIVE[data['rule']])}? "
+                    f"kernel mean {_yes(v['kernel_mean'])}, "
                     f"per layer {v['layers_won']}/{v['layers']}, feature error {_yes(v['features'])}, "
                     f"output error {_yes(v['outputs'])}, output max_rel {_yes(v['output_max_rel'])}")
             if "calibrated_best" in data:
                 v, cal = data["calibrated_best"], data["variants"][-1]
                 lines.append(
-                    f"{rule}: {cal['init']} (data-aware) beats {'/'.join(NAIVE[rule])}? feature error "
+                    f"{rule}: {cal['init']} (data-aware) beats {'/'.join(NAIVE[data['rule']])}? feature error "
                     f"{_yes(v['features'])} ({cal['feature_error_max']:.3f} vs {own['feature_error_max']:.3f} "
                     f"without data), output error {_yes(v['outputs'])}, output max_rel {_yes(v['output_max_rel'])}")
         ds8 = rules.get("ds8_head", {}).get("variants", [{}])[0]
@@ -417,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default 1: on a shared, busy machine every parallel op waits for "
                              "a descheduled thread, which makes small ops 10-100x slower and timings erratic)")
     parser.add_argument("--quick", action="store_true", help="a reduced run: smaller images, 5 repeats")
+    parser.add_argument("--train-dir", type=Path,
+                        help="keep the trained models here and reuse them on the next run (default: a temporary dir)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1], metavar="R",
+                        help="also run dwsep_all at these ranks (svd and the naive inits; default: the rule's rank 1)")
     parser.add_argument("--train-epochs", type=int, default=0, metavar="N",
                         help="first train yolov5su / yolov8n for N epochs on generated data (128 px, the recovery "
                              "benchmark's recipe) and measure on those trained kernels instead (default 0: no)")
@@ -447,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-replacements-") as tmp:
         folder = Path(tmp)
-        checkpoints = (train_checkpoints(folder, models, args.train_epochs, TRAIN_IMGSZ) if args.train_epochs
+        train_dir = args.train_dir or folder / "train"
+        checkpoints = (train_checkpoints(train_dir, models, args.train_epochs, TRAIN_IMGSZ) if args.train_epochs
                        else write_checkpoints(folder, models))
         for model_name, path in checkpoints.items():
             loaded = surgeon.load(path)
@@ -461,26 +477,31 @@ def main(argv: list[str] | None = None) -> int:
                 "format": loaded.format, "rules": {},
             }
             timed: dict[str, nn.Module] = {}
-            for rule in RULES:
-                own, result = run_variant(loaded, rule, None, imgsz, check_imgsz, images, reference, out_dir)
+            settings = [(rule, rule, None) for rule in RULES]
+            settings += [(f"dwsep_all r{rank}", "dwsep_all", {"rank": rank}) for rank in args.ranks if rank != 1]
+            for key, rule, extra in settings:
+                folder_out = out_dir if extra is None else None
+                own, result = run_variant(loaded, rule, None, imgsz, check_imgsz, images, reference, folder_out,
+                                          extra=extra)
                 variants = [own]
-                print(f"{model_name} {rule}: {own.get('seconds', '-')} s{' ' + own['error'] if 'error' in own else ''}",
+                print(f"{model_name} {key}: {own.get('seconds', '-')} s{' ' + own['error'] if 'error' in own else ''}",
                       flush=True)
-                if result is not None and rule in TIMED:
-                    timed[rule] = result.model
+                if result is not None and rule in TIMED and extra is None:
+                    timed[key] = result.model
                 for init in NAIVE.get(rule, ()):
-                    naive, _ = run_variant(loaded, rule, init, imgsz, check_imgsz, images, reference, None)
+                    naive, _ = run_variant(loaded, rule, init, imgsz, check_imgsz, images, reference, None,
+                                           extra=extra)
                     variants.append(naive)
-                data: dict = {"variants": variants}
+                data: dict = {"rule": rule, "variants": variants}
                 if rule in NAIVE and "error" not in own:
                     data["best_init"] = best_init(own, variants[1:])
-                if rule in CALIBRATED:
+                if rule in CALIBRATED and extra is None:
                     calibrated, _ = run_variant(loaded, rule, None, imgsz, check_imgsz, images, reference, None,
                                                 calibrate=CALIBRATED[rule])
                     variants.append(calibrated)
                     if "error" not in calibrated:
                         data["calibrated_best"] = best_init(calibrated, variants[1:1 + len(NAIVE.get(rule, ()))])
-                entry["rules"][rule] = data
+                entry["rules"][key] = data
             if timed:
                 entry["latency"] = latency(loaded.model, timed, imgsz, repeats, images)
             results["models"][model_name] = entry
