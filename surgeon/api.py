@@ -222,12 +222,17 @@ def _calibrate(original: nn.Module, model: nn.Module, replaced: list, images: in
     from surgeon.calibrate import refine, refittable
     from surgeon.data import image_batch
 
-    if images < 0:
-        raise RuleError(f"calibrate must be a number of images, not {images}")
-    if not refittable(model, replaced):
+    if images < 2:
+        raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping), not {images}")
+    if sample_input(original, imgsz).shape[1] != 3:
+        raise RuleError("calibrate draws RGB images; this model does not take 3 channels")
+    # Records name the original's paths; an inserted layer shifts the rewritten model's numbering after it.
+    key = _path_key(original, model)
+    ops = {key(path): module for path, module in model.named_modules() if path}
+    if not refittable(model, replaced, ops):
         raise RuleError("calibrate refits dwsep replacements only, and these rules make none")
-    errors = refine(original, model, replaced, image_batch(imgsz, images))
-    updated = [dataclasses.replace(r, init_error=getattr(model.get_submodule(r.conv), "init_error", None))
+    errors = refine(original, model, replaced, image_batch(imgsz, images), ops=ops)
+    updated = [dataclasses.replace(r, init_error=getattr(ops[r.conv], "init_error", None))
                if isinstance(r, Replaced) and r.conv in errors else r for r in replaced]
     return updated, {"images": images, "imgsz": imgsz, "output_errors": errors}
 

@@ -27,10 +27,10 @@ class _Stop(Exception):
     """Ends a forward pass once the activation it was run for has been captured."""
 
 
-def refittable(model: nn.Module, replaced: list) -> list[Replaced]:
-    """The records of `replaced` whose module in `model` can be refitted on data."""
-    return [r for r in replaced if isinstance(r, Replaced)
-            and isinstance(model.get_submodule(r.conv), DepthwiseSeparableConv2d)]
+def refittable(model: nn.Module, replaced: list, ops: dict[str, nn.Module] | None = None) -> list[Replaced]:
+    """The records of `replaced` whose module in `model` (``ops[path]`` if given) can be refitted on data."""
+    return [r for r in replaced if isinstance(r, Replaced) and isinstance(
+        ops.get(r.conv) if ops else model.get_submodule(r.conv), DepthwiseSeparableConv2d)]
 
 
 def _outputs(model: nn.Module, paths: list[str], images: Tensor) -> tuple[dict[str, Tensor], list[str]]:
@@ -52,15 +52,15 @@ def _outputs(model: nn.Module, paths: list[str], images: Tensor) -> tuple[dict[s
     return outputs, order
 
 
-def _input(model: nn.Module, path: str, images: Tensor) -> Tensor:
-    """The input of the module at `path` when `model` runs on `images` (the pass stops there)."""
+def _input(model: nn.Module, op: nn.Module, images: Tensor) -> Tensor:
+    """The input of `op` when `model` runs on `images` (the pass stops there)."""
     captured: list[Tensor] = []
 
     def keep(_module, args):
         captured.append(args[0].detach().clone())
         raise _Stop
 
-    hook = model.get_submodule(path).register_forward_pre_hook(keep)
+    hook = op.register_forward_pre_hook(keep)
     try:
         run_model(model, images)
     except _Stop:
@@ -68,13 +68,13 @@ def _input(model: nn.Module, path: str, images: Tensor) -> Tensor:
     finally:
         hook.remove()
     if not captured:
-        raise RuntimeError(f"{path} did not run on the calibration images")
+        raise RuntimeError(f"{type(op).__name__} did not run on the calibration images")
     return captured[0]
 
 
 @torch.no_grad()
 def refine(original: nn.Module, model: nn.Module, replaced: list, images: Tensor, *,
-           ridge: float | None = None) -> dict:
+           ridge: float | None = None, ops: dict[str, nn.Module] | None = None) -> dict:
     """Refit every refittable replacement of `model` (a rewrite of `original`) on `images`, in execution order.
 
     Args:
@@ -82,13 +82,15 @@ def refine(original: nn.Module, model: nn.Module, replaced: list, images: Tensor
         model: The rewritten model; its refittable modules are updated in place.
         replaced: The rewrite's records (`surgeon.rewrite.Replaced`; others are skipped).
         images: Calibration images ``(n, c, h, w)`` in [0, 1].
+        ops: The module of `model` for each record's path, where layers inserted into `model` moved them (default:
+            the module at that path).
         ridge: Damping towards the current weights (see `surgeon.init.factorise.solve_pointwise`); None chooses it
             per layer by validation between the even and the odd images.
 
     Returns:
         Per refitted path, its relative output error on `images` after the refit (against the original's output).
     """
-    records = refittable(model, replaced)
+    records = refittable(model, replaced, ops)
     if not records:
         return {}
     original.eval()
@@ -98,6 +100,7 @@ def refine(original: nn.Module, model: nn.Module, replaced: list, images: Tensor
     targets, order = _outputs(original, [r.conv for r in records], images)
     errors = {}
     for path in order:
-        errors[path] = refine_pointwise(model.get_submodule(path), _input(model, path, images),
-                                        original.get_submodule(path), ridge=ridge, targets=targets.pop(path))
+        op = ops[path] if ops else model.get_submodule(path)
+        errors[path] = refine_pointwise(op, _input(model, op, images), original.get_submodule(path), ridge=ridge,
+                                        targets=targets.pop(path))
     return errors

@@ -83,7 +83,7 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 @click.option("--calibrate", type=click.IntRange(min=0), default=0, metavar="N",
-              help="Refit dwsep replacements layer by layer on N generated images (data-aware init; 0: off).")
+              help="Refit dwsep replacements layer by layer on N >= 2 generated images (data-aware init; 0: off).")
 @click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=320, show_default=True,
               help="Image size of the calibration images.")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,

@@ -51,16 +51,36 @@ def test_calibration_on_other_images(cfg, factor, checkpoint_factory):
     assert set(calibrated.recipe()["calibration"]["output_errors"]) == {r.conv for r in calibrated.replaced}
 
 
-def test_targets_default_to_the_original_convolution():
+def test_refit_follows_the_targets_it_is_given():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 12, 3, padding=1)
     x = torch.randn(4, 8, 10, 10)
     a, b = dwsep(conv), dwsep(conv)
-    error_a = refine_pointwise(a, x, conv)
+    refine_pointwise(a, x, conv, ridge=1e-6)
     with torch.no_grad():
-        error_b = refine_pointwise(b, x, conv, targets=conv(x))
-    torch.testing.assert_close(a.weight, b.weight)
-    assert error_a == error_b
+        refine_pointwise(b, x, conv, ridge=1e-6, targets=2 * conv(x) - conv.bias.view(1, -1, 1, 1))
+    # Least squares is linear in the target: twice the (bias-free) output, twice the weights.
+    torch.testing.assert_close(b.weight, 2 * a.weight, rtol=1e-3, atol=1e-5)
+
+
+def test_even_and_odd_images_are_counted_across_batches_and_chunks():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn(6, 8, 10, 10)
+    whole, split = dwsep(conv), dwsep(conv)
+    refine_pointwise(whole, x, conv)
+    refine_pointwise(split, [x[:3], x[3:4], x[4:]], conv, chunk_size=2)
+    torch.testing.assert_close(split.weight, whole.weight)
+
+
+def test_calibration_with_an_insert_rule_finds_the_moved_layers(checkpoint_factory):
+    source = checkpoint_factory("yolov8n.yaml")
+    result = surgeon.apply(source, ["dwsep_all", "cot_neck"], imgsz=IMGSZ, calibrate=2, calibrate_imgsz=IMGSZ)
+    refitted = result.calibration["output_errors"]
+    dwsep_records = {r.conv for r in result.replaced if getattr(r, "new_type", None) == "DepthwiseSeparableConv2d"}
+    assert dwsep_records and set(refitted) == dwsep_records
+    # Records keep the original's paths; the refitted ops sit one layer further on after each insertion.
+    assert len(result.model.model) > len(surgeon.load(source).model.model)
 
 
 def test_nothing_to_calibrate_is_a_clear_error(checkpoint_factory, tmp_path):
@@ -72,6 +92,15 @@ def test_nothing_to_calibrate_is_a_clear_error(checkpoint_factory, tmp_path):
     assert result.exit_code != 0
     assert "calibrate refits dwsep replacements only" in result.output
     assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_one_calibration_image_is_a_clear_error(checkpoint_factory, tmp_path):
+    out = tmp_path / "out.pt"
+    result = CliRunner().invoke(main, ["apply", checkpoint_factory("yolov8n.yaml"), "--rule", "dwsep_all",
+                                       "--calibrate", "1", "-o", str(out), "--imgsz", str(IMGSZ)])
+    assert result.exit_code != 0
+    assert "2 images at least" in result.output and "Traceback" not in result.output
     assert not out.exists()
 
 

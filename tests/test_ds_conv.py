@@ -308,3 +308,20 @@ def test_registered_as_builtin():
     entry = builtin_replacements().get("dsconv")
     assert entry.factory is dsconv
     assert entry.defaults() == {"bits": 4, "block_size": 32, "kernel_shift_bias": False, "init": "fit", "seed": 0}
+
+
+def test_shifts_saved_before_the_unit_existed_load_unchanged():
+    conv = make_conv(40, 24)
+    op = dsconv(conv, bits=4)
+    # What an op stored before: absolute shifts and no unit.
+    old = {k: v for k, v in op.state_dict().items() if k != "kernel_unit"}
+    old["kernel_scale"] = op.kernel_scale.detach() * op.kernel_unit
+    fresh = dsconv(make_conv(40, 24), bits=4)
+    fresh.load_state_dict(old)
+    assert_close(fresh.kernel(), op.kernel())
+    state = op.__getstate__()
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != "kernel_unit"}
+    state["_parameters"] = {**state["_parameters"], "kernel_scale": nn.Parameter(old["kernel_scale"])}
+    unpickled = DSConv2d.__new__(DSConv2d)
+    unpickled.__setstate__(state)
+    assert_close(unpickled.kernel(), op.kernel())

@@ -382,3 +382,12 @@ def test_pooled_linear_is_linear_of_the_mean(grad):
     x = torch.randn(2, 6, 5, 7, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         torch.testing.assert_close(pooled_linear(x, linear), linear(x.mean((2, 3))))
+
+
+def test_pooled_linear_does_not_overflow_in_half_precision():
+    linear = nn.Linear(8, 3).half()
+    x = (torch.rand(1, 8, 160, 160) * 6).half()  # a float16 sum over the map would pass 65504
+    with torch.no_grad():
+        pooled = pooled_linear(x, linear)
+        assert torch.isfinite(pooled).all()
+        torch.testing.assert_close(pooled.float(), linear.float()(x.float().mean((2, 3))), rtol=1e-2, atol=1e-2)

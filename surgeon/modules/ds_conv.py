@@ -95,6 +95,17 @@ class DSConv2d(nn.Module):
         self.register_parameter("kernel_bias", nn.Parameter(torch.zeros(shift_shape)) if kernel_shift_bias else None)
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_channels)) if bias else None)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "kernel_unit" not in self._buffers:
+            # Pickled before the unit existed, when the shifts were absolute: a unit of 1 computes the same kernel.
+            self.register_buffer("kernel_unit", self.weight.new_ones(self.out_channels, 1, 1, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # State dicts from before the unit existed hold absolute shifts: a unit of 1 computes the same kernel.
+        state_dict.setdefault(prefix + "kernel_unit", torch.ones_like(self.kernel_unit))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def packed(self) -> bool:
         """Whether the VQK is stored two values to a byte."""
@@ -198,10 +209,12 @@ def dsconv(
     ).to(conv.weight)
     kernel = conv.weight.detach()
     if init == "random":
-        kernel = torch.empty_like(kernel)
+        # Drawn on the CPU, so a seed gives the same kernel on any device.
+        drawn = torch.empty(kernel.shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))  # nn.Conv2d's default
+            nn.init.kaiming_uniform_(drawn, a=math.sqrt(5))  # nn.Conv2d's default
+        kernel = drawn.to(kernel)
     fit = quantise_kernel(kernel, bits, block_size, kernel_shift_bias)
     op.set_integers(fit.integers)
     with torch.no_grad():

@@ -291,6 +291,8 @@ def refine_pointwise(
     batches = [inputs] if isinstance(inputs, Tensor) else inputs
     if targets is not None and not isinstance(inputs, Tensor):
         raise ValueError("targets need the inputs as one tensor")
+    if targets is not None and targets.shape[0] != inputs.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {inputs.shape[0]} inputs")
     # Normal equations of the even and of the odd images, counted over all batches.
     halves: list[list[Tensor] | None] = [None, None]
     seen = 0

@@ -66,7 +66,9 @@ def pooled_linear(x: Tensor, linear: nn.Linear) -> Tensor:
     Without autograd the pool is then a plain sum, one pass over `x` instead of a sum, a division and a copy: half
     the pool's time at batch 1, where the router's kernels are a visible share of a small layer.
     """
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing():  # a traced alpha must be constant
+    # A traced alpha must be a constant; a float16 sum over a large map overflows where the mean does not.
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing() or x.dtype not in (
+            torch.float32, torch.float64):
         return linear(spatial_mean(x))
     return torch.addmm(linear.bias, x.sum((2, 3)), linear.weight.t(), alpha=1.0 / (x.shape[2] * x.shape[3]))
 
