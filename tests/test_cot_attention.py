@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
+from helpers import randomise_bn
 from torch.testing import assert_close
 
 from surgeon.modules.cot_attention import INSERTIONS, CoTAttention, ZeroGate, cot_attention
@@ -23,17 +23,6 @@ def reference_cot(module: CoTAttention, x: torch.Tensor) -> torch.Tensor:
     v = module.value_embed(x).view(b, c, -1)
     att = module.attention_embed(torch.cat([k1, x], dim=1)).reshape(b, c, taps, h, w).mean(2).view(b, c, -1)
     return k1 + (F.softmax(att, dim=-1) * v).view(b, c, h, w)
-
-
-def randomise_bn(module: nn.Module) -> None:
-    """Give every BatchNorm non-trivial running statistics and affine parameters, so eval mode is a real test."""
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            with torch.no_grad():
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(0.5, 2)
-                bn.bias.uniform_(-1, 1)
 
 
 SHAPES = {

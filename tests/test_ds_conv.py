@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import fit_teacher, make_conv, random_bn
 from torch import nn
 from torch.testing import assert_close
 
@@ -19,21 +19,6 @@ from surgeon.modules import builtin_replacements
 from surgeon.modules.ds_conv import DSConv2d, dsconv
 
 YOLO_LAYERS = ["model.0", "model.1", "model.2.cv2", "model.22.cv3.0.1", "model.7"]
-
-
-def make_conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
-              bias: bool = False, padding_mode: str = "zeros") -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, k, stride, dilation * (k // 2), dilation, groups, bias, padding_mode)
-
-
-def random_bn(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
-    return bn.eval()
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -180,17 +165,7 @@ def test_gradients_reach_the_shifts_and_not_the_vqk(kernel_shift_bias):
     vqk = op.vqk.clone()
     trainable = {name for name, p in op.named_parameters() if p.requires_grad}
     assert trainable == {"weight", "kernel_scale"} | ({"kernel_bias"} if kernel_shift_bias else set())
-    optimiser = torch.optim.Adam(op.parameters(), lr=1e-2)
-    x = torch.randn(8, 32, 10, 10)
-    with torch.no_grad():
-        target = teacher(x)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(op(x), target)
-        optimiser.zero_grad()
-        loss.backward()
-        losses.append(loss.item())
-        optimiser.step()
+    losses = fit_teacher(op, teacher, torch.randn(8, 32, 10, 10))
     for name in trainable:
         assert op.get_parameter(name).grad.abs().sum() > 0, name
     assert not op.vqk.requires_grad and op.vqk.grad is None

@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fit_teacher, make_conv, random_bn
 from torch import nn
 from torch.testing import assert_close
 
@@ -29,22 +30,6 @@ YOLO_LAYERS = ["model.0", "model.1", "model.3", "model.22.cv3.0.1", "model.7"]
 
 def yolo_conv(model: nn.Module, path: str) -> nn.Conv2d:
     return model.get_submodule(path).conv
-
-
-def make_conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
-              bias: bool = False, padding_mode: str = "zeros") -> nn.Conv2d:
-    padding = dilation * (k // 2)
-    return nn.Conv2d(c_in, c_out, k, stride, padding, dilation, groups, bias, padding_mode)
-
-
-def random_bn(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
-    return bn.eval()
 
 
 GEOMETRIES = {
@@ -288,17 +273,7 @@ def test_ops_train(make_op):
     torch.manual_seed(0)
     teacher = make_conv(8, 16)
     op = make_op(make_conv(8, 16)).train()  # start from another kernel, learn the teacher's
-    optimiser = torch.optim.Adam(op.parameters(), lr=1e-2)
-    x = torch.randn(8, 8, 12, 12)
-    with torch.no_grad():
-        target = teacher(x)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(op(x), target)
-        optimiser.zero_grad()
-        loss.backward()
-        losses.append(loss.item())
-        optimiser.step()
+    losses = fit_teacher(op, teacher, torch.randn(8, 8, 12, 12))
     if isinstance(op, DepthwiseSeparableConv2d):
         assert op.depthwise.weight.grad.abs().sum() > 0
     assert op.weight.grad.abs().sum() > 0

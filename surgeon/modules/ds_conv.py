@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from surgeon.init.factorise import relative_error
 from surgeon.init.quantise import dequantise, integer_range, pack_nibbles, quantise_kernel, unpack_nibbles
+from surgeon.modules.plain_conv import stock_conv
 
 
 class DSConv2d(nn.Module):
@@ -148,15 +149,8 @@ class DSConv2d(nn.Module):
 
     def fold(self) -> nn.Conv2d:
         """An ordinary ``nn.Conv2d`` with the dequantised kernel (for export)."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-        ).to(self.weight)
         with torch.no_grad():
-            conv.weight.copy_(self.kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+            return stock_conv(self, self.kernel(), self.bias)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -29,6 +29,7 @@ from surgeon.init.factorise import (
     svd_factors,
     tap_factors,
 )
+from surgeon.modules.plain_conv import stock_conv
 
 
 class GroupedConv2d(nn.Conv2d):
@@ -48,12 +49,7 @@ class GroupedConv2d(nn.Conv2d):
 
     def fold(self) -> nn.Conv2d:
         """The same convolution as a stock ``nn.Conv2d``."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-        ).to(self.weight)
-        conv.load_state_dict(self.state_dict())
-        return conv
+        return stock_conv(self, self.weight, self.bias)
 
 
 class DepthwiseSeparableConv2d(nn.Module):
@@ -137,15 +133,8 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     def fold(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d`` (for export); only without ``mid_act``."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, 1, self.bias is not None, self.padding_mode,
-        ).to(self.weight)
         with torch.no_grad():
-            conv.weight.copy_(self.kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+            return stock_conv(self, self.kernel(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}"

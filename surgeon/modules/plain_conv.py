@@ -8,7 +8,26 @@ model YAML and retraining amounts to.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def stock_conv(geometry: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
+    """A stock ``nn.Conv2d`` holding `weight` and `bias`, with the geometry of `geometry`.
+
+    `geometry` is any module with ``nn.Conv2d``'s channel counts, kernel size, stride, padding, dilation and
+    padding mode; groups follow from `weight`'s shape. Every replacement's ``fold()`` returns one: the form
+    exporters and other tools take.
+    """
+    conv = nn.Conv2d(
+        geometry.in_channels, geometry.out_channels, geometry.kernel_size, geometry.stride, geometry.padding,
+        geometry.dilation, geometry.in_channels // weight.shape[1], bias is not None, geometry.padding_mode,
+        device=weight.device, dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
 
 
 class PlainConv2d(nn.Conv2d):
@@ -18,12 +37,7 @@ class PlainConv2d(nn.Conv2d):
 
     def fold(self) -> nn.Conv2d:
         """The same convolution as a stock ``nn.Conv2d``."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-        ).to(self.weight)
-        conv.load_state_dict(self.state_dict())
-        return conv
+        return stock_conv(self, self.weight, self.bias)
 
 
 def plain_conv(conv: nn.Conv2d, init: str = "copy", seed: int = 0) -> PlainConv2d:
