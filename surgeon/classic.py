@@ -3,8 +3,7 @@
 The repository's ``train.py`` pickles its own classes (``models.yolo.DetectionModel``, formerly
 ``models.yolo.Model``; ``models.yolo.Detect``; ``models.common.Conv``, ``C3``, ``SPPF``, ...), so a
 plain ``torch.load`` needs the repository on ``sys.path`` and runs whatever the file names. Here
-torch's weights-only unpickler reads the file against an allow-list that maps each of those names
-onto an equivalent class: Ultralytics' namesake where it computes the same thing from the same
+surgeon's safe reader (`surgeon.io`) maps each of those names onto an equivalent class: Ultralytics' namesake where it computes the same thing from the same
 pickled attributes, a small class of this module where it does not (the model's layer loop, the
 anchor-based ``Detect`` head, and a few blocks Ultralytics dropped). Any other name is refused
 before anything is built.
@@ -14,17 +13,13 @@ Checkpoints written by the PyPI ``yolov5`` package (the same classes under ``yol
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import pickle
 import pickletools
-import re
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-import numpy as np
 import torch
 from torch import nn
 from ultralytics.nn.modules import (
@@ -47,18 +42,14 @@ from ultralytics.nn.modules import (
     TransformerLayer,
 )
 
-from surgeon.errors import CheckpointError, UnsafeCheckpointError
-
 __all__ = [
     "ClassicContract",
     "ClassicDetect",
     "ClassicDetectionModel",
     "ClassicExpand",
-    "classic_safe_globals",
+    "classic_class_names",
     "is_classic_checkpoint",
-    "load_classic",
     "pickled_globals",
-    "torch_safe_globals",
 ]
 
 # Checkpoints of the repository name `models.*`; those of the PyPI package `yolov5.models.*`.
@@ -222,104 +213,13 @@ _CLASSIC_CLASSES: dict[str, type] = {
 }
 
 
-def classic_safe_globals() -> list[tuple[object, str]]:
-    """Allow-list entries for ``torch.serialization.safe_globals``: classic names -> the classes that load them.
+def classic_class_names() -> dict[str, type]:
+    """Classic names (``models.common.Conv``, ``yolov5.models.yolo.Detect``, ...) -> the classes that load them.
 
-    Covers the model classes, and the non-module objects classic checkpoints hold: ``opt`` (a dict; an
-    ``argparse.Namespace`` in some releases) and numpy's ``best_fitness`` (a float array or scalar).
-    torch.nn classes are in `torch_safe_globals`.
+    The non-module objects classic checkpoints hold (``opt`` as an ``argparse.Namespace`` in some releases,
+    numpy's ``best_fitness``) are on surgeon's general allow-list (`surgeon._allowlist`).
     """
-    entries: list[tuple[object, str]] = [
-        (cls, f"{prefix}{name}") for name, cls in _CLASSIC_CLASSES.items() for prefix in CLASSIC_PREFIXES
-    ]
-    entries.append((argparse.Namespace, "argparse.Namespace"))
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
-    for package in ("numpy.core", "numpy._core"):  # numpy 1.x writes the first, 2.x the second
-        entries.append((multiarray._reconstruct, f"{package}.multiarray._reconstruct"))
-        entries.append((multiarray.scalar, f"{package}.multiarray.scalar"))
-    entries += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
-    # A dtype is rebuilt by calling numpy.dtype and then setting its state, which torch allows only for the
-    # types listed: numeric ones, so no object arrays.
-    entries += [(dtype, f"{dtype.__module__}.{dtype.__qualname__}") for dtype in _numeric_dtype_types()]
-    return entries
-
-
-def _numeric_dtype_types() -> list[type]:
-    return [type(np.dtype(code)) for code in "?bhilqBHILQefd"]
-
-
-def torch_safe_globals() -> list[object]:
-    """The torch.nn classes classic detection checkpoints hold, for ``torch.serialization.safe_globals``."""
-    return [
-        nn.Sequential,
-        nn.ModuleList,
-        nn.Conv2d,
-        nn.ConvTranspose2d,
-        nn.BatchNorm2d,
-        nn.Linear,
-        nn.modules.linear.NonDynamicallyQuantizableLinear,
-        nn.MultiheadAttention,
-        nn.Upsample,
-        nn.MaxPool2d,
-        nn.ZeroPad2d,
-        nn.Identity,
-        nn.SiLU,
-        nn.Hardswish,
-        nn.LeakyReLU,
-        nn.ReLU,
-        nn.ReLU6,
-        nn.Sigmoid,
-    ]
-
-
-def load_classic(path: str | os.PathLike) -> tuple[ClassicDetectionModel, dict]:
-    """Load a classic YOLOv5 detection checkpoint without running anything it contains.
-
-    Args:
-        path: A checkpoint written by the repository's ``train.py`` (or ``torch.save({"model": model})``).
-
-    Returns:
-        The model (the EMA weights where the checkpoint has them, as the repository's ``attempt_load``
-        picks), in float32 and eval mode, and the checkpoint dict it came from.
-
-    Raises:
-        UnsafeCheckpointError: The file names a class or function outside the allow-list.
-        CheckpointError: The file is missing, not a torch checkpoint, or holds no classic detection model.
-    """
-    try:
-        with torch.serialization.safe_globals([*classic_safe_globals(), *torch_safe_globals()]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: no such file") from e
-    except pickle.UnpicklingError as e:
-        if "Only persistent_load of storage is allowed" in str(e):
-            # torch < 1.6 wrote each module class with its source code, which only an unrestricted load accepts.
-            raise CheckpointError(
-                f"{path}: written in torch's legacy (pre-1.6, non-zip) format with whole modules, which cannot "
-                "be loaded without trusting the code it names"
-            ) from None
-        name = re.search(r"GLOBAL (\S+)", str(e))
-        if name is None:
-            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-            detail = detail.group(1) if detail else str(e).splitlines()[0]
-            raise CheckpointError(f"{path}: not a classic YOLOv5 checkpoint ({detail})") from None
-        raise UnsafeCheckpointError(
-            f"{path} names {name.group(1)}, which is not part of a classic YOLOv5 detection checkpoint; "
-            "refused before anything in the file was run"
-        ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from e
-
-    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
-    if not isinstance(model, ClassicDetectionModel):
-        found = type(model).__name__ if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: holds no classic YOLOv5 detection model (found {found})")
-    if not isinstance(getattr(model, "model", None), nn.Sequential) or not isinstance(model.model[-1], ClassicDetect):
-        raise CheckpointError(f"{path}: its classic model has no layer list ending in a Detect head")
-    return model.float().eval(), ckpt
+    return {f"{prefix}{name}": cls for name, cls in _CLASSIC_CLASSES.items() for prefix in CLASSIC_PREFIXES}
 
 
 def _update_legacy_state(model: ClassicDetectionModel) -> None:

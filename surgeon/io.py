@@ -1,9 +1,11 @@
 """Checkpoints in and out: Ultralytics package checkpoints, classic YOLOv5 checkpoints, plain modules.
 
-Loading never runs code from the file: ``torch.load(weights_only=True)`` with an allow-list of the
-module classes these checkpoints legitimately contain (torch.nn, Ultralytics, surgeon's own
-replacements, and the classic YOLOv5 names mapped onto equivalent classes). Anything else is
-refused with the class named, unless the caller passes ``trust=True``.
+Loading never runs code from the file. The archive is checked to be what ``torch.save`` writes
+(stored records, sizes that fit, no TorchScript, no extra members), then its pickle is read by
+`surgeon._unpickler` under the policy of `surgeon._allowlist`: module objects come back the way
+``torch.save`` wrote them (created without ``__init__``, then their state), and nothing the file
+names is called with its own arguments except a short audited list of pure rebuild functions.
+Anything else is refused with what was asked for named, unless the caller passes ``trust=True``.
 """
 
 from __future__ import annotations
@@ -12,25 +14,19 @@ import contextlib
 import datetime
 import hashlib
 import importlib
-import inspect
 import os
 import pickle
-import pkgutil
 import re
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from surgeon.errors import CheckpointError, UnsafeCheckpointError
-
-_CLASS_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "surgeon.modules")
-_CLASS_MODULES = ("ultralytics.nn.tasks", "surgeon.classic")
 
 
 @dataclass
@@ -56,36 +52,13 @@ class Loaded:
         return self.path.stem if self.path else type(self.model).__name__
 
 
-def _module_classes(module) -> list[type]:
-    return [
-        obj for obj in vars(module).values()
-        if inspect.isclass(obj) and obj.__module__ == module.__name__ and issubclass(obj, nn.Module)
-    ]
-
-
-@lru_cache(maxsize=1)
-def safe_globals() -> tuple:
-    """Everything a legitimate checkpoint may name: module classes, and classic YOLOv5 name mappings."""
-    allowed: list = [set, frozenset]
-    for package_name in _CLASS_PACKAGES:
-        package = importlib.import_module(package_name)
-        allowed += _module_classes(package)
-        for info in pkgutil.iter_modules(package.__path__):
-            allowed += _module_classes(importlib.import_module(f"{package_name}.{info.name}"))
-    for module_name in _CLASS_MODULES:
-        allowed += _module_classes(importlib.import_module(module_name))
-    from surgeon.classic import classic_safe_globals
-
-    allowed += classic_safe_globals()
-    return tuple(allowed)
-
-
 class _RenamingUnpickler(pickle.Unpickler):
     """Full unpickler (trusted files only) that maps renamed classes, e.g. classic ``models.*``."""
 
     def find_class(self, module: str, name: str):
-        renamed = {n: obj for obj, n in (g for g in safe_globals() if isinstance(g, tuple))}
-        return renamed.get(f"{module}.{name}") or super().find_class(module, name)
+        from surgeon.classic import classic_class_names
+
+        return classic_class_names().get(f"{module}.{name}") or super().find_class(module, name)
 
 
 class _RenamingPickle:
@@ -104,7 +77,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_file(path: Path) -> None:
+# A torch.save archive: one top folder holding these records and nothing else (torch 1.6 to 2.x).
+_TORCH_RECORD = re.compile(r"(data\.pkl|version|byteorder|\.format_version|\.storage_alignment|data/\d+|"
+                           r"\.data/version|\.data/serialization_id)")
+_MAX_PICKLE_BYTES = 64 << 20  # the object pickle of the largest Ultralytics model is under 2 MB
+
+
+def _check_file(path: Path, trust: bool) -> dict[str, int] | None:
+    """Refuse what is not a checkpoint before anything is unpickled.
+
+    Returns:
+        For a torch zip archive, the size of each tensor record (``key -> bytes``); ``None`` for a
+        legacy-format file (allowed only with `trust`).
+    """
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
@@ -118,55 +103,94 @@ def _check_file(path: Path) -> None:
     # torch.save writes a zip archive; the legacy format starts with a pickle protocol opcode.
     if head[:2] != b"PK" and head[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
-    if head[:2] == b"PK":
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: corrupt or truncated checkpoint")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                damaged = archive.testzip()  # torch does not check CRCs; overwritten bytes would load silently
-        except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({error})") from None
-        if damaged is not None:
-            raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {damaged})")
+    if head[:2] != b"PK":
+        if trust:
+            return None
+        raise CheckpointError(
+            f"{path}: a bare pickle stream (torch's legacy pre-1.6 format, or pickle.dump), not a torch zip archive; "
+            "surgeon reads the legacy format only with --trust (re-save it with torch.save to read it safely)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = _archive_records(path, archive)
+            damaged = archive.testzip()  # torch does not check CRCs; overwritten bytes would load silently
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({error})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {damaged})")
+    return records
 
 
-_UNSUPPORTED = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class|unsupported GLOBAL) ?([\w.]+)")
+def _archive_records(path: Path, archive: zipfile.ZipFile) -> dict[str, int]:
+    """Check that the zip is laid out as torch.save writes it; returns the tensor records' sizes."""
+    infos = archive.infolist()
+    if not infos:
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint (an empty zip archive)")
+    top = infos[0].filename.split("/", 1)[0]
+    names = {info.filename for info in infos}
+    if f"{top}/constants.pkl" in names or any(n.startswith(f"{top}/code/") for n in names):
+        raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; surgeon reads "
+                              "checkpoints written by torch.save")
+    if f"{top}/data.pkl" not in names:
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint (a zip archive without {top}/data.pkl; "
+                              "not written by torch.save)")
+    size, records = path.stat().st_size, {}
+    for info in infos:
+        name = info.filename
+        if not (name.startswith(f"{top}/") and _TORCH_RECORD.fullmatch(name[len(top) + 1:])):
+            raise CheckpointError(f"{path}: unexpected archive member {name!r} (torch.save writes only its own "
+                                  "records); refused")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise CheckpointError(f"{path}: archive member {name!r} is compressed; torch.save stores records "
+                                  "uncompressed, refused")
+        if info.file_size > size:
+            raise CheckpointError(f"{path}: archive member {name!r} claims {info.file_size} bytes in a file of "
+                                  f"{size}; corrupt or crafted, refused")
+        if name.startswith(f"{top}/data/"):
+            records[name[len(top) + 6:]] = info.file_size
+    if archive.getinfo(f"{top}/data.pkl").file_size > _MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: its object pickle is over {_MAX_PICKLE_BYTES >> 20} MiB, far beyond any "
+                              "model's; refused")
+    return records
 
 
-def _torch_load(path: Path, trust: bool):
+def _torch_load(path: Path, trust: bool, records: dict[str, int] | None):
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RenamingPickle)
+    from surgeon._allowlist import checkpoint_policy
+    from surgeon._unpickler import RefusedPickle, pickle_module
+
+    reader = pickle_module(checkpoint_policy(), records)
     try:
-        with torch.serialization.safe_globals(list(safe_globals())):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = _UNSUPPORTED.search(str(error))
-        if found:
-            raise UnsafeCheckpointError(
-                f"{path}: refused to load class {found.group(1)}, which is not on the allow-list of checkpoint "
-                "classes; load it with --trust (trust=True) only if you trust where the file came from"
-            ) from None
-        text = str(error)
-        if "Only persistent_load of storage is allowed" in text:
-            raise CheckpointError(
-                f"{path}: written in torch's legacy (pre-1.6, non-zip) format with whole pickled modules, which "
-                "cannot be read safely; load it with --trust only if you trust where it came from") from None
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-        reason = detail.group(1) if detail else text.splitlines()[0]
-        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=reader)
+    except RefusedPickle as error:
+        raise UnsafeCheckpointError(
+            f"{path}: {error}; nothing in the file was run. Load it with --trust (trust=True) only if you trust "
+            "where the file came from") from None
 
 
 def _load_file(path: Path, trust: bool):
-    _check_file(path)
+    records = _check_file(path, trust)
+    if not trust:
+        from surgeon._allowlist import checkpoint_policy
+
+        checkpoint_policy()  # built before the file is read: a failure here is not the file's
     try:
-        return _torch_load(path, trust)
+        return _torch_load(path, trust, records)
     except CheckpointError:
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({reason})") from None
     except (ModuleNotFoundError, AttributeError) as error:
-        raise CheckpointError(f"{path}: checkpoint needs code that is not installed ({error})") from None
+        if trust:
+            raise CheckpointError(f"{path}: checkpoint needs code that is not installed ({error})") from None
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({_reason(error)})") from None
+    except Exception as error:  # a damaged pickle fails inside the reader in any of a dozen ways; all mean corrupt
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({_reason(error)})") from None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def _resolve_arch(arch: Callable[[], nn.Module] | str) -> nn.Module:
@@ -178,6 +202,16 @@ def _resolve_arch(arch: Callable[[], nn.Module] | str) -> nn.Module:
             raise CheckpointError(f"architecture {arch!r} not found (give a dotted path such as "
                                   "'torchvision.models.resnet18')") from None
     return arch()
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False):
+    """The object a checkpoint file holds (usually a dict), read as `load` reads it: safely unless `trust`.
+
+    Raises:
+        CheckpointError: Missing, unreadable, corrupt or crafted files.
+        UnsafeCheckpointError: A file asking for anything the allow-list does not hold (without `trust`).
+    """
+    return _load_file(Path(path), trust)
 
 
 def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
@@ -208,6 +242,7 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
         from surgeon.classic import ClassicDetectionModel
 
         fmt = "classic" if isinstance(model, ClassicDetectionModel) else "ultralytics"
+        _check_model(path, model)
         meta = {k: v for k, v in obj.items() if k not in ("model", "ema", "optimizer")}
         return Loaded(model.float().eval(), fmt, path, digest, meta)
     state = obj.get("state_dict", obj.get("model", obj))
@@ -223,6 +258,25 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
             raise CheckpointError(f"{path}: state dict does not fit {type(model).__name__}: {detail[-1]}") from None
         return Loaded(model.float().eval(), "state_dict", path, digest)
     raise CheckpointError(f"{path}: checkpoint holds no model (keys: {', '.join(map(str, list(obj)[:8]))})")
+
+
+def _check_model(path: Path, model: nn.Module) -> None:
+    """Refuse a model object that unpickled but is not whole (a damaged or crafted pickle)."""
+    for name, module in model.named_modules():
+        state = vars(module)
+        if not all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")):
+            raise CheckpointError(f"{path}: corrupt checkpoint (module {name or 'model'} lacks its state)")
+        bad = [k for k, v in state["_parameters"].items() if v is not None and not isinstance(v, nn.Parameter)]
+        bad += [k for k, v in state["_buffers"].items() if v is not None and not isinstance(v, torch.Tensor)]
+        bad += [k for k, v in state["_modules"].items() if v is not None and not isinstance(v, nn.Module)]
+        if bad:
+            raise CheckpointError(f"{path}: corrupt checkpoint ({name or 'model'}.{bad[0]} has the wrong type)")
+    layers = getattr(model, "model", None)
+    from surgeon.classic import ClassicDetect, ClassicDetectionModel
+
+    if isinstance(model, ClassicDetectionModel) and not (
+            isinstance(layers, nn.Sequential) and len(layers) and isinstance(layers[-1], ClassicDetect)):
+        raise CheckpointError(f"{path}: its classic model has no layer list ending in a Detect head")
 
 
 @contextlib.contextmanager

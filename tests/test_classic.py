@@ -17,14 +17,14 @@ import torch
 from torch import fx, nn
 from ultralytics.nn.modules import Conv
 
+import surgeon
+from surgeon._allowlist import checkpoint_policy
 from surgeon.classic import (
     ClassicDetect,
     ClassicDetectionModel,
-    classic_safe_globals,
+    classic_class_names,
     is_classic_checkpoint,
-    load_classic,
     pickled_globals,
-    torch_safe_globals,
 )
 from surgeon.classic_factory import (
     YOLOV5S_V3,
@@ -37,6 +37,7 @@ from surgeon.classic_factory import (
     write_classic_checkpoint,
 )
 from surgeon.errors import CheckpointError, UnsafeCheckpointError
+from surgeon.io import read_checkpoint
 
 # Small inputs keep the equivalence checks fast: 64 is the P6 models' stride; a batch of 2 gives
 # BatchNorm more than one value per channel on their 1x1 P6 maps in training mode.
@@ -57,6 +58,14 @@ def yolov5():
 def yolov5n(yolov5):
     """A classic yolov5n (real depth and width) in float32."""
     return build_classic_model("yolov5n.yaml", nc=80)
+
+
+def load_classic(path):
+    """The classic model as `surgeon.load` gives it, and the checkpoint dict as the safe reader returns it."""
+    loaded = surgeon.load(path)
+    if loaded.format != "classic":
+        raise CheckpointError(f"{path}: not a classic checkpoint ({loaded.format})")
+    return loaded.model, read_checkpoint(path)
 
 
 def assert_no_repository():
@@ -99,7 +108,7 @@ def test_loads_without_the_repository_and_matches_it(yolov5n, tmp_path):
 
     model, ckpt = load_classic(path)
 
-    assert isinstance(model, ClassicDetectionModel) and model is ckpt["model"]
+    assert isinstance(model, ClassicDetectionModel) and isinstance(ckpt["model"], ClassicDetectionModel)
     assert not model.training and next(model.parameters()).dtype == torch.float32
     assert ckpt["epoch"] == -1 and ckpt["opt"]["imgsz"] == 640 and ckpt["git"]["branch"] == "master"
     assert model.nc == 80 and model.names[0] == "class0" and model.yaml["width_multiple"] == 0.25
@@ -149,7 +158,8 @@ def test_unstripped_checkpoint_gives_the_ema_model(yolov5n, tmp_path):
 
     model, ckpt = load_classic(path)
 
-    assert model is ckpt["ema"] and ckpt["model"] is not model
+    assert isinstance(ckpt["ema"], ClassicDetectionModel) and isinstance(ckpt["model"], ClassicDetectionModel)
+    assert_same_weights(ckpt["ema"].float(), yolov5n)
     assert float(ckpt["best_fitness"][0]) == 0.25 and ckpt["optimizer"]["param_groups"][0]["nesterov"]
     assert_same_weights(model, yolov5n)
 
@@ -188,7 +198,7 @@ def test_other_layouts_match(yolov5, tmp_path, cfg, levels, options):
         pytest.param(lambda c: c.Expand(2), 16, id="Expand"),
     ],
 )
-def test_blocks_outside_the_shipped_configs_match(yolov5, make, channels):
+def test_blocks_outside_the_shipped_configs_match(yolov5, make, channels, tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         block = make(yolov5)
@@ -196,11 +206,9 @@ def test_blocks_outside_the_shipped_configs_match(yolov5, make, channels):
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0.0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    buffer = io.BytesIO()
-    save_classic({"block": block}, buffer)
-    buffer.seek(0)
-    with torch.serialization.safe_globals([*classic_safe_globals(), *torch_safe_globals()]):
-        loaded = torch.load(buffer, weights_only=True)["block"]
+    path = tmp_path / "block.pt"
+    save_classic({"block": block}, path)
+    loaded = read_checkpoint(path)["block"]
 
     assert type(loaded).__module__ != type(block).__module__
     x = torch.rand(2, channels, 16, 16)
@@ -329,7 +337,7 @@ def test_rejects_files_that_are_not_classic_checkpoints(tmp_path, checkpoint_fac
     for path in (junk, weights, hollow, tmp_path / "missing.pt"):
         with pytest.raises(CheckpointError):
             load_classic(path)
-    with pytest.raises(UnsafeCheckpointError, match="ultralytics"):
+    with pytest.raises(CheckpointError, match="not a classic"):
         load_classic(checkpoint_factory("yolov8n.yaml"))
 
 
@@ -354,14 +362,16 @@ def test_is_classic_checkpoint_reads_protocol_4_and_legacy_files(tmp_path):
 
     assert "models.common.Evil" in pickled_globals(tmp_path / "p4.pt")
     assert "models.common.Evil" in pickled_globals(tmp_path / "legacy.pt")
-    for name in ("p4.pt", "legacy.pt"):
-        with pytest.raises(CheckpointError):  # protocol 4: torch's weights-only unpickler has no STACK_GLOBAL
-            load_classic(tmp_path / name)
+    with pytest.raises(UnsafeCheckpointError, match=r"models\.common\.Evil"):
+        load_classic(tmp_path / "p4.pt")
+    with pytest.raises(CheckpointError, match="legacy"):
+        load_classic(tmp_path / "legacy.pt")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_allow_list_covers_both_model_names_and_maps_conv_to_ultralytics():
-    allowed = {name: obj for obj, name in classic_safe_globals()}
+    allowed = classic_class_names()
+    assert allowed.items() <= checkpoint_policy().classes.items()
 
     assert allowed["models.yolo.Model"] is allowed["models.yolo.DetectionModel"] is ClassicDetectionModel
     assert allowed["models.yolo.Detect"] is ClassicDetect
@@ -376,9 +386,8 @@ def test_allow_list_reads_numpy_numbers_and_namespaces_but_not_object_arrays(tmp
     objects = tmp_path / "objects.pt"
     torch.save({"best_fitness": np.array([{"a": 1}], dtype=object)}, objects)
 
-    with torch.serialization.safe_globals([*classic_safe_globals(), *torch_safe_globals()]):
-        ckpt = torch.load(numbers, weights_only=True)
-        with pytest.raises(pickle.UnpicklingError):
-            torch.load(objects, weights_only=True)
+    ckpt = read_checkpoint(numbers)
+    with pytest.raises(UnsafeCheckpointError, match="numpy"):
+        read_checkpoint(objects)
 
     assert ckpt["best_fitness"].tolist() == [0.5] and ckpt["scalar"] == 0.25 and ckpt["opt"].epochs == 3
