@@ -1,0 +1,348 @@
+"""Hostile and damaged checkpoint files: every entry point refuses each with one line, and nothing in them runs.
+
+The corpus is generated here: pickles that call allowed classes with crafted arguments (the
+weights-only hole), getattr chains, state payloads, opcodes that run code, archive tricks (extra
+pickles, TorchScript, compression bombs, sizes that lie) and legacy files. Each payload that could
+run code would create a sentinel file; the tests assert it never appears, that the command fails
+with one ``error:`` line, that ``apply`` writes nothing and that the input file is unchanged.
+"""
+
+from __future__ import annotations
+
+import codecs
+import copyreg
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import pickletools
+import random
+import struct
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from ultralytics.nn.modules import Conv
+from ultralytics.nn.modules.head import Detect
+from ultralytics.nn.tasks import ClassificationModel, DetectionModel, SegmentationModel
+from ultralytics.utils import IterableSimpleNamespace
+
+import surgeon
+from surgeon.cli import main
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.modules.dynamic_conv import DynamicConv2d
+
+SENTINEL = "SENTINEL"
+
+
+def sentinel_cfg(target: Path) -> dict:
+    """A model config whose ``activation`` Ultralytics' constructor evaluates: it creates `target`."""
+    return {"nc": 2, "backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": [[-1, 1, "Conv", [16, 3, 2]]],
+            "activation": f"__import__('os').system('touch {target}') or torch.nn.SiLU()"}
+
+
+class Reduce:
+    """Pickles as REDUCE(func, args): unpickling calls func(*args)."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+    def __call__(self, *args):  # pickle insists that the callable of a reduce tuple is callable
+        raise AssertionError("never called while pickling")
+
+
+class NewObj:
+    """Pickles as NEWOBJ(cls, args) (protocol 2) or NEWOBJ_EX (protocol 4 with kwargs)."""
+
+    def __init__(self, cls, *args, **kwargs):
+        self.cls, self.args, self.kwargs = cls, args, kwargs
+
+    @property
+    def __class__(self):  # the pickler checks that args[0] is the object's class
+        return self.cls
+
+    def __reduce_ex__(self, protocol):
+        if self.kwargs:
+            return copyreg.__newobj_ex__, (self.cls, self.args, self.kwargs)
+        return copyreg.__newobj__, (self.cls, *self.args)
+
+
+def archive(path: Path, data_pkl: bytes, extra: dict[str, bytes] | None = None,
+            compress: dict[str, int] | None = None) -> Path:
+    """A torch zip archive (as torch.save lays it out) holding `data_pkl`, plus any `extra` members."""
+    buffer = io.BytesIO()
+    torch.save({"tensor": torch.ones(2)}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as template, zipfile.ZipFile(path, "w") as out:
+        for info in template.infolist():
+            data = data_pkl if info.filename.endswith("/data.pkl") else template.read(info)
+            out.writestr(info.filename, data, compress_type=(compress or {}).get(info.filename, zipfile.ZIP_STORED))
+        for name, data in (extra or {}).items():
+            out.writestr(name, data, compress_type=(compress or {}).get(name, zipfile.ZIP_STORED))
+    return path
+
+
+def saved(obj, path: Path, **kwargs) -> Path:
+    torch.save(obj, path, **kwargs)
+    return path
+
+
+def raw(path: Path, data_pkl: bytes) -> Path:
+    return archive(path, data_pkl)
+
+
+class StoragePickler(pickle._Pickler):
+    """Writes a tensor storage reference (as torch.save does) that claims `numel` floats in record `key`."""
+
+    def __init__(self, file, key: str, numel: int):
+        super().__init__(file, protocol=2)
+        self.key, self.numel = key, numel
+
+    def persistent_id(self, obj):
+        if obj is StoragePickler:
+            return ("storage", torch.FloatStorage, self.key, "cpu", self.numel)
+        return None
+
+
+def storage_pickle(key: str, numel: int) -> bytes:
+    out = io.BytesIO()
+    StoragePickler(out, key, numel).dump(Reduce(torch._utils._rebuild_tensor_v2, StoragePickler, 0, (numel,), (1,),
+                                                False, OrderedDict()))
+    return out.getvalue()
+
+
+def hooked_conv() -> nn.Module:
+    conv = nn.Conv2d(3, 4, 1)
+    conv._forward_hooks[0] = Detect.forward
+    return conv
+
+
+def central_directory_lie(path: Path) -> Path:
+    """A valid archive whose central directory then claims a tensor record of 4 GB."""
+    archive(path, pickle.dumps({"a": 1}, protocol=2))
+    data = bytearray(path.read_bytes())
+    name = b"archive/data/0"
+    entry = data.find(b"PK\x01\x02")
+    while data[entry + 46:entry + 46 + len(name)] != name:
+        entry = data.find(b"PK\x01\x02", entry + 4)
+    struct.pack_into("<II", data, entry + 20, 0xFFFFFFF0, 0xFFFFFFF0)  # compressed and uncompressed size
+    path.write_bytes(bytes(data))
+    return path
+
+
+# name -> builder(tmp_path, sentinel) -> path. Each builder's file is one hostile case.
+CORPUS = {
+    # REDUCE of allow-listed classes with crafted arguments: the constructor-call hole, per class family.
+    "reduce-detection-model": lambda t, s: saved({"model": Reduce(DetectionModel, sentinel_cfg(s)), "epoch": -1},
+                                                 t / "f.pt"),
+    "reduce-segmentation-model": lambda t, s: saved({"model": Reduce(SegmentationModel, sentinel_cfg(s))}, t / "f.pt"),
+    "reduce-classification-model": lambda t, s: saved({"model": Reduce(ClassificationModel, sentinel_cfg(s))},
+                                                      t / "f.pt"),
+    "reduce-block": lambda t, s: saved({"model": Reduce(Conv, 3, 16, 3)}, t / "f.pt"),
+    "reduce-head": lambda t, s: saved({"model": Reduce(Detect, 80, (16, 32, 64))}, t / "f.pt"),
+    "reduce-surgeon-module": lambda t, s: saved({"model": Reduce(DynamicConv2d, 3, 4, 1)}, t / "f.pt"),
+    "reduce-torch-nn": lambda t, s: saved({"model": Reduce(nn.Conv2d, 3, 4, 1)}, t / "f.pt"),
+    "reduce-namespace-with-args": lambda t, s: saved({"model": Reduce(IterableSimpleNamespace, {"a": 1})}, t / "f.pt"),
+    "newobj-with-args": lambda t, s: saved({"model": NewObj(DetectionModel, sentinel_cfg(s))}, t / "f.pt"),
+    "newobj-ex-with-kwargs": lambda t, s: saved({"model": NewObj(DetectionModel, cfg=sentinel_cfg(s))}, t / "f.pt",
+                                                pickle_protocol=4),
+    # getattr chains through allowed objects.
+    "getattr-init": lambda t, s: saved({"model": Reduce(Reduce(getattr, DetectionModel, "__init__"),
+                                                        DetectionModel, sentinel_cfg(s))}, t / "f.pt"),
+    "getattr-globals": lambda t, s: saved({"model": Reduce(getattr, Reduce(getattr, Detect, "forward"), "__globals__")},
+                                          t / "f.pt"),
+    "getattr-builtins": lambda t, s: saved({"model": Reduce(getattr, Reduce(getattr, Conv, "__init__"),
+                                                            "__builtins__")}, t / "f.pt"),
+    "getattr-instance-class": lambda t, s: saved({"model": Reduce(getattr, nn.Conv2d(1, 1, 1), "__class__")},
+                                                 t / "f.pt"),
+    "protocol4-dotted-init": lambda t, s: saved({"model": Reduce(DetectionModel.__init__, nn.Identity(),
+                                                                 sentinel_cfg(s))}, t / "f.pt", pickle_protocol=4),
+    "os-system": lambda t, s: saved({"model": Reduce(os.system, f"touch {s}")}, t / "f.pt"),
+    "builtins-eval": lambda t, s: saved({"model": Reduce(eval, f"__import__('os').system('touch {s}')")}, t / "f.pt"),
+    "path-touch": lambda t, s: saved({"model": Reduce(pathlib.Path.touch, pathlib.Path(s))}, t / "f.pt"),
+    # State payloads and values the rebuild functions must refuse.
+    "build-on-a-class": lambda t, s: raw(t / "f.pt", b"\x80\x02cultralytics.nn.tasks\nDetectionModel\n}b."),
+    "forward-hook-payload": lambda t, s: saved({"model": hooked_conv()}, t / "f.pt"),
+    "class-as-value": lambda t, s: saved({"model": DetectionModel, "epoch": -1}, t / "f.pt"),
+    "parameter-with-hooks": lambda t, s: saved({"model": Reduce(torch._utils._rebuild_parameter, torch.zeros(1), False,
+                                                                OrderedDict({0: Detect.forward}))}, t / "f.pt"),
+    "codec-lookup": lambda t, s: saved({"model": Reduce(codecs.encode, "x", "rot13")}, t / "f.pt"),
+    "numpy-object-array": lambda t, s: saved({"best_fitness": np.array([{"a": 1}], dtype=object)}, t / "f.pt"),
+    # Opcodes that run code, which torch.save never writes.
+    "inst-opcode": lambda t, s: raw(t / "f.pt", f"(S'touch {s}'\nios\nsystem\n.".encode()),
+    "obj-opcode": lambda t, s: raw(t / "f.pt", b"(cultralytics.nn.tasks\nDetectionModel\n}o."),
+    "ext-opcode": lambda t, s: raw(t / "f.pt", b"\x80\x02\x82\x01."),
+    # Archive tricks.
+    "extra-pickle-member": lambda t, s: archive(t / "f.pt", pickle.dumps({"a": 1}, protocol=2),
+                                                {"archive/extra.pkl": pickle.dumps(Reduce(os.system, f"touch {s}"))}),
+    "second-archive-folder": lambda t, s: archive(t / "f.pt", pickle.dumps({"a": 1}, protocol=2),
+                                                  {"other/data.pkl": pickle.dumps(Reduce(os.system, f"touch {s}"))}),
+    "torchscript": lambda t, s: (torch.jit.save(torch.jit.script(nn.Conv2d(1, 1, 1)), t / "f.pt"), t / "f.pt")[1],
+    "legacy-format": lambda t, s: saved({"model": Reduce(os.system, f"touch {s}")}, t / "f.pt",
+                                        _use_new_zipfile_serialization=False),
+    "zip-bomb": lambda t, s: archive(t / "f.pt", pickle.dumps({"a": 1}, protocol=2),
+                                     {"archive/data/1": bytes(256 << 20)}, {"archive/data/1": zipfile.ZIP_DEFLATED}),
+    "oversized-member-header": lambda t, s: central_directory_lie(t / "f.pt"),
+    "storage-larger-than-record": lambda t, s: raw(t / "f.pt", storage_pickle("0", 1 << 30)),
+    "storage-missing-record": lambda t, s: raw(t / "f.pt", storage_pickle("7", 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, tuple[Path, Path, str]]:
+    """name -> (file, sentinel, sha256 of the file)."""
+    files = {}
+    for name, build in CORPUS.items():
+        folder = tmp_path_factory.mktemp(name)
+        path = build(folder, folder / SENTINEL)
+        files[name] = (path, folder / SENTINEL, hashlib.sha256(path.read_bytes()).hexdigest())
+    return files
+
+
+@pytest.fixture(scope="module")
+def data_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.yaml"
+    path.write_text("path: .\ntrain: images\nval: images\nnames: {0: a}\n")
+    return path
+
+
+def test_corpus_is_large_and_payloads_are_live(tmp_path):
+    """Control: the files are real threats. A plain load runs the payload; torch's weights-only load with the
+    model classes allowed (the previous scheme) runs the constructor-call one."""
+    assert len(CORPUS) >= 20
+    target = tmp_path / SENTINEL
+    path = CORPUS["os-system"](tmp_path, target)
+    torch.load(path, weights_only=False)
+    assert target.exists()
+    target.unlink()
+    path = CORPUS["reduce-detection-model"](tmp_path, target)
+    with torch.serialization.safe_globals([DetectionModel]):
+        torch.load(path, weights_only=True)
+    assert target.exists()
+
+
+def assert_refused(result, path: Path, sentinel: Path, digest: str) -> None:
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), result.stderr
+    assert not sentinel.exists(), "the file ran code"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, "the input file was modified"
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_python_api_refuses(name, corpus):
+    path, sentinel, _ = corpus[name]
+
+    with pytest.raises(CheckpointError) as error:
+        surgeon.load(path)
+
+    assert isinstance(error.value, SurgeonError)
+    assert str(error.value).startswith(f"{path}:") and len(str(error.value).splitlines()) == 1
+    assert not sentinel.exists()
+    with pytest.raises(CheckpointError):
+        surgeon.inspect(path)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "apply", "diff-a", "diff-b", "finetune"])
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_cli_refuses(name, command, corpus, runner, checkpoint_factory, data_yaml, tmp_path):
+    path, sentinel, digest = corpus[name]
+    good = checkpoint_factory("yolov8n.yaml")
+    output = tmp_path / "out.pt"
+    args = {
+        "inspect": ["inspect", str(path), "--imgsz", "64"],
+        "apply": ["apply", str(path), "-r", "dyn_head", "-o", str(output), "--imgsz", "64"],
+        "diff-a": ["diff", str(path), good, "--imgsz", "64"],
+        "diff-b": ["diff", good, str(path), "--imgsz", "64"],
+        "finetune": ["finetune", str(path), "--data", str(data_yaml), "--epochs", "1", "--project", str(tmp_path)],
+    }[command]
+
+    result = runner.invoke(main, args)
+
+    assert_refused(result, path, sentinel, digest)
+    assert not output.exists() and not list(path.parent.glob("*.part"))
+    assert not list(tmp_path.iterdir()), "something was written"
+
+
+def test_console_script_refuses_the_constructor_call(corpus, data_yaml, tmp_path):
+    """The issue's file through the installed entry point, as a user runs it."""
+    script = Path(sys.executable).with_name("surgeon")
+    path, sentinel, digest = corpus["reduce-detection-model"]
+    for args in (["inspect", str(path)], ["apply", str(path), "-r", "dyn_head", "-o", str(tmp_path / "o.pt")],
+                 ["finetune", str(path), "--data", str(data_yaml)]):
+        proc = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300, check=False,
+                              cwd=tmp_path)
+        assert proc.returncode != 0
+        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"error: {path}"), proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert not sentinel.exists()
+    assert not list(tmp_path.iterdir())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+# --- damaged copies of a real checkpoint -------------------------------------------------------------------------
+
+
+def _rezip(real: Path, path: Path, data_pkl: bytes) -> Path:
+    """`real` with its pickle replaced and every CRC valid: damage only the reader can notice."""
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
+    return path
+
+
+def damaged_copies(real: Path, folder: Path, n: int = 20, seed: int = 0) -> list[Path]:
+    """3 x `n` copies: truncated, bytes flipped anywhere, and opcodes flipped inside the pickle of a valid zip."""
+    rng = random.Random(seed)
+    data = real.read_bytes()
+    with zipfile.ZipFile(real) as zf:
+        pkl = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    opcode_positions = [pos for _, _, pos in pickletools.genops(pkl)]
+    paths = []
+    for i in range(n):
+        cut = folder / f"truncated-{i}.pt"
+        cut.write_bytes(data[:rng.randrange(1, len(data))])
+        flipped = bytearray(data)
+        for pos in rng.sample(range(len(data)), 8):
+            flipped[pos] ^= 0xFF
+        flip = folder / f"flipped-{i}.pt"
+        flip.write_bytes(bytes(flipped))
+        broken = bytearray(pkl)
+        for pos in rng.sample(opcode_positions, 3):
+            broken[pos] = rng.choice([b for b in range(256) if b != broken[pos]])
+        paths += [cut, flip, _rezip(real, folder / f"pickle-{i}.pt", bytes(broken))]
+    return paths
+
+
+def test_damaged_copies_give_one_line_and_a_non_zero_exit(runner, checkpoint_factory, tmp_path):
+    real = Path(checkpoint_factory("yolov8n.yaml"))
+    paths = damaged_copies(real, tmp_path)
+    assert len(paths) == 60
+    failures = []
+    for path in paths:
+        result = runner.invoke(main, ["inspect", str(path), "--imgsz", "64"])
+        lines = result.stderr.splitlines()
+        if (result.exit_code in (0, None) or not isinstance(result.exception, SystemExit) or len(lines) != 1
+                or not lines[0].startswith(f"error: {path}")):
+            failures.append(f"{path.name}: exit {result.exit_code}, {result.exception!r}, {result.stderr[-300:]!r}")
+    assert not failures, "\n".join(failures)
