@@ -16,15 +16,19 @@ replacement modules are module-level classes importable in the worker. Versions 
 that do not ship the model along leave ``trainer.model`` as the checkpoint path from ``args.model``;
 :meth:`setup_model` then reads the rewritten model from that path instead of building it from YAML.
 
-Security: checkpoints are unpickled with ``torch.load(weights_only=False)``, which can run code
-stored in the file. Only load checkpoints that your own surgeon run wrote. All unpickling goes
-through :func:`_load_checkpoint_model`, the one place to swap for a restricted loader.
+Security: every checkpoint read here goes through surgeon's safe reader (`surgeon.io`), which
+never runs code from a file: the checkpoint given to :func:`finetune`, and the files Ultralytics'
+trainer reads itself (``resume``, ``strip_optimizer`` on ``last.pt``/``best.pt``, the final
+validation's model), which :func:`ultralytics_reads_safely` routes to the same reader while a
+trainer here is built and runs. ``trust=True`` lifts the allow-list for files you trust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
+import os
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +53,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
-from surgeon.io import load  # noqa: E402
+from surgeon.io import load, read_checkpoint  # noqa: E402
 from surgeon.modules.dynamic_conv import linear_temperature  # noqa: E402
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "TemperatureSchedule",
     "finetune",
     "load_yolo",
+    "ultralytics_reads_safely",
     "set_temperature",
     "trainer_for",
 ]
@@ -101,6 +106,37 @@ def _load_checkpoint_model(path: str | Path, trust: bool = False) -> tuple[nn.Mo
     if not hasattr(model, "stride"):
         model.stride = torch.tensor([32.0])
     return model, ckpt
+
+
+@contextlib.contextmanager
+def ultralytics_reads_safely(trust: bool = False):
+    """Make Ultralytics read checkpoint files through surgeon's safe reader while the block runs.
+
+    Ultralytics' trainer and validator read checkpoints themselves with ``torch.load(weights_only=False)``:
+    ``resume`` (``load_checkpoint``), ``strip_optimizer`` on ``last.pt``/``best.pt``, and the final
+    validation (``AutoBackend`` -> ``load_checkpoint``). Those module-level functions are swapped for
+    ones that call `surgeon.io.read_checkpoint` and restored afterwards. File-like objects (not paths)
+    pass through to Ultralytics' own function.
+    """
+    import ultralytics.nn.tasks as tasks
+    import ultralytics.utils.patches as patches
+    import ultralytics.utils.torch_utils as torch_utils
+
+    originals = (tasks.torch_safe_load, patches.torch_load, torch_utils.torch_load)
+
+    def torch_safe_load(weight, safe_only=None):
+        return read_checkpoint(weight, trust=trust), str(weight)
+
+    def torch_load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            return read_checkpoint(f, trust=trust)
+        return originals[1](f, *args, **kwargs)
+
+    tasks.torch_safe_load, patches.torch_load, torch_utils.torch_load = torch_safe_load, torch_load, torch_load
+    try:
+        yield
+    finally:
+        tasks.torch_safe_load, patches.torch_load, torch_utils.torch_load = originals
 
 
 class _CheckpointYOLO(YOLO):
@@ -217,9 +253,15 @@ class _KeepRewrittenModel:
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with ultralytics_reads_safely(trust=_TRUST.get()):  # __init__ reads the checkpoint to resume from
+            super().__init__(*args, **kwargs)
         if not _has_annealer(self.callbacks):
             self.add_callback("on_train_epoch_start", TemperatureAnnealer())
+
+    def train(self):
+        """Ultralytics' training, with every checkpoint it reads (resume, final validation) read safely."""
+        with ultralytics_reads_safely(trust=_TRUST.get()):
+            return super().train()
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         """The rewritten model to train: `weights` when it is a module, else the checkpoint in ``args.model``.
@@ -382,6 +424,16 @@ class FinetuneResult:
     temperatures: dict[int, float]
 
 
+def _surgeon_cause(error: BaseException) -> SurgeonError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SurgeonError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def finetune(
     checkpoint: str | Path,
     data: str | Path,
@@ -392,8 +444,9 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune a rewritten checkpoint with the Ultralytics trainer, keeping its rewritten modules.
 
-    The checkpoint is unpickled: load only files your own surgeon run wrote. Set ``project`` to
-    keep Ultralytics from writing ``runs/`` under the current directory.
+    The checkpoint, and every file the trainer reads back (resume, final validation), is read by
+    surgeon's safe reader, which runs nothing from a file. Set ``project`` to keep Ultralytics from
+    writing ``runs/`` under the current directory.
 
     Args:
         checkpoint: A checkpoint written by surgeon (any file name, ``yolov5s.pt`` included).
@@ -418,7 +471,17 @@ def finetune(
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
-    yolo.train(trainer=trainer_cls, data=str(data), **train_args)
+    token = _TRUST.set(trust)
+    try:
+        with ultralytics_reads_safely(trust=trust):
+            yolo.train(trainer=trainer_cls, data=str(data), **train_args)
+    except Exception as error:
+        cause = _surgeon_cause(error)
+        if cause is None:
+            raise
+        raise cause from None  # Ultralytics re-raises a refused read as e.g. "Resume checkpoint not found"
+    finally:
+        _TRUST.reset(token)
 
     trainer = yolo.trainer
     metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None

@@ -335,3 +335,50 @@ def test_cli_dataset_and_finetune(tmp_path, monkeypatch):
     assert _paths(load_yolo(last).model) == swapped
     bad = runner.invoke(main, ["finetune", str(checkpoint), "--data", str(data), "epochs"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.stderr
+
+
+# --- the trainer's own reads go through the safe reader ----------------------------------------------------------
+
+
+class _TouchOnLoad:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.target}",)
+
+
+def test_resume_file_read_by_the_trainer_is_refused_before_it_runs(rewritten, data, tmp_path):
+    """Ultralytics' trainer reads the checkpoint named by `resume` itself; here that read is surgeon's reader."""
+    sentinel = tmp_path / "SENTINEL"
+    evil = tmp_path / "last.pt"
+    torch.save({"model": _TouchOnLoad(sentinel), "epoch": 3}, evil)
+
+    with pytest.raises(CheckpointError, match="refused") as error:
+        finetune(rewritten.path, data, resume=str(evil), epochs=1, project=str(tmp_path / "runs"), **TRAIN_ARGS)
+
+    assert str(evil) in str(error.value) and len(str(error.value).splitlines()) == 1
+    assert not sentinel.exists()
+
+
+@pytest.mark.slow
+def test_trainer_reads_its_own_checkpoints_through_the_safe_reader(rewritten, data, tmp_path, monkeypatch):
+    import surgeon.finetune as finetune_module
+    import ultralytics.nn.tasks as tasks
+
+    read = []
+    original = finetune_module.read_checkpoint
+
+    def spy(path, trust=False):
+        read.append(Path(path).name)
+        return original(path, trust=trust)
+
+    monkeypatch.setattr(finetune_module, "read_checkpoint", spy)
+    stock = tasks.torch_safe_load
+    result = finetune(rewritten.path, data, epochs=1, project=str(tmp_path / "runs"), name="safe", **TRAIN_ARGS)
+
+    assert {"last.pt", "best.pt"} <= set(read), read  # strip_optimizer and the final validation
+    assert tasks.torch_safe_load is stock  # restored afterwards
+    assert result.best is not None
