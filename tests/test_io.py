@@ -378,3 +378,11 @@ def test_overwritten_tensor_bytes_are_detected(yolov8n_ckpt, tmp_path):
 
     with pytest.raises(CheckpointError, match="corrupt"):
         load_unchanged(path)
+
+
+def test_every_setstate_the_allowed_classes_define_is_audited():
+    """A new __setstate__ in torch, Ultralytics or surgeon must be read and listed before files may call it."""
+    from surgeon._allowlist import AUDITED_SETSTATE, checkpoint_policy, setstate_functions
+
+    assert setstate_functions() == AUDITED_SETSTATE
+    assert len(checkpoint_policy().setstate) == len(AUDITED_SETSTATE)
