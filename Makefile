@@ -1,12 +1,15 @@
 # Two entry points, each sets itself up on a fresh machine:
 #   make demo   build a YOLOv5s checkpoint from Ultralytics' own yolov5s.yaml and run surgeon on it
 #   make test   run the whole test suite (installs the test extras, including the classic yolov5 package)
+#   make wheel-check   build the wheel, install it in a fresh venv, run the README's commands with it (CI)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: demo test
+WHEEL_VENV := .venv-wheel
+
+.PHONY: demo test wheel-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +27,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# What a user gets from `pip install`: a wheel in a fresh virtual environment (not editable), and the
+# README's commands run with its console script and Python (tests/test_readme.py).
+wheel-check: $(VENV)/.installed-test
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/pip wheel -q --no-deps -w dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "$$(ls dist/surgeon-*.whl)[export]"
+	SURGEON_BIN=$(CURDIR)/$(WHEEL_VENV)/bin/surgeon SURGEON_PYTHON=$(CURDIR)/$(WHEEL_VENV)/bin/python \
+		$(BIN)/python -m pytest -q tests/test_readme.py

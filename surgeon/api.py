@@ -19,6 +19,7 @@ from surgeon.io import Loaded, checkpoint_dict, load, save_checkpoint
 from surgeon.match import match_rules
 from surgeon.measure import Measurement, measure
 from surgeon.modules import builtin_replacements
+from surgeon.outputs import compare
 from surgeon.registry import Registry
 from surgeon.report import Change, Report
 from surgeon.rewrite import Inserted, Replaced, rewrite
@@ -153,6 +154,11 @@ def _flat_tensors(out) -> list[torch.Tensor]:
 def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: int = 2) -> dict:
     """Run both models in eval mode on the same batch and compare their outputs.
 
+    Besides the largest difference over all outputs (``max_abs``, and ``max_rel`` over the largest
+    output value, which for detectors is a box coordinate in pixels), the detections are compared
+    part by part (`surgeon.outputs`): ``boxes_max_abs`` (pixels), ``boxes_max_rel_image`` (over the
+    image size) and ``scores_max_abs`` (class and objectness scores, absolute).
+
     Raises:
         SurgeryError: The rewritten model fails to run or produces non-finite or differently shaped outputs.
     """
@@ -169,8 +175,9 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
         raise SurgeryError("the rewritten model produces non-finite outputs on a test batch")
     max_abs = max((float((a - b).abs().max()) for a, b in zip(reference, result) if a.numel()), default=0.0)
     scale = max((float(a.abs().max()) for a in reference if a.numel()), default=0.0)
+    parts = compare(original, reference[0], result[0], imgsz) if reference else {}
     return {"batch": batch, "imgsz": imgsz, "max_abs": max_abs, "max_rel": max_abs / scale if scale else max_abs,
-            "max_abs_original": scale}
+            "max_abs_original": scale, **parts}
 
 
 def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,

@@ -3,10 +3,10 @@
 The repository's ``train.py`` pickles its own classes (``models.yolo.DetectionModel``, formerly
 ``models.yolo.Model``; ``models.yolo.Detect``; ``models.common.Conv``, ``C3``, ``SPPF``, ...), so a
 plain ``torch.load`` needs the repository on ``sys.path`` and runs whatever the file names. Here
-surgeon's safe reader (`surgeon.io`) maps each of those names onto an equivalent class: Ultralytics' namesake where it computes the same thing from the same
-pickled attributes, a small class of this module where it does not (the model's layer loop, the
-anchor-based ``Detect`` head, and a few blocks Ultralytics dropped). Any other name is refused
-before anything is built.
+surgeon's safe reader (`surgeon.io`) maps each of those names onto an equivalent class: Ultralytics'
+namesake where it computes the same thing from the same pickled attributes, a small class of this
+module where it does not (the model's layer loop, the anchor-based ``Detect`` head, and a few
+blocks Ultralytics dropped). Any other name is refused before anything is built.
 
 Checkpoints written by the PyPI ``yolov5`` package (the same classes under ``yolov5.models``) load too.
 """

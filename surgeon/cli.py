@@ -141,11 +141,11 @@ def rules_cmd(ctx):
 
     registry = builtin_replacements()
     table = Table(title="built-in rules (use by name with --rule, or give a path to your own .yaml)")
-    for column in ("rule", "replacement", "description"):
+    for column in ("rule", "action", "module", "description"):
         table.add_column(column)
     for name in builtin_rule_names():
         rule = load_rule(name, registry)
-        table.add_row(rule.name, rule.replace.name, rule.description)
+        table.add_row(rule.name, rule.action.kind, rule.action.name, rule.description)
     _console().print(table)
     replacements = Table(title="replacements (for replace.with)")
     for column in ("name", "arguments", "description"):
@@ -175,7 +175,13 @@ def rules_show_cmd(rule: str, model: Path | None, imgsz: int, trust: bool):
     from surgeon.match import match_rules
 
     inspection = inspect_model(model, imgsz=imgsz, trust=trust)
-    matches = match_rules(inspection.blocks, [parsed], model_name=str(model), strict=False)
+    matches = match_rules(inspection.blocks, [parsed], layers=inspection.layers, model_name=str(model), strict=False)
+    if parsed.action.kind == "insert":
+        click.echo(f"\n# {len(matches)} of {len(inspection.layers)} layers of {model} selected:")
+        for m in matches:
+            click.echo(f"{m.target.path}  region={m.target.region} layer={m.target.layer} {m.target.type} "
+                       f"feeds={','.join(m.target.feeds) or '-'}")
+        return
     click.echo(f"\n# {len(matches)} of {len(inspection.blocks)} Conv blocks of {model} selected:")
     for m in matches:
         b = m.block
@@ -250,7 +256,10 @@ def dataset_cmd(root: Path, n_train: int, n_val: int, imgsz: int, n_classes: int
 @click.option("--batch", default=1, show_default=True, help="Export batch size (DynamicConv records its path for it).")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
-    """Export a rewritten CHECKPOINT with Ultralytics' exporter (DSConv layers are folded into plain convolutions)."""
+    """Export a rewritten CHECKPOINT with Ultralytics' exporter (DSConv layers are folded into plain convolutions).
+
+    Export formats need their own packages (ONNX: `pip install 'surgeon[export]'`).
+    """
     from surgeon.finetune import load_yolo
     from surgeon.modules.ds_conv import DSConv2d
     from surgeon.rewrite import fold_modules
@@ -259,4 +268,10 @@ def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
     folded = fold_modules(yolo.model, (DSConv2d,))
     if folded:
         click.echo(f"folded {folded} DSConv layers into plain convolutions")
-    click.echo(f"wrote {yolo.export(format=fmt, imgsz=imgsz, batch=batch)}")
+    try:
+        exported = yolo.export(format=fmt, imgsz=imgsz, batch=batch)
+    except ModuleNotFoundError as error:  # Ultralytics would pip-install it; surgeon keeps it offline
+        hint = " (pip install 'surgeon[export]')" if fmt == "onnx" else ""
+        raise SurgeonError(f"export to {fmt} needs the Python package {error.name!r}, which is not installed"
+                           f"{hint}") from None
+    click.echo(f"wrote {exported}")

@@ -281,16 +281,44 @@ def _check_model(path: Path, model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: Path):
-    """Yield a temporary path next to `target`; it replaces `target` only if the block succeeds."""
+    """Yield a temporary path next to `target`; it replaces `target` only if the block succeeds.
+
+    The new file gets the permissions any file the user creates gets (``0o666`` less the umask; a
+    temporary file would be ``0o600``), and is flushed to disk before the rename, so a crash leaves
+    either the old file or the whole new one.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def checkpoint_dict(loaded: Loaded, model: nn.Module, recipe: dict) -> dict:

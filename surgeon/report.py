@@ -151,8 +151,13 @@ def _check_line(report: Report) -> str:
     c = report.output_check
     if not c:
         return "output check: not run (inputs differ)"
-    return (f"output check on a batch of {c['batch']} at {c['imgsz']} px: max |diff| {c['max_abs']:.3e}, "
-            f"relative to max |original| {c['max_rel']:.3e}")
+    parts = []
+    if "boxes_max_abs" in c:
+        parts.append(f"boxes max |diff| {c['boxes_max_abs']:.3e} px ({c['boxes_max_rel_image']:.3e} of the image size)")
+    if "scores_max_abs" in c:
+        parts.append(f"class scores max |diff| {c['scores_max_abs']:.3e}")
+    overall = f"all outputs max |diff| {c['max_abs']:.3e} ({c['max_rel']:.3e} of max |original|)"
+    return f"output check on a batch of {c['batch']} at {c['imgsz']} px: " + "; ".join([*parts, overall])
 
 
 def to_terminal(report: Report) -> Group:

@@ -24,7 +24,8 @@ Replace rules select Conv blocks; insert rules select top-level layers (``model.
 selector fields that apply to layers (region, layers, path, type, out_channels) plus ``feeds``, the
 detection levels (``P3``, ``P4``, ...) whose head input the layer is.
 
-Built-in rules live in ``rules/`` (one file each) and are used by name; any other file by path.
+Built-in rules live in ``surgeon/builtin_rules/`` (one file each, shipped inside the package) and are
+used by name; any other file by path.
 Parsing is strict: unknown keys, bad values and unknown replacements or arguments are errors that
 name the file and the field.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.resources
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,6 @@ from surgeon.blocks import REGIONS, ConvBlock, LayerTarget
 from surgeon.errors import RuleError
 from surgeon.registry import Registry
 
-RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 _RULE_KEYS = {"name", "description", "select", "exclude", "replace", "insert"}
 _REPLACE_KEYS = {"with", "args"}
 _INSERT_KEYS = {"module", "position", "args"}
@@ -358,8 +359,13 @@ def _parse_action(data: dict, source: str, registry: Registry) -> Action:
     return Action(kind, name, tuple(sorted(args.items())), position)
 
 
+def builtin_rules_dir() -> Path:
+    """The folder of the built-in rule files, shipped inside the package (``surgeon/builtin_rules``)."""
+    return Path(str(importlib.resources.files("surgeon") / "builtin_rules"))
+
+
 def builtin_rule_names() -> list[str]:
-    return sorted(p.stem for p in RULES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in builtin_rules_dir().glob("*.yaml"))
 
 
 def load_rule(name_or_path: str | Path, registry: Registry) -> Rule:
@@ -368,7 +374,7 @@ def load_rule(name_or_path: str | Path, registry: Registry) -> Rule:
     if text_path.suffix in (".yaml", ".yml") or text_path.exists() or "/" in str(name_or_path):
         path = text_path
     else:
-        path = RULES_DIR / f"{name_or_path}.yaml"
+        path = builtin_rules_dir() / f"{name_or_path}.yaml"
         if not path.exists():
             raise RuleError(f"no rule named {name_or_path!r} (built-in rules: {', '.join(builtin_rule_names())}; "
                             "or give a path to a .yaml rule file)")

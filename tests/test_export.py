@@ -34,3 +34,21 @@ def test_export_onnx_matches_pytorch(rule, checkpoint_factory, tmp_path, monkeyp
     with torch.no_grad():
         reference = model.predict(x)[0].numpy()
     assert np.abs(exported - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
+def test_export_without_the_format_package_is_one_line(checkpoint_factory, tmp_path):
+    """A fresh install without the `export` extra: one line naming the package, not Ultralytics' traceback."""
+    import subprocess
+    import sys
+
+    out = surgeon.apply(checkpoint_factory("yolov8n.yaml"), "dyn_head", imgsz=IMGSZ).save(tmp_path / "dyn.pt")
+    code = "import sys; sys.modules['onnx'] = None; from surgeon.cli import main; main()"  # as if not installed
+    proc = subprocess.run([sys.executable, "-c", code, "export", str(out), "--imgsz", str(IMGSZ)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error == ["error: export to onnx needs the Python package 'onnx', which is not installed "
+                     "(pip install 'surgeon[export]')"], proc.stderr
+    assert not list(tmp_path.glob("*.onnx"))

@@ -1,0 +1,69 @@
+"""What a detector's outputs mean: its boxes and its class scores, per head family.
+
+A single "max output difference over the largest output" mixes box coordinates in pixels (hundreds)
+with probabilities (at most 1), so a relative error of 1e-7 can hide a score change of 1e-4. The
+output check compares the two parts separately: boxes relative to the image size, scores absolutely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The primary output of a detector split into meaning.
+
+    Attributes:
+        boxes: Box coordinates (last dimension 4 after `layout`), or None for classifiers.
+        scores: Class (and objectness) scores in [0, 1].
+        box_scale: What box coordinates are measured in: the image size for pixel boxes, 1 for normalised.
+    """
+
+    boxes: torch.Tensor | None
+    scores: torch.Tensor
+    box_scale: float
+
+
+def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | None:
+    """Boxes and scores of `first`, the first output tensor of `model` in eval mode; None for unknown heads.
+
+    Layouts: Ultralytics Detect family ``(B, 4 + nc + extra, anchors)`` (xywh pixels, class
+    probabilities, then masks/keypoints/angles) or end-to-end ``(B, max_det, 6)`` (xyxy, score,
+    class); RT-DETR ``(B, queries, 4 + nc)`` (normalised boxes); classic YOLOv5 ``(B, anchors, 5 + nc)``
+    (xywh pixels, objectness, class probabilities); classifiers ``(B, nc)`` probabilities.
+    """
+    from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder
+
+    from surgeon.classic import ClassicDetect
+
+    layers = getattr(model, "model", None)
+    head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+    nc = getattr(head, "nc", None)
+    if isinstance(head, ClassicDetect) and first.dim() == 3 and first.shape[-1] == 5 + head.nc:
+        return Parts(first[..., :4], first[..., 4:], float(imgsz))
+    if isinstance(head, Detect) and first.dim() == 3:
+        if first.shape[1] >= 4 + nc:
+            return Parts(first[:, :4].transpose(1, 2), first[:, 4:4 + nc], float(imgsz))
+        if first.shape[-1] == 6:
+            return Parts(first[..., :4], first[..., 4:5], float(imgsz))
+    if isinstance(head, RTDETRDecoder) and first.dim() == 3 and first.shape[-1] == 4 + nc:
+        return Parts(first[..., :4], first[..., 4:], 1.0)
+    if isinstance(head, Classify) and first.dim() == 2:
+        return Parts(None, first, 1.0)
+    return None
+
+
+def compare(model: nn.Module, reference: torch.Tensor, result: torch.Tensor, imgsz: int) -> dict:
+    """Largest box difference (in pixels and relative to the image size) and score difference; {} if unknown."""
+    a, b = split_outputs(model, reference, imgsz), split_outputs(model, result, imgsz)
+    if a is None or b is None:
+        return {}
+    out = {"scores_max_abs": float((a.scores - b.scores).abs().max()) if a.scores.numel() else 0.0}
+    if a.boxes is not None:
+        box = float((a.boxes - b.boxes).abs().max()) if a.boxes.numel() else 0.0
+        out.update(boxes_max_abs=box, boxes_max_rel_image=box / a.box_scale)
+    return out
