@@ -386,3 +386,41 @@ def test_every_setstate_the_allowed_classes_define_is_audited():
 
     assert setstate_functions() == AUDITED_SETSTATE
     assert len(checkpoint_policy().setstate) == len(AUDITED_SETSTATE)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_users_permissions_and_reach_the_disk_first(umask, mode, tmp_path, monkeypatch):
+    from surgeon.io import atomic_path
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "out.pt") as tmp:
+            tmp.write_bytes(b"weights")
+    finally:
+        os.umask(previous)
+
+    assert (tmp_path / "out.pt").stat().st_mode & 0o777 == mode
+    assert events[:2] == ["fsync", "replace"], events  # flushed before it appears under its name
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+
+
+def test_apply_outputs_and_reports_get_normal_permissions(checkpoint_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    previous = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, ["apply", checkpoint_factory("yolov8n.yaml"), "-r", "dyn_head", "-o",
+                                           str(tmp_path / "out.pt"), "--report", str(tmp_path / "r.md"),
+                                           "--report", str(tmp_path / "r.json"), "--imgsz", "64"])
+    finally:
+        os.umask(previous)
+
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"out.pt": 0o644, "r.md": 0o644,
+                                                                               "r.json": 0o644}
