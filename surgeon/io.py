@@ -163,11 +163,27 @@ def _torch_load(path: Path, trust: bool, records: dict[str, int] | None):
 
     reader = pickle_module(checkpoint_policy(), records)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=reader)
+        with _without_forced_weights_only():
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=reader)
     except RefusedPickle as error:
         raise UnsafeCheckpointError(
             f"{path}: {error}; nothing in the file was run. Load it with --trust (trust=True) only if you trust "
             "where the file came from") from None
+
+
+@contextlib.contextmanager
+def _without_forced_weights_only():
+    """Lift ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` for the safe reader's own call of ``torch.load``.
+
+    That setting makes torch refuse any ``pickle_module``; the reader it would refuse is stricter than
+    torch's weights-only unpickler, so the user's intent (no code from files) still holds.
+    """
+    value = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = value
 
 
 def _load_file(path: Path, trust: bool):

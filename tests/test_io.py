@@ -424,3 +424,16 @@ def test_apply_outputs_and_reports_get_normal_permissions(checkpoint_factory, tm
     assert result.exit_code == 0, result.output
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"out.pt": 0o644, "r.md": 0o644,
                                                                                "r.json": 0o644}
+
+
+def test_forced_weights_only_setting_still_reads_safely(yolov8n_ckpt, tmp_path, monkeypatch):
+    """torch refuses a custom reader under TORCH_FORCE_WEIGHTS_ONLY_LOAD; surgeon's reader is stricter, so it runs."""
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    loaded = load_unchanged(yolov8n_ckpt[0])
+    assert loaded.format == "ultralytics"
+    assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+    target = tmp_path / MARKER_NAME
+    torch.save({"model": ShellOnLoad(str(target))}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError):
+        load_unchanged(tmp_path / "evil.pt")
+    assert not target.exists()

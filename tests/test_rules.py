@@ -186,3 +186,51 @@ def test_overrides():
 def test_selector_dataclass_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Selector().kernel = (1,)
+
+
+def test_builtin_rules_are_package_data():
+    """Read through importlib.resources from inside the package, so a wheel install has them."""
+    from pathlib import Path
+
+    import surgeon
+    from surgeon.rules import builtin_rules_dir
+
+    assert builtin_rules_dir().parent == Path(surgeon.__file__).parent
+    expected = {"dyn_head", "dyn_all", "dyn_neck3x3", "condconv_head", "dw_backbone", "dwsep_all", "ds4_all",
+                "ds8_head", "cot_neck", "plain_head"}
+    assert set(builtin_rule_names()) == expected
+
+
+def test_cli_rules_lists_every_rule_and_replacement():
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    result = CliRunner().invoke(main, ["rules"])
+
+    assert result.exit_code == 0, result.output
+    for name in builtin_rule_names():
+        assert name in result.output
+    for entry in builtin_replacements():
+        assert entry.name in result.output
+    assert "insert" in result.output and "cot_attention" in result.output
+
+
+def test_cli_rules_show_insert_rule_lists_the_layers_it_selects(checkpoint_factory):
+    from click.testing import CliRunner
+
+    from surgeon.api import inspect_model
+    from surgeon.cli import main
+    from surgeon.match import match_rules
+
+    model = checkpoint_factory("yolov8n.yaml")
+    result = CliRunner().invoke(main, ["rules", "show", "cot_neck", "--model", model, "--imgsz", "64"])
+
+    assert result.exit_code == 0, result.output
+    inspection = inspect_model(model, imgsz=64)
+    expected = match_rules(inspection.blocks, [load_rule("cot_neck", builtin_replacements())],
+                           layers=inspection.layers)
+    assert len(expected) == 2  # the neck layers feeding P4 and P5
+    assert f"# 2 of {len(inspection.layers)} layers" in result.output
+    for match in expected:
+        assert f"{match.target.path}  region=neck" in result.output
