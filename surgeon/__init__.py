@@ -6,6 +6,7 @@ them for replacements initialised from the trained weights, and report what chan
 
 __version__ = "0.1.0"
 
+from surgeon._ultralytics_hooks import install_when_ultralytics_loads  # noqa: E402
 from surgeon.api import apply, diff  # noqa: E402
 from surgeon.api import inspect_model as inspect  # noqa: E402
 from surgeon.errors import (  # noqa: E402
@@ -18,6 +19,8 @@ from surgeon.errors import (  # noqa: E402
     UnsafeCheckpointError,
 )
 from surgeon.io import load  # noqa: E402
+
+install_when_ultralytics_loads()  # YOLO(rewritten).train() and `yolo train` keep the surgery
 
 __all__ = [
     "CheckpointError", "NoMatchError", "RuleError", "SurgeonError", "SurgeryError", "TraceError",

@@ -210,12 +210,14 @@ def _train_value(raw: str):
 @click.option("--name", help="Ultralytics `name` (the run's folder).")
 @click.option("--lr0", type=float, help="Ultralytics `lr0`.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+@click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[KEY=VALUE]...")
-def finetune_cmd(checkpoint: Path, data: Path, trust: bool, extra, **options):
+def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, **options):
     """Fine-tune a rewritten CHECKPOINT with the Ultralytics trainer, keeping its new modules.
 
     Other Ultralytics training arguments pass through as KEY=VALUE (e.g. `amp=False optimizer=SGD`).
-    DynamicConv temperatures are annealed per epoch.
+    DynamicConv temperatures are annealed per epoch. Prints the run folder first, then the trainer's
+    progress and metrics (--quiet: only the result).
     """
     from surgeon.errors import SurgeonError
     from surgeon.finetune import finetune
@@ -228,7 +230,7 @@ def finetune_cmd(checkpoint: Path, data: Path, trust: bool, extra, **options):
         train_args[key] = _train_value(raw)
     if not data.is_file():
         raise SurgeonError(f"{data}: no such dataset YAML")
-    result = finetune(checkpoint, data, trust=trust, **train_args)
+    result = finetune(checkpoint, data, trust=trust, quiet=quiet, **train_args)
     click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))
     for key in sorted(result.metrics):
         click.echo(f"  {key}: {result.metrics[key]:.4f}")

@@ -49,7 +49,7 @@ from ultralytics.models.yolo.obb import OBBTrainer  # noqa: E402
 from ultralytics.models.yolo.pose import PoseTrainer  # noqa: E402
 from ultralytics.models.yolo.segment import SegmentationTrainer  # noqa: E402
 from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder  # noqa: E402
-from ultralytics.utils import DEFAULT_CFG_DICT, RANK  # noqa: E402
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
@@ -69,6 +69,7 @@ __all__ = [
     "finetune",
     "load_yolo",
     "ultralytics_reads_safely",
+    "ultralytics_verbosity",
     "set_temperature",
     "trainer_for",
 ]
@@ -78,6 +79,7 @@ __all__ = [
 
 
 _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_finetune_trust", default=False)
+_ANNOUNCE: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_finetune_announce", default=False)
 
 
 def _load_checkpoint_model(path: str | Path, trust: bool = False) -> tuple[nn.Module, dict]:
@@ -252,9 +254,14 @@ class _KeepRewrittenModel:
     TemperatureAnnealer is added unless the callbacks already hold one.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        if _ANNOUNCE.get() and not (overrides or {}).get("resume") and RANK in {-1, 0}:
+            from ultralytics.cfg import get_cfg, get_save_dir
+
+            # What BaseTrainer.__init__ computes next; said first, so a long run can be followed from the start.
+            print(f"run folder: {get_save_dir(get_cfg(cfg, overrides))}", flush=True)
         with ultralytics_reads_safely(trust=_TRUST.get()):  # __init__ reads the checkpoint to resume from
-            super().__init__(*args, **kwargs)
+            super().__init__(cfg, overrides, _callbacks)
         if not _has_annealer(self.callbacks):
             self.add_callback("on_train_epoch_start", TemperatureAnnealer())
 
@@ -424,6 +431,34 @@ class FinetuneResult:
     temperatures: dict[int, float]
 
 
+@contextlib.contextmanager
+def ultralytics_verbosity(verbose: bool):
+    """Ultralytics' logging and progress bars on (or off) while the block runs, whatever ``YOLO_VERBOSE`` was at import.
+
+    DDP workers are new processes that read ``YOLO_VERBOSE`` when they import Ultralytics, so it is set too.
+    """
+    import logging
+
+    import ultralytics.utils as utils
+
+    loggers = [utils.LOGGER, *utils.LOGGER.handlers]  # Ultralytics sets the level on its handler too
+    saved = utils.VERBOSE, [x.level for x in loggers], os.environ.get("YOLO_VERBOSE")
+    utils.VERBOSE = verbose
+    for x in loggers:
+        x.setLevel(logging.INFO if verbose else logging.WARNING)
+    os.environ["YOLO_VERBOSE"] = str(verbose)
+    try:
+        yield
+    finally:
+        utils.VERBOSE = saved[0]
+        for x, level in zip(loggers, saved[1]):
+            x.setLevel(level)
+        if saved[2] is None:
+            os.environ.pop("YOLO_VERBOSE", None)
+        else:
+            os.environ["YOLO_VERBOSE"] = saved[2]
+
+
 def _surgeon_cause(error: BaseException) -> SurgeonError | None:
     seen = set()
     while error is not None and id(error) not in seen:
@@ -440,6 +475,7 @@ def finetune(
     *,
     temperature: TemperatureSchedule | None = None,
     trust: bool = False,
+    quiet: bool = False,
     **train_args: Any,
 ) -> FinetuneResult:
     """Fine-tune a rewritten checkpoint with the Ultralytics trainer, keeping its rewritten modules.
@@ -453,6 +489,8 @@ def finetune(
         data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`.
         temperature: Temperature schedule for DynamicConv-style modules (default 30 -> 1 over 10 epochs).
         trust: Read the checkpoint without surgeon's allow-list (only for files you trust).
+        quiet: Hide the trainer's output; by default the run folder is printed first, then what the
+            Ultralytics trainer prints (per-epoch progress bars and metrics, the final validation table).
         **train_args: Ultralytics training arguments, passed through as they are (``epochs``, ``imgsz``,
             ``batch``, ``device``, ``workers``, ``project``, ``name``, ``lr0``, ...). ``pretrained`` must be left
             at its default: training starts from the rewritten weights.
@@ -471,9 +509,9 @@ def finetune(
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
-    token = _TRUST.set(trust)
+    token, announce = _TRUST.set(trust), _ANNOUNCE.set(not quiet)
     try:
-        with ultralytics_reads_safely(trust=trust):
+        with ultralytics_reads_safely(trust=trust), ultralytics_verbosity(not quiet):
             yolo.train(trainer=trainer_cls, data=str(data), **train_args)
     except Exception as error:
         cause = _surgeon_cause(error)
@@ -482,6 +520,7 @@ def finetune(
         raise cause from None  # Ultralytics re-raises a refused read as e.g. "Resume checkpoint not found"
     finally:
         _TRUST.reset(token)
+        _ANNOUNCE.reset(announce)
 
     trainer = yolo.trainer
     metrics = trainer.metrics if isinstance(trainer.metrics, dict) else None

@@ -384,3 +384,31 @@ def test_trainer_reads_its_own_checkpoints_through_the_safe_reader(rewritten, da
     assert {"last.pt", "best.pt"} <= set(read), read  # strip_optimizer and the final validation
     assert tasks.torch_safe_load is stock  # restored afterwards
     assert result.best is not None
+
+
+@pytest.mark.slow
+def test_cli_finetune_shows_the_trainer_progress_and_quiet_hides_it(rewritten, data, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("surgeon")
+    common = ["finetune", str(rewritten.path), "--data", str(data), "--epochs", "2", "--imgsz", str(IMGSZ), "--batch",
+              "8", "--workers", "0", "--device", "cpu", "--project", str(tmp_path), "plots=False"]
+
+    def run(*extra):
+        proc = subprocess.run([str(script), *common, *extra], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    loud = run("--name", "loud")
+    quiet = run("--name", "quiet", "--quiet")
+
+    assert loud.stdout.splitlines()[0] == f"run folder: {tmp_path / 'loud'}"
+    shown = loud.stdout + loud.stderr
+    assert "box_loss" in shown and re.search(r"\b1/2\b", shown) and re.search(r"\b2/2\b", shown)  # per-epoch bars
+    assert re.search(r"^\s+all\s+\d+\s+\d+", shown, re.M)  # the final validation table's summary row
+    hidden = quiet.stdout + quiet.stderr
+    assert "run folder" not in hidden and "box_loss" not in hidden and not re.search(r"^\s+all\s+\d+", hidden, re.M)
+    assert f"trained: last {tmp_path / 'quiet' / 'weights' / 'last.pt'}" in quiet.stdout

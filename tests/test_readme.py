@@ -3,7 +3,8 @@
 Commands are parsed from README.md, so a line added there is tested the day it is written; a line
 this test does not know how to run fails it. ``surgeon`` lines run the installed console script
 (``SURGEON_BIN`` points at another install, e.g. a wheel in a fresh virtual environment, as CI
-does) in one working folder, in README order, and must exit 0 without a traceback. Only the
+does), ``yolo`` lines the Ultralytics CLI next to it and ``python`` lines its Python, in one working
+folder, in README order; each must exit 0 without a traceback. Only the
 arguments that would make CI train for 30 epochs at 640 px on a GPU are shrunk (`SHRINK`).
 """
 
@@ -33,6 +34,8 @@ SHRINK = {
     ("--train", "128"): ("--train", "8"),
     ("--val", "32"): ("--val", "4"),
 }
+# The same for Ultralytics' key=value arguments (in `yolo` lines and Python snippets).
+SHRINK_KV = {"epochs=30": "epochs=1", "imgsz=640": "imgsz=128"}
 # Lines that are not run here, and why. Anything else that is not a `surgeon` line fails the test.
 NOT_RUN = {
     "make demo": "CI runs it (.ci/run)",
@@ -97,14 +100,17 @@ def test_every_readme_command(workdir):
             proc = run([str(PYTHON), str(script), "--help"], workdir)  # benchmarks take hours; they must parse
             assert proc.returncode == 0 and "usage" in proc.stdout, f"{command}\n{proc.stderr}"
             continue
-        assert command.startswith("surgeon "), f"README line this test does not know how to run: {command!r}"
-        args = shrink(shlex.split(command)[1:])
-        proc = run([str(BIN), *args], workdir)
+        program, *args = shlex.split(command)
+        for long, short in SHRINK_KV.items():
+            args = [a.replace(long, short) for a in args]
+        executables = {"surgeon": BIN, "yolo": BIN.with_name("yolo"), "python": PYTHON}
+        assert program in executables, f"README line this test does not know how to run: {command!r}"
+        proc = run([str(executables[program]), *shrink(args)], workdir)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"`{command}` exited {proc.returncode}:\n{output[-3000:]}"
         assert "Traceback" not in output, f"`{command}`:\n{output[-3000:]}"
         ran.append(command)
-    assert len(ran) >= 10
+    assert len(ran) >= 12
     assert (workdir / "yolov5s-dyn_head.pt").is_file() and (workdir / "out.pt").is_file()
     assert (workdir / "diff.md").is_file() and (workdir / "graph.svg").is_file() and (workdir / "diff.json").is_file()
 
