@@ -47,9 +47,11 @@ __all__ = [
     "ClassicDetect",
     "ClassicDetectionModel",
     "ClassicExpand",
+    "REBUILD_REFUSAL",
     "classic_class_names",
     "is_classic_checkpoint",
     "pickled_globals",
+    "refuse_classic_rebuild",
 ]
 
 # Checkpoints of the repository name `models.*`; those of the PyPI package `yolov5.models.*`.
@@ -220,6 +222,23 @@ def classic_class_names() -> dict[str, type]:
     numpy's ``best_fitness``) are on surgeon's general allow-list (`surgeon._allowlist`).
     """
     return {f"{prefix}{name}": cls for name, cls in _CLASSIC_CLASSES.items() for prefix in CLASSIC_PREFIXES}
+
+
+# What a rewritten classic checkpoint's YAML says its activation is. The classic repository's train.py
+# rebuilds the model from ``ckpt["model"].yaml`` and copies only the tensors whose names match, which would
+# silently drop every rewritten layer; its parse_model evaluates ``activation``, so the rebuild stops with
+# ``NameError: name '<this>' is not defined`` instead. surgeon never evaluates it.
+REBUILD_REFUSAL = "surgeon_rewrote_this_model_so_train_py_would_drop_its_rewritten_layers"
+
+
+def refuse_classic_rebuild(model: ClassicDetectionModel) -> None:
+    """Make the saved YAML of a rewritten classic model stop the classic ``train.py`` from rebuilding it."""
+    if isinstance(getattr(model, "yaml", None), dict):
+        yaml = dict(model.yaml)
+        if yaml.get("activation") != REBUILD_REFUSAL:
+            yaml["surgeon_original_activation"] = yaml.get("activation")
+        yaml["activation"] = REBUILD_REFUSAL
+        model.yaml = yaml
 
 
 def _update_legacy_state(model: ClassicDetectionModel) -> None:

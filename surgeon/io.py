@@ -347,9 +347,14 @@ def checkpoint_dict(loaded: Loaded, model: nn.Module, recipe: dict) -> dict:
     import ultralytics
 
     checkpoint = {k: v for k, v in loaded.checkpoint.items() if k not in ("optimizer", "best_fitness", "updates")}
+    saved = deepcopy(model).half().eval()
+    from surgeon.classic import ClassicDetectionModel, refuse_classic_rebuild
+
+    if isinstance(saved, ClassicDetectionModel):
+        refuse_classic_rebuild(saved)
     checkpoint.update({
         "epoch": -1,
-        "model": deepcopy(model).half().eval(),
+        "model": saved,
         "ema": None,
         "updates": None,
         "optimizer": None,

@@ -391,3 +391,52 @@ def test_allow_list_reads_numpy_numbers_and_namespaces_but_not_object_arrays(tmp
         read_checkpoint(objects)
 
     assert ckpt["best_fitness"].tolist() == [0.5] and ckpt["scalar"] == 0.25 and ckpt["opt"].epochs == 3
+
+
+# --- the classic repository's own train.py ----------------------------------------------------------------------
+
+_TRAIN_PY = """
+import os, shutil, sys
+import numpy as np
+import matplotlib
+np.trapz = getattr(np, "trapz", None) or np.trapezoid  # numpy 2 removed trapz; the packaged classic code calls it
+os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # its train.py reads its own files with torch's old default
+font = os.path.join(os.environ["YOLOV5_CONFIG_DIR"], "Arial.ttf")
+if not os.path.exists(font):
+    shutil.copy(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), font)
+from yolov5 import train
+train.run(weights=sys.argv[1], data=sys.argv[2], project=sys.argv[3], name="run", epochs=1, imgsz=64, batch_size=4,
+          workers=0, device="cpu", exist_ok=True, noplots=True, noval=True)
+"""
+
+
+def _classic_train_py(weights, data, project, tmp_path):
+    import subprocess
+    import tempfile
+
+    env = {**os.environ, "YOLOV5_CONFIG_DIR": tempfile.mkdtemp(dir=tmp_path), "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, "-c", _TRAIN_PY, str(weights), str(data), str(project)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False, env=env)
+
+
+@pytest.mark.slow
+def test_classic_train_py_refuses_to_rebuild_a_rewritten_checkpoint(yolov5n, tmp_path):
+    from surgeon.classic import REBUILD_REFUSAL
+    from surgeon.data import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=64)
+    original = tmp_path / "yolov5n.pt"
+    write_classic_checkpoint(original, yolov5n)
+    rewritten = surgeon.apply(original, "dyn_head", imgsz=64).save(tmp_path / "yolov5n-dyn_head.pt")
+
+    control = _classic_train_py(original, data, tmp_path / "control", tmp_path)  # an unrewritten file trains there
+    refused = _classic_train_py(rewritten, data, tmp_path / "refused", tmp_path)
+
+    assert control.returncode == 0, control.stderr[-3000:]
+    assert (tmp_path / "control" / "run" / "weights" / "last.pt").is_file()
+    assert refused.returncode != 0
+    assert f"NameError: name '{REBUILD_REFUSAL}' is not defined" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "refused" / "run" / "weights" / "last.pt").exists()
+    loaded = surgeon.load(rewritten)  # surgeon itself never evaluates the YAML
+    assert loaded.model.yaml["activation"] == REBUILD_REFUSAL
+    assert loaded.model.yaml["surgeon_original_activation"] == yolov5n.yaml.get("activation")
