@@ -48,6 +48,7 @@ class ConvBlock:
         in_channels, out_channels, kernel, stride, groups, dilation, bias: The convolution's geometry.
         params: Parameters of the convolution and norm.
         trainable: False for convolutions that are fixed by design (the DFL integral), never rewritten.
+        rewritten: True when the convolution is already a replacement op (an earlier surgery); rules skip it.
         in_shape, out_shape: Tensor shapes at the inspected image size (batch 1).
         flops: FLOPs of the convolution at that size (filled in from `surgeon.measure`).
     """
@@ -70,6 +71,7 @@ class ConvBlock:
     bias: bool
     params: int
     trainable: bool = True
+    rewritten: bool = False
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
     flops: int | None = None
@@ -322,7 +324,7 @@ def find_blocks(traced: Traced, shapes: dict[str, tuple] | None = None) -> list[
             layer=layer, region=layout.region(layer), source=source, in_channels=conv.in_channels,
             out_channels=conv.out_channels, kernel=tuple(conv.kernel_size), stride=tuple(conv.stride),
             groups=conv.groups, dilation=tuple(conv.dilation), bias=conv.bias is not None, params=params,
-            trainable=not _fixed(model, conv_path),
+            trainable=not _fixed(model, conv_path), rewritten=is_surgeon_module(conv),
             in_shape=in_shape, out_shape=out_shape,
         ))
     order = {p: i for i, p in enumerate(shapes)}

@@ -111,14 +111,15 @@ class ClassicDetect(nn.Module):
             self.grid = [torch.zeros(1)] * self.nl
 
     def _apply(self, fn, recurse=True):
-        # stride and the grid caches are plain attributes, not buffers; .to()/.half()/.float() must reach them
-        # (the classic model does this in BaseModel._apply).
+        # stride is a plain attribute, not a buffer; .to()/.half()/.float() must reach it (the classic model does
+        # this in BaseModel._apply). The grid caches are dropped instead: they are rebuilt on the next call on the
+        # anchors' device and dtype, and a 5-d cache cannot take every conversion (channels_last).
         super()._apply(fn, recurse)
         if isinstance(self.stride, torch.Tensor):
             self.stride = fn(self.stride)
-        self.grid = [fn(g) for g in self.grid]
+        self.grid = [torch.empty(0)] * self.nl
         if isinstance(self.anchor_grid, list):
-            self.anchor_grid = [fn(a) for a in self.anchor_grid]
+            self.anchor_grid = [torch.empty(0)] * self.nl
         return self
 
 
@@ -134,9 +135,46 @@ class ClassicDetectionModel(nn.Module):
         super().__setstate__(state)
         _update_legacy_state(self)  # pickle builds the layers before the model, so they are complete here
 
-    def forward(self, x: torch.Tensor) -> Any:
-        """What the classic model returns: ``(predictions, maps)`` in eval, the per-level maps in training."""
+    criterion = None  # Ultralytics' trainer looks for one; the classic loss is `loss`
+
+    def forward(self, x: torch.Tensor | dict, *args, **kwargs) -> Any:
+        """What the classic model returns: ``(predictions, maps)`` in eval, the per-level maps in training.
+
+        A batch dict (as Ultralytics' trainer passes it) gives `loss`; the keyword arguments Ultralytics'
+        validator and AutoBackend pass (``augment``, ``embed``) are accepted and ignored.
+        """
+        if isinstance(x, dict):
+            return self.loss(x, *args)
         return self.predict(x)
+
+    def loss(self, batch: dict, preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The classic anchor-based loss (`surgeon.classic_loss`) of an Ultralytics batch.
+
+        Args:
+            batch: ``img``, and the targets as ``batch_idx``, ``cls`` and normalised xywh ``bboxes``.
+            preds: The model's output on ``batch["img"]`` if already computed (training or eval form).
+
+        Returns:
+            The loss to back-propagate (times the batch size) and its box/obj/cls parts, as Ultralytics' losses do.
+        """
+        from surgeon.classic_loss import ClassicHyp, classic_loss
+
+        if preds is None:
+            preds = self.predict(batch["img"])
+        maps = preds[1] if isinstance(preds, tuple) else preds
+        head = self.model[-1]
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"].view(-1, 4)),
+                            1).to(maps[0].device, torch.float32)
+        hyp = ClassicHyp.from_mapping(getattr(self, "hyp", None) or {})
+        total, parts = classic_loss(maps, targets, head.anchors, head.nc, hyp)
+        return total, dict(zip(("box_loss", "obj_loss", "cls_loss"), parts.unbind()))
+
+    def set_head_attr(self, **kwargs) -> None:
+        """Set attributes the head has (Ultralytics' trainer sets ``max_det``, which the classic head has not)."""
+        head = self.model[-1]
+        for key, value in kwargs.items():
+            if hasattr(head, key):
+                setattr(head, key, value)
 
     def predict(self, x: torch.Tensor) -> Any:
         """Same as `forward`; the method torch.fx traces (the only loop is over the fixed layer list)."""
@@ -148,11 +186,11 @@ class ClassicDetectionModel(nn.Module):
             y.append(x if m.i in self.save else None)
         return x
 
-    def fuse(self, verbose: bool = False) -> ClassicDetectionModel:
+    def fuse(self, verbose: bool = False, **kwargs) -> ClassicDetectionModel:
         """Fold each Conv block's BatchNorm into its convolution, as the classic model's ``fuse()`` does.
 
-        Uses Ultralytics' folding, so replacement ops that follow surgeon's op contract fold too. `verbose` is
-        accepted for the signature of Ultralytics' ``fuse()`` and prints nothing.
+        Uses Ultralytics' folding, so replacement ops that follow surgeon's op contract fold too. `verbose` (and
+        the keywords Ultralytics' exporter passes) are accepted for the signature of Ultralytics' ``fuse()``.
         """
         from ultralytics.utils.torch_utils import fuse_conv_and_bn
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
-from copy import deepcopy
+from copy import copy, deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from torch import nn  # noqa: E402
 from ultralytics.engine.model import Model  # noqa: E402
 from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
 from ultralytics.models.yolo.classify import ClassificationTrainer  # noqa: E402
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: E402
 from ultralytics.models.yolo.model import YOLO  # noqa: E402
 from ultralytics.models.yolo.obb import OBBTrainer  # noqa: E402
 from ultralytics.models.yolo.pose import PoseTrainer  # noqa: E402
@@ -52,12 +53,16 @@ from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder  # noqa:
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
+from surgeon.classic import ClassicDetect  # noqa: E402
+from surgeon.classic_loss import ClassicHyp  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
 from surgeon.io import load, read_checkpoint  # noqa: E402
 from surgeon.modules.dynamic_conv import linear_temperature  # noqa: E402
 
 __all__ = [
     "FinetuneResult",
+    "ClassicDetectionValidator",
+    "RewrittenClassicTrainer",
     "RewrittenClassificationTrainer",
     "RewrittenDetectionTrainer",
     "RewrittenOBBTrainer",
@@ -340,7 +345,9 @@ def trainer_for(model: nn.Module | str) -> type:
         head = _head(model)
         if isinstance(head, RTDETRDecoder):
             return RewrittenRTDETRTrainer
-        if not isinstance(head, (Detect, Classify)):  # e.g. a classic YOLOv5 model: its loss is not Ultralytics'
+        if isinstance(head, ClassicDetect):
+            return RewrittenClassicTrainer
+        if not isinstance(head, (Detect, Classify)):
             raise SurgeonError(
                 f"cannot fine-tune a model whose last layer is {type(head).__name__} with the Ultralytics trainer; "
                 "it needs an Ultralytics head (Detect, Segment, Pose, OBB, Classify, RTDETRDecoder)"
@@ -392,6 +399,8 @@ def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None
     elif isinstance(head, Classify) and isinstance(head.linear, nn.Linear):
         old = head.linear
         head.linear = nn.Linear(old.in_features, nc).to(old.weight.device, old.weight.dtype)
+    elif isinstance(head, ClassicDetect) and all(isinstance(m, nn.Conv2d) for m in head.m):
+        _resize_classic_head(head, nc)
     else:
         raise SurgeonError(
             f"cannot resize the class outputs of {type(head).__name__} to {nc} classes; "
@@ -406,6 +415,59 @@ def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None
         from ultralytics.utils import LOGGER
 
         LOGGER.info(f"surgeon: new class outputs in {type(head).__name__} for {nc} classes (was {current})")
+
+
+def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
+    """New class rows in each level's output convolution; the box and objectness rows keep their trained weights.
+
+    Class biases start as the classic ``_initialize_biases`` sets them: log(0.6 / (nc - 0.99)).
+    """
+    for i, old in enumerate(head.m):
+        new = nn.Conv2d(old.in_channels, head.na * (5 + nc), 1).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            weight = new.weight.view(head.na, 5 + nc, -1)
+            bias = new.bias.view(head.na, 5 + nc)
+            weight[:, :5] = old.weight.view(head.na, head.no, -1)[:, :5]
+            bias[:, :5] = old.bias.view(head.na, head.no)[:, :5]
+            bias[:, 5:] = math.log(0.6 / (nc - 0.99)) if nc > 1 else 0.0
+        head.m[i] = new
+    head.nc, head.no = nc, nc + 5
+
+
+class ClassicDetectionValidator(DetectionValidator):
+    """DetectionValidator for classic heads: confidence = objectness x class score, then Ultralytics' NMS and mAP."""
+
+    def postprocess(self, preds):
+        pred = preds[0] if isinstance(preds, (list, tuple)) else preds  # (B, anchors, 5 + nc): xywh, obj, classes
+        scores = pred[..., 5:] * pred[..., 4:5]
+        return super().postprocess(torch.cat((pred[..., :4], scores), -1).transpose(1, 2))
+
+
+class RewrittenClassicTrainer(_KeepRewrittenModel, DetectionTrainer):
+    """Ultralytics' detection training for classic YOLOv5 models, with the classic recipe.
+
+    The loss is the classic anchor-based one (`surgeon.classic_loss`, gains scaled to the levels, classes
+    and image size as the classic ``train.py`` scales them, stored as ``model.hyp`` like the classic
+    repository does); the optimizer defaults to SGD (the classic choice; Ultralytics' other defaults,
+    learning rates, warm-up and augmentation, equal the classic ``hyp.scratch-low.yaml``). Data
+    loading, EMA, AMP, checkpoints and DDP are Ultralytics'.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        overrides = {"optimizer": "SGD", **(overrides or {})}
+        super().__init__(cfg, overrides, _callbacks)
+
+    def set_model_attributes(self):
+        super().set_model_attributes()
+        model = unwrap_model(self.model)
+        head = model.model[-1]
+        imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
+        model.hyp = dataclasses.asdict(ClassicHyp().scaled(head.nl, head.nc, imgsz))
+
+    def get_validator(self):
+        self.loss_names = ("box_loss", "obj_loss", "cls_loss")
+        return ClassicDetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
+                                         _callbacks=self.callbacks)
 
 
 # --- public entry point ---------------------------------------------------------------------------------------------

@@ -59,8 +59,11 @@ def match_rules(blocks: list[ConvBlock], rules: list[Rule], *, layers: list[Laye
             selected = [Match(rule, layer) for layer in layers if rule.selects_layer(layer)]
         if strict and not selected:
             what = "Conv block" if rule.action.kind == "replace" else "layer"
+            replace = rule.action.kind == "replace"
+            done = [b for b in blocks if b.rewritten and rule.select.matches(b)] if replace else []
+            why = f" (the {len(done)} it selects are already rewritten by an earlier surgery)" if done else ""
             raise NoMatchError(
-                f"rule {rule.name!r} matches no {what} of {model_name}; "
+                f"rule {rule.name!r} matches no {what} of {model_name}{why}; "
                 f"run `surgeon inspect {model_name}` to see the blocks and their fields"
             )
         for match in selected:

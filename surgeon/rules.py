@@ -179,8 +179,9 @@ class Rule:
     source: str | None = field(default=None, compare=False)
 
     def selects(self, block: ConvBlock) -> bool:
-        """Whether a replace rule rewrites `block` (never a fixed, untrainable convolution such as DFL's)."""
-        return block.trainable and self.select.matches(block) and not any(e.matches(block) for e in self.exclude)
+        """Whether a replace rule rewrites `block` (never a fixed convolution such as DFL's, nor a rewritten one)."""
+        return (block.trainable and not block.rewritten and self.select.matches(block)
+                and not any(e.matches(block) for e in self.exclude))
 
     def selects_layer(self, layer: LayerTarget) -> bool:
         """Whether an insert rule puts its module next to `layer`."""
