@@ -266,7 +266,7 @@ def classic_class_names() -> dict[str, type]:
 # rebuilds the model from ``ckpt["model"].yaml`` and copies only the tensors whose names match, which would
 # silently drop every rewritten layer; its parse_model evaluates ``activation``, so the rebuild stops with
 # ``NameError: name '<this>' is not defined`` instead. surgeon never evaluates it.
-REBUILD_REFUSAL = "surgeon_rewrote_this_model_so_train_py_would_drop_its_rewritten_layers"
+REBUILD_REFUSAL = "surgeon_rewrote_this_model_fine_tune_it_with_surgeon_finetune"
 
 
 def refuse_classic_rebuild(model: ClassicDetectionModel) -> None:

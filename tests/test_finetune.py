@@ -412,3 +412,104 @@ def test_cli_finetune_shows_the_trainer_progress_and_quiet_hides_it(rewritten, d
     hidden = quiet.stdout + quiet.stderr
     assert "run folder" not in hidden and "box_loss" not in hidden and not re.search(r"^\s+all\s+\d+", hidden, re.M)
     assert f"trained: last {tmp_path / 'quiet' / 'weights' / 'last.pt'}" in quiet.stdout
+
+
+# --- classic YOLOv5 models --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classic_yolov5n(tmp_path_factory):
+    """A classic yolov5n (3 classes) built by the classic code, BatchNorm calibrated, saved as train.py saves it."""
+    from surgeon.classic_factory import build_classic_model, load_config, undo_yolov5_import, write_classic_checkpoint
+    from surgeon.zoo import calibrate_batchnorm
+
+    with undo_yolov5_import():
+        pytest.importorskip("yolov5.models.yolo", reason="needs the PyPI `yolov5` package (extra `classic`)")
+    model = build_classic_model(load_config("yolov5n.yaml"), nc=3)
+    calibrate_batchnorm(model, torch.rand(4, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0)),
+                        randomise_affine=False)
+    path = tmp_path_factory.mktemp("classic") / "yolov5n.pt"
+    write_classic_checkpoint(path, model)
+    return path
+
+
+def test_classic_validation_scores_are_objectness_times_class():
+    from surgeon.finetune import ClassicDetectionValidator
+
+    validator = ClassicDetectionValidator(args={"conf": 0.001, "iou": 0.7, "max_det": 300, "task": "detect"})
+    validator.end2end = False
+    pred = torch.zeros(1, 10, 5 + 3)  # (B, anchors, xywh + obj + 3 classes), one real box
+    pred[0, 4] = torch.tensor([32.0, 40.0, 20.0, 10.0, 0.9, 0.1, 0.8, 0.05])
+
+    (out,) = validator.postprocess((pred, []))
+
+    assert out["bboxes"].tolist()[0] == [22.0, 35.0, 42.0, 45.0]  # xywh -> xyxy
+    assert out["cls"][0] == 1 and out["conf"][0] == pytest.approx(0.9 * 0.8)
+
+
+@pytest.mark.slow
+def test_classic_first_training_step_gives_the_classic_loss(classic_yolov5n, data, tmp_path):
+    """The loss Ultralytics' trainer back-propagates first equals the classic ComputeLoss on that batch and model."""
+    import copy
+
+    from surgeon.classic_factory import undo_yolov5_import
+
+    with undo_yolov5_import():
+        from yolov5.utils.loss import ComputeLoss
+    seen = {}
+
+    def start(trainer):
+        seen["model"] = copy.deepcopy(trainer.model)
+        trainer.model.register_forward_pre_hook(lambda m, args: seen.setdefault("batch", copy.deepcopy(args[0])))
+
+    def batch_end(trainer):
+        seen.setdefault("loss", float(trainer.loss.detach()))
+
+    yolo = load_yolo(classic_yolov5n)
+    yolo.add_callback("on_train_start", start)
+    yolo.add_callback("on_train_batch_end", batch_end)
+    yolo.train(trainer=trainer_for(yolo.model), data=str(data), epochs=1, project=str(tmp_path), name="c",
+               **TRAIN_ARGS)
+
+    model, batch = seen["model"].train(), seen["batch"]
+    model.hyp = {**model.hyp, "fl_gamma": 0.0}
+    targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+    with torch.no_grad():
+        expected, _ = ComputeLoss(model)(model(batch["img"]), targets)
+    assert type(yolo.trainer).__name__ == "RewrittenClassicTrainer"
+    assert len(targets) > 0 and seen["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_finetune_classic_rewritten_keeps_the_surgery_and_the_tools_work(classic_yolov5n, tmp_path):
+    import subprocess
+    import sys
+
+    import surgeon
+    from surgeon.classic import ClassicDetectionModel
+    from surgeon.modules.dynamic_conv import DynamicConv2d
+
+    data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ, n_classes=2)  # 3 -> 2 classes
+    out = surgeon.apply(classic_yolov5n, "dyn_head", imgsz=IMGSZ).save(tmp_path / "yolov5n-dyn_head.pt")
+    script = Path(sys.executable).with_name("surgeon")
+
+    def cli(*args):
+        proc = subprocess.run([str(script), *map(str, args)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, f"{args}: {proc.stdout[-1500:]}{proc.stderr[-3000:]}"
+        return proc
+
+    cli("finetune", out, "--data", data, "--epochs", "1", "--imgsz", IMGSZ, "--batch", "4", "--workers", "0",
+        "--device", "cpu", "--project", tmp_path / "runs", "--name", "classic", "plots=False", "--quiet")
+    last = tmp_path / "runs" / "classic" / "weights" / "last.pt"
+    loaded = surgeon.load(last)
+
+    assert loaded.format == "classic" and isinstance(loaded.model, ClassicDetectionModel)
+    assert loaded.model.model[-1].nc == 2
+    dynamic = [n for n, m in loaded.model.named_modules() if isinstance(m, DynamicConv2d)]
+    assert dynamic == [n for n, m in surgeon.load(out).model.named_modules() if isinstance(m, DynamicConv2d)]
+    cli("inspect", last, "--imgsz", IMGSZ)
+    cli("diff", out, last, "--imgsz", IMGSZ)
+    cli("apply", last, "-r", "dw_backbone", "-o", tmp_path / "again.pt", "--imgsz", IMGSZ)
+    exported = cli("export", last, "--imgsz", IMGSZ)
+    assert (last.with_suffix(".onnx")).is_file(), exported.stdout
