@@ -23,6 +23,8 @@ from surgeon.modules.dynamic_conv import DynamicConv2d
 IMGSZ = 64
 ARGS = "epochs=1 imgsz=64 batch=8 workers=0 device=cpu plots=False exist_ok=True amp=False seed=0 deterministic=True"
 
+TWO_EPOCHS = ARGS.replace("epochs=1", "epochs=2")
+
 
 def _kwargs(args: str) -> str:
     pairs = [a.split("=") for a in args.split()]
@@ -98,7 +100,7 @@ def test_resume_keeps_the_surgery(rewritten, data, tmp_path):
         def stop(trainer):
             raise SystemExit(0)
         model.add_callback("on_model_save", stop)
-        model.train(data={str(data)!r}, project={str(tmp_path)!r}, name="run", {_kwargs(ARGS.replace("epochs=1", "epochs=2"))})
+        model.train(data={str(data)!r}, project={str(tmp_path)!r}, name="run", {_kwargs(TWO_EPOCHS)})
     """, tmp_path)
     last = tmp_path / "run" / "weights" / "last.pt"
     assert torch.load(last, weights_only=False)["epoch"] == 0
