@@ -538,6 +538,7 @@ def finetune(
     temperature: TemperatureSchedule | None = None,
     trust: bool = False,
     quiet: bool = False,
+    callbacks: dict[str, list] | None = None,
     **train_args: Any,
 ) -> FinetuneResult:
     """Fine-tune a rewritten checkpoint with the Ultralytics trainer, keeping its rewritten modules.
@@ -551,6 +552,8 @@ def finetune(
         data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`.
         temperature: Temperature schedule for DynamicConv-style modules (default 30 -> 1 over 10 epochs).
         trust: Read the checkpoint without surgeon's allow-list (only for files you trust).
+        callbacks: Ultralytics callbacks to add, event name -> functions taking the trainer
+            (``{"on_train_epoch_end": [log]}``), as ``YOLO.add_callback`` adds them.
         quiet: Hide the trainer's output; by default the run folder is printed first, then what the
             Ultralytics trainer prints (per-epoch progress bars and metrics, the final validation table).
         **train_args: Ultralytics training arguments, passed through as they are (``epochs``, ``imgsz``,
@@ -571,6 +574,9 @@ def finetune(
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
+    for event, functions in (callbacks or {}).items():
+        for function in functions:
+            yolo.add_callback(event, function)
     token, announce = _TRUST.set(trust), _ANNOUNCE.set(not quiet)
     try:
         with ultralytics_reads_safely(trust=trust), ultralytics_verbosity(not quiet):
