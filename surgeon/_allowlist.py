@@ -2,7 +2,8 @@
 
 **Classes** (rebuilt as ``torch.save`` wrote them: ``cls.__new__(cls)`` then the pickled state, never
 ``__init__``): every ``nn.Module`` class of ``torch.nn.modules``, ``ultralytics.nn.modules``,
-``ultralytics.nn.tasks``, ``surgeon.modules`` and ``surgeon.classic``, under each name they are
+``ultralytics.nn.tasks``, ``surgeon.modules`` and ``surgeon.classic`` (recurrent layers excepted: no
+detector holds one, and their ``__setstate__`` loops over a count the file sets), under each name they are
 importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
 versions do) and the classic YOLOv5 names mapped onto them; Ultralytics' loss and assigner objects
 (``ultralytics.utils.loss``/``tal``, pickled with the model by trainers); ``IterableSimpleNamespace``,
@@ -35,6 +36,13 @@ enum classes (torchvision's          one int or text value: a lookup of an exist
 ``forward_fuse`` of an allowed module *object* (a fused Conv saved as ``m.forward = m.forward_fuse``):
 each returns library code bound to the object, the same code its forward runs anyway.
 
+**Sizes**: every call's output is charged against a budget of a few times the pickle's size (one
+bytes object referenced a thousand times is not a thousand copies), tensor views larger than their
+storage (stride 0) against a budget of 2**26 elements, dict keys and set members must be text or
+small ints (no hash floods, no deep tuples to hash), and nesting deeper than 400 is refused.
+Module, parameter and buffer names must be identifiers or indices: torch.fx pastes them into the
+Python source it generates for a traced model.
+
 **__setstate__** (called by BUILD) only where listed in `AUDITED_SETSTATE`: each fills in defaults for
 attributes older versions did not pickle and then updates ``__dict__``; none imports, opens or evaluates.
 numpy arrays and dtypes use their C ``__setstate__`` (number copying), object dtypes refused.
@@ -46,9 +54,11 @@ import argparse
 import enum
 import importlib
 import inspect
+import math
 import pathlib
 import pkgutil
 import types
+import warnings
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -56,9 +66,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from surgeon._unpickler import Global, Policy, RefusedPickle
+from surgeon._unpickler import Global, Policy, RefusedPickle, budget, plain_key
 
 _MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "surgeon.modules")
+# Left out: recurrent layers (no detector holds one, and RNNBase.__setstate__ loops over a file-chosen count).
+_EXCLUDED_MODULES = ("torch.nn.modules.rnn",)
 _MODULE_MODULES = ("ultralytics.nn.tasks", "surgeon.classic")
 _OBJECT_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal")
 
@@ -71,7 +83,6 @@ AUDITED_SETSTATE = frozenset({
     "torch.nn.modules.activation.LogSoftmax.__setstate__",
     "torch.nn.modules.conv._ConvNd.__setstate__",  # default padding_mode
     "torch.nn.modules.pooling.AvgPool3d.__setstate__",  # default pooling flags
-    "torch.nn.modules.rnn.RNNBase.__setstate__",  # rebuilds the flat weight list from its own parameters
     "torch.nn.modules.transformer.TransformerEncoderLayer.__setstate__",  # default activation
     "torch.nn.modules.transformer.TransformerDecoderLayer.__setstate__",
     "torch.nn.modules.upsampling.Upsample.__setstate__",  # default recompute_scale_factor
@@ -118,6 +129,12 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, meta
             and _ints(tuple(size)) and _ints(tuple(stride)) and isinstance(requires_grad, bool)
             and _no_hooks(hooks) and not metadata and not extra):
         _fail("a tensor rebuild with arguments torch.save does not write")
+    elements = math.prod(size)
+    with warnings.catch_warnings():  # torch deprecates TypedStorage, which its own zip reader still hands out
+        warnings.simplefilter("ignore")
+        held = storage.size() if isinstance(storage, torch.storage.TypedStorage) else storage.nbytes()
+    if elements > held:  # an expanded view (stride 0): real, but a four-byte storage must not become a terabyte
+        budget().charge_view(elements)
     return torch._utils._rebuild_tensor_v2(storage, offset, torch.Size(size), tuple(stride), requires_grad,
                                            OrderedDict())
 
@@ -130,15 +147,19 @@ def _rebuild_parameter(data, requires_grad, hooks, state=None):
 
 def _ordered_dict(*args):
     if args and not (len(args) == 1 and isinstance(args[0], (list, tuple))
-                     and all(isinstance(p, tuple) and len(p) == 2 for p in args[0])):
-        _fail("an OrderedDict built from anything but pairs")
+                     and all(isinstance(p, tuple) and len(p) == 2 and plain_key(p[0]) for p in args[0])):
+        _fail("an OrderedDict built from anything but pairs with text or small-int keys")
+    if args:
+        budget().charge(16 * len(args[0]), "an OrderedDict")
     return OrderedDict(*args)
 
 
 def _container(kind: type):
     def build(*args):
-        if args and not (len(args) == 1 and isinstance(args[0], (list, tuple))):
-            _fail(f"a {kind.__name__} built from anything but a list")
+        if args and not (len(args) == 1 and isinstance(args[0], (list, tuple)) and all(map(plain_key, args[0]))):
+            _fail(f"a {kind.__name__} built from anything but a list of text or small ints")
+        if args:
+            budget().charge(8 * len(args[0]), f"a {kind.__name__}")
         return kind(*args)
 
     return build
@@ -149,8 +170,10 @@ def _bytes(kind: type):
         if args == ():
             return kind()
         if len(args) == 1 and isinstance(args[0], bytes):
+            budget().charge(len(args[0]), f"a {kind.__name__}")
             return kind(args[0])
         if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+            budget().charge(len(args[0]), f"a {kind.__name__}")
             return kind(args[0], "latin1")
         _fail(f"a {kind.__name__} built from anything but bytes")
 
@@ -160,12 +183,14 @@ def _bytes(kind: type):
 def _encode(text, codec="utf-8", *extra):
     if not (isinstance(text, str) and codec in ("latin1", "latin-1") and not extra):
         _fail("_codecs.encode with a codec other than latin1")
+    budget().charge(len(text), "_codecs.encode")
     return text.encode("latin1")
 
 
 def _size(*args):
     if not (len(args) == 1 and _ints(tuple(args[0]) if isinstance(args[0], (list, tuple)) else None)):
         _fail("a torch.Size of anything but ints")
+    budget().charge(8 * len(args[0]), "a torch.Size")
     return torch.Size(args[0])
 
 
@@ -178,6 +203,7 @@ def _device(*args):
 def _path(*parts):
     if not all(isinstance(p, str) for p in parts):
         _fail("a path made of anything but text")
+    budget().charge(sum(map(len, parts)), "a path")
     return pathlib.Path(*parts)
 
 
@@ -226,7 +252,7 @@ def checkpoint_policy() -> Policy:
 
     from surgeon.classic import classic_class_names
 
-    modules = [m for p in _MODULE_PACKAGES for m in _modules_of(p)]
+    modules = [m for p in _MODULE_PACKAGES for m in _modules_of(p) if m.__name__ not in _EXCLUDED_MODULES]
     modules += [importlib.import_module(m) for m in _MODULE_MODULES]
     allowed: set[type] = {c for m in modules for c in _defined_classes(m, nn.Module)}
     object_modules = [importlib.import_module(m) for m in _OBJECT_MODULES]

@@ -32,8 +32,10 @@ before torch reads them, so a file cannot ask for more bytes than it holds.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import pickle
+import re
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -45,6 +47,47 @@ from torch import nn
 
 class RefusedPickle(pickle.UnpicklingError):
     """The pickle asks for something the policy does not allow; nothing it named has run."""
+
+
+class Budget:
+    """What one load may build beyond the bytes it holds: copies made by rebuild calls, and tensor views larger
+    than their storage (an expanded view is legitimate; a terabyte one made from four bytes is not).
+
+    Attributes:
+        left: Bytes the rebuild calls may still produce.
+        view_elements: Elements tensor views may still claim beyond the storage under them.
+    """
+
+    def __init__(self, pickle_bytes: int):
+        self.left = 4 * pickle_bytes + (16 << 20)
+        self.view_elements = 1 << 26
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise RefusedPickle(f"refused {what}: the file asks for far more memory than it holds")
+
+    def charge_view(self, elements: int) -> None:
+        self.view_elements -= elements
+        if self.view_elements < 0:
+            raise RefusedPickle("refused tensor views that claim far more elements than their storage holds")
+
+
+_BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("surgeon_unpickle_budget", default=None)
+
+
+def budget() -> Budget:
+    """The running load's budget (for the policy's call checkers); a generous one outside a load."""
+    return _BUDGET.get() or Budget(1 << 20)
+
+
+_MAX_INT_KEY = 1 << 31
+
+
+def plain_key(key: Any) -> bool:
+    """Dict keys and set members a checkpoint holds: text, small ints, bools, None. Anything else (a large int or
+    a deep tuple) could be built to collide in the hash table or exhaust the C stack while hashing."""
+    return key is None or isinstance(key, (str, bool)) or (type(key) is int and -_MAX_INT_KEY < key < _MAX_INT_KEY)
 
 
 @dataclass(frozen=True)
@@ -149,6 +192,7 @@ class Unpickler(pickle._Unpickler):
 
     def __init__(self, file, *, policy: Policy, records: Mapping[str, int] | None = None, **kwargs):
         super().__init__(file, **kwargs)
+        self._file_bytes = file.getbuffer() if isinstance(file, io.BytesIO) else None
         self._policy = policy
         self._records = records
         self._torch_persistent_load: Callable | None = None
@@ -228,6 +272,29 @@ class Unpickler(pickle._Unpickler):
             raise RefusedPickle(f"refused to create {token.name} with arguments from the file")
         self.append(_new(token))
 
+    def load_setitem(self):
+        if not plain_key(self.stack[-2]):
+            raise RefusedPickle(f"refused a dict key of type {type(self.stack[-2]).__name__}")
+        super().load_setitem()
+
+    def load_setitems(self):
+        items = self.stack  # everything since the last MARK (pickle keeps the rest on metastack)
+        if not all(plain_key(k) for k in items[::2]):
+            raise RefusedPickle("refused a dict key that is not text or a small int")
+        super().load_setitems()
+
+    def load_additems(self):
+        items = self.stack  # everything since the last MARK (pickle keeps the rest on metastack)
+        if not all(plain_key(k) for k in items):
+            raise RefusedPickle("refused a set member that is not text or a small int")
+        super().load_additems()
+
+    def load_frozenset(self):
+        items = self.stack  # everything since the last MARK (pickle keeps the rest on metastack)
+        if not all(plain_key(k) for k in items):
+            raise RefusedPickle("refused a set member that is not text or a small int")
+        super().load_frozenset()
+
     def load_build(self):
         stack = self.stack
         state = stack.pop()
@@ -270,7 +337,12 @@ class Unpickler(pickle._Unpickler):
         return cached
 
     def load(self):
-        result = super().load()
+        size = len(self._file_bytes) if self._file_bytes is not None else 1 << 20
+        token = _BUDGET.set(Budget(size))
+        try:
+            result = super().load()
+        finally:
+            _BUDGET.reset(token)
         check_result(result)
         return result
 
@@ -289,6 +361,10 @@ Unpickler.dispatch[pickle.REDUCE[0]] = Unpickler.load_reduce
 Unpickler.dispatch[pickle.NEWOBJ[0]] = Unpickler.load_newobj
 Unpickler.dispatch[pickle.NEWOBJ_EX[0]] = Unpickler.load_newobj_ex
 Unpickler.dispatch[pickle.BUILD[0]] = Unpickler.load_build
+Unpickler.dispatch[pickle.SETITEM[0]] = Unpickler.load_setitem
+Unpickler.dispatch[pickle.SETITEMS[0]] = Unpickler.load_setitems
+Unpickler.dispatch[pickle.ADDITEMS[0]] = Unpickler.load_additems
+Unpickler.dispatch[pickle.FROZENSET[0]] = Unpickler.load_frozenset
 
 
 def _native_setstate(inst: Any, state: Any) -> bool:
@@ -301,41 +377,62 @@ def _native_setstate(inst: Any, state: Any) -> bool:
         if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)
                 and not state[2].hasobject and isinstance(state[4], bytes)):
             raise RefusedPickle("refused a numpy array that is not plain numbers")
+        budget().charge(len(state[4]), "a numpy array")  # copied; one bytes object can be referenced many times
         return True
     return False
 
 
-_HOOKS_ALLOWED_EMPTY = "_hooks"
+_HOOKS = "_hooks"
+_MAX_DEPTH = 400
+# Names of submodules, parameters and buffers: torch.fx pastes them into the Python source it generates for a
+# traced model (``getattr(self, "...")`` for names that are not identifiers, unescaped), so anything else is code.
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+", re.ASCII)
 
 
 def check_result(obj: Any) -> None:
-    """Refuse a result that holds an inert class token, or a module with hooks.
+    """Refuse a result that holds an inert class token, a module with hooks or with names that are not
+    identifiers, or nesting deeper than any checkpoint has.
 
     Raises:
-        RefusedPickle: Something in `obj` is a global used as a value, or a module registers hooks.
+        RefusedPickle: What was found, named.
     """
     seen: set[int] = set()
-    todo = [obj]
+    todo = [(obj, 0)]
     while todo:
-        item = todo.pop()
+        item, depth = todo.pop()
         if id(item) in seen or isinstance(item, (str, bytes, int, float, bool, type(None))):
             continue
+        if depth > _MAX_DEPTH:
+            raise RefusedPickle(f"refused objects nested more than {_MAX_DEPTH} deep")
         seen.add(id(item))
+        children: list = []
         if isinstance(item, Global):
             raise RefusedPickle(f"refused {item.name} stored as a value: a checkpoint holds objects, not classes")
         if isinstance(item, dict):
-            todo.extend(item.keys())
-            todo.extend(item.values())
+            children += [*item.keys(), *item.values()]
         elif isinstance(item, (list, tuple, set, frozenset)):
-            todo.extend(item)
+            children += list(item)
+        elif isinstance(item, types.MethodType):  # a bound forward: check the object it is bound to
+            children += [item.__self__, item.__func__]
         if isinstance(item, nn.Module):
-            for key, value in vars(item).items():
-                if key.endswith(_HOOKS_ALLOWED_EMPTY) and value:
-                    raise RefusedPickle(f"refused a {type(item).__name__} that registers {key}: checkpoints "
-                                        "written by torch.save carry no hooks")
+            _check_module(item)
         state = getattr(item, "__dict__", None)
-        if isinstance(state, dict) and not isinstance(item, type):
-            todo.extend(state.values())
+        if isinstance(state, dict) and not isinstance(item, (type, types.FunctionType)):
+            children += list(state.values())
+        todo.extend((child, depth + 1) for child in children)
+
+
+def _check_module(module: nn.Module) -> None:
+    state = vars(module)
+    for key, value in state.items():
+        if key.endswith(_HOOKS) and value:
+            raise RefusedPickle(f"refused a {type(module).__name__} that registers {key}: checkpoints written by "
+                                "torch.save carry no hooks")
+    for table in ("_modules", "_parameters", "_buffers"):
+        for name in state.get(table) or {}:
+            if not (isinstance(name, str) and _MODULE_NAME.fullmatch(name)):
+                raise RefusedPickle(f"refused a {type(module).__name__} with a {table[1:-1]} named {name!r}: module "
+                                    "names are identifiers or indices")
 
 
 def pickle_module(policy: Policy, records: Mapping[str, int] | None = None) -> types.ModuleType:

@@ -14,7 +14,7 @@ from torch import nn
 
 from surgeon import __version__
 from surgeon.blocks import ConvBlock, LayerLayout, LayerTarget, find_blocks, run_model, sample_input
-from surgeon.errors import RuleError, SurgeonError, SurgeryError
+from surgeon.errors import CheckpointError, RuleError, SurgeonError, SurgeryError
 from surgeon.io import Loaded, checkpoint_dict, load, save_checkpoint
 from surgeon.match import match_rules
 from surgeon.measure import Measurement, measure
@@ -66,9 +66,19 @@ def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int 
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
     _check_imgsz(loaded.model, imgsz)
     traced = trace(loaded.model)
-    totals = measure(loaded.model, imgsz)
-    blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv)) for b in find_blocks(traced, totals.shapes)]
-    layers = LayerLayout(loaded.model).targets(loaded.model, totals.layer_shapes)
+    try:
+        totals = measure(loaded.model, imgsz)
+        blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv))
+                  for b in find_blocks(traced, totals.shapes)]
+        layers = LayerLayout(loaded.model).targets(loaded.model, totals.layer_shapes)
+    except SurgeonError:
+        raise
+    except Exception as error:  # a model from a file whose layers do not fit together: bad input, one line
+        if loaded.path is None:
+            raise
+        detail = str(error).strip().splitlines()
+        raise CheckpointError(f"{loaded.path}: the model in this checkpoint does not run on a {imgsz} px image "
+                              f"({type(error).__name__}: {detail[0][:200] if detail else ''})") from None
     return Inspection(loaded, traced, blocks, totals, layers)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgeon.errors import CheckpointError, UnsafeCheckpointError
+from surgeon.errors import CheckpointError, SurgeonError, UnsafeCheckpointError
 
 
 @dataclass
@@ -248,8 +248,19 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
         return Loaded(source.float().eval(), "module")
     path = Path(source)
     obj = _load_file(path, trust)
+    try:
+        return _loaded(path, obj, trust, arch)
+    except SurgeonError:
+        raise
+    except Exception as error:  # a crafted or damaged object graph fails in any of a dozen ways; all mean malformed
+        raise CheckpointError(f"{path}: malformed checkpoint ({_reason(error)})") from None
+
+
+def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
     digest = file_sha256(path)
     if isinstance(obj, nn.Module):
+        if not trust:
+            _check_model(path, obj)
         return Loaded(obj.float().eval(), "module", path, digest)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model or checkpoint dict")
@@ -258,11 +269,12 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
         from surgeon.classic import ClassicDetectionModel
 
         fmt = "classic" if isinstance(model, ClassicDetectionModel) else "ultralytics"
-        _check_model(path, model)
+        if not trust:
+            _check_model(path, model)
         meta = {k: v for k, v in obj.items() if k not in ("model", "ema", "optimizer")}
         return Loaded(model.float().eval(), fmt, path, digest, meta)
     state = obj.get("state_dict", obj.get("model", obj))
-    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         if arch is None:
             raise CheckpointError(f"{path}: holds a state dict but no model; load it from Python with "
                                   "surgeon.load(path, arch=...) naming the architecture")
@@ -273,12 +285,31 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
             detail = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise CheckpointError(f"{path}: state dict does not fit {type(model).__name__}: {detail[-1]}") from None
         return Loaded(model.float().eval(), "state_dict", path, digest)
-    raise CheckpointError(f"{path}: checkpoint holds no model (keys: {', '.join(map(str, list(obj)[:8]))})")
+    keys = ", ".join(k if isinstance(k, str) else type(k).__name__ for k in list(obj)[:8])
+    raise CheckpointError(f"{path}: checkpoint holds no model (keys: {keys})")
+
+
+_MAX_MODULE_DEPTH = 64  # the deepest Ultralytics model nests about 8 modules
+_MAX_CHANNELS = 64
 
 
 def _check_model(path: Path, model: nn.Module) -> None:
-    """Refuse a model object that unpickled but is not whole (a damaged or crafted pickle)."""
-    for name, module in model.named_modules():
+    """Refuse a model object that unpickled but is not whole or not sane (a damaged or crafted pickle).
+
+    Walks the module tree without recursion (a cycle or a 3000-deep tree is refused, not a RecursionError),
+    checks each module's state tables, and the few attributes surgeon sizes its work by (input channels,
+    strides).
+    """
+    todo, seen = [("", model, ())], set()  # (path, module, ids of its ancestors); shared modules are normal
+    while todo:
+        name, module, ancestors = todo.pop()
+        if id(module) in ancestors:
+            raise CheckpointError(f"{path}: malformed checkpoint (module {name} contains itself)")
+        if len(ancestors) > _MAX_MODULE_DEPTH:
+            raise CheckpointError(f"{path}: malformed checkpoint (modules nested over {_MAX_MODULE_DEPTH} deep)")
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         state = vars(module)
         if not all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")):
             raise CheckpointError(f"{path}: corrupt checkpoint (module {name or 'model'} lacks its state)")
@@ -287,6 +318,20 @@ def _check_model(path: Path, model: nn.Module) -> None:
         bad += [k for k, v in state["_modules"].items() if v is not None and not isinstance(v, nn.Module)]
         if bad:
             raise CheckpointError(f"{path}: corrupt checkpoint ({name or 'model'}.{bad[0]} has the wrong type)")
+        below = (*ancestors, id(module))
+        todo += [(f"{name}.{k}" if name else k, m, below) for k, m in state["_modules"].items() if m is not None]
+    yaml = getattr(model, "yaml", None)
+    if isinstance(yaml, dict):
+        channels = yaml.get("channels", yaml.get("ch", 3))
+        if not (type(channels) is int and 1 <= channels <= _MAX_CHANNELS):
+            raise CheckpointError(f"{path}: malformed checkpoint (input channels {channels!r})")
+        for key in ("backbone", "head"):
+            if key in yaml and not isinstance(yaml[key], list):
+                raise CheckpointError(f"{path}: malformed checkpoint (its YAML {key} is not a list)")
+    stride = getattr(model, "stride", None)
+    if isinstance(stride, torch.Tensor) and not (stride.numel() and bool(torch.isfinite(stride).all())
+                                                 and bool((stride > 0).all())):
+        raise CheckpointError(f"{path}: malformed checkpoint (strides {stride.tolist()})")
     layers = getattr(model, "model", None)
     from surgeon.classic import ClassicDetect, ClassicDetectionModel
 

@@ -140,6 +140,71 @@ def central_directory_lie(path: Path) -> Path:
     return path
 
 
+def fx_injection(target: Path) -> nn.Module:
+    """A submodule name that torch.fx would paste, unescaped, into the Python it generates and executes."""
+    name = (f'x")\rfrom os import system\rsystem("touch {target}")\r'
+            'def _f(self, input_1):\r    return getattr(self,"x')
+    return nn.Sequential(OrderedDict([(name, nn.Conv2d(3, 8, 3))]))
+
+
+def big_view_conv() -> nn.Module:
+    """A Conv2d(4096, 4096, 3) whose 151 M weights are four bytes seen with stride 0: hours of compute to run."""
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    conv.weight = nn.Parameter(torch.zeros(1).as_strided((4096, 4096, 3, 3), (0, 0, 0, 0)), requires_grad=False)
+    conv.in_channels = conv.out_channels = 4096
+    conv.kernel_size = (3, 3)
+    return nn.Sequential(conv)
+
+
+def hash_flood(n: int = 4000) -> bytes:
+    """A dict whose int keys all hash alike: quadratic insertion."""
+    def long1(value: int) -> bytes:
+        size = (value.bit_length() + 8) // 8
+        return b"\x8a" + bytes([size]) + value.to_bytes(size, "little", signed=True)
+
+    keys = b"".join(long1(k * (2**61 - 1)) + b"N" for k in range(1, n))
+    return b"\x80\x02}(" + keys + b"u."
+
+
+def deep_tuple_key(depth: int = 300000) -> bytes:
+    """A key of tuples nested 300000 deep: hashing it overflows the C stack (a crash, not an exception)."""
+    return b"\x80\x02}" + b")" + b"\x85" * depth + b"NsX\x05\x00\x00\x00modelK\x01s."
+
+
+def amplifier(copies: int = 400, size: int = 1 << 20) -> bytes:
+    """One 1 MB bytes object copied by bytearray() 400 times: a small file that asks for 400 MB."""
+    body = b"c__builtin__\nbytearray\nq\x00B" + size.to_bytes(4, "little") + bytes(size) + b"q\x01("
+    body += b"h\x00h\x01\x85R" * copies
+    return b"\x80\x02" + body + b"l."
+
+
+def hidden_hook() -> nn.Module:
+    """A hook on a module only reachable through a bound forward method stored on another module."""
+    outer, hidden = nn.Sequential(nn.Conv2d(3, 4, 1)), nn.Sequential(nn.Conv2d(3, 4, 1))
+    hidden[0]._forward_hooks[0] = nn.Identity()
+    outer[0].forward = hidden[0].forward
+    return outer
+
+
+def cycle() -> nn.Module:
+    a = nn.Sequential(nn.Conv2d(3, 4, 1))
+    a._modules["a"] = a
+    return a
+
+
+def detection_model(**changes) -> nn.Module:
+    from ultralytics.nn.tasks import DetectionModel as Model
+
+    model = Model({"nc": 2, "backbone": [[-1, 1, "Conv", [16, 3, 2]]],
+                   "head": [[-1, 1, "Conv", [16, 3, 2]], [[1], 1, "Detect", ["nc"]]]}, verbose=False)
+    for key, value in changes.items():
+        if key == "yaml":
+            model.yaml = {**model.yaml, **value}
+        else:
+            setattr(model, key, value)
+    return model
+
+
 # name -> builder(tmp_path, sentinel) -> path. Each builder's file is one hostile case.
 CORPUS = {
     # REDUCE of allow-listed classes with crafted arguments: the constructor-call hole, per class family.
@@ -195,7 +260,28 @@ CORPUS = {
     "oversized-member-header": lambda t, s: central_directory_lie(t / "f.pt"),
     "storage-larger-than-record": lambda t, s: raw(t / "f.pt", storage_pickle("0", 1 << 30)),
     "storage-missing-record": lambda t, s: raw(t / "f.pt", storage_pickle("7", 2)),
+    # Names, sizes and shapes that the rest of the tool would turn into code, memory or time.
+    "fx-codegen-injection": lambda t, s: saved({"model": fx_injection(s)}, t / "f.pt"),
+    "terminal-escape-name": lambda t, s: saved({"model": nn.Sequential(OrderedDict(
+        [("a\x1b]0;TITLE\x07\x1b[31m[bold]B[/bold]", nn.Conv2d(3, 4, 1))]))}, t / "f.pt"),
+    "zero-stride-buffer": lambda t, s: saved(
+        {"model": _with_buffer(torch.zeros(1).half().as_strided((1 << 32,), (0,)))}, t / "f.pt"),
+    "zero-stride-giant-conv": lambda t, s: saved({"model": big_view_conv()}, t / "f.pt"),
+    "rnn-setstate-loop": lambda t, s: saved({"model": nn.RNN(2, 2)}, t / "f.pt"),
+    "hash-collision-keys": lambda t, s: raw(t / "f.pt", hash_flood()),
+    "deep-tuple-key": lambda t, s: raw(t / "f.pt", deep_tuple_key()),
+    "copy-amplification": lambda t, s: raw(t / "f.pt", amplifier()),
+    "hook-behind-bound-method": lambda t, s: saved({"model": hidden_hook()}, t / "f.pt"),
+    "module-cycle": lambda t, s: saved({"model": cycle()}, t / "f.pt"),
+    "input-channels-4000": lambda t, s: saved({"model": detection_model(yaml={"channels": 4000})}, t / "f.pt"),
+    "zero-stride-model": lambda t, s: saved({"model": detection_model(stride=torch.tensor([0.0]))}, t / "f.pt"),
 }
+
+
+def _with_buffer(tensor: torch.Tensor) -> nn.Module:
+    module = nn.Module()
+    module.register_buffer("w", tensor)
+    return module
 
 
 @pytest.fixture(scope="module")
