@@ -18,6 +18,7 @@ from surgeon.errors import CheckpointError, RuleError, SurgeonError, SurgeryErro
 from surgeon.io import Loaded, checkpoint_dict, load, save_checkpoint
 from surgeon.match import match_rules
 from surgeon.measure import Measurement, measure
+from surgeon.mixtures import MixtureStats, mixture_layers, mixture_stats
 from surgeon.modules import builtin_replacements
 from surgeon.outputs import compare
 from surgeon.registry import Registry
@@ -36,6 +37,7 @@ class Inspection:
     blocks: list[ConvBlock]
     totals: Measurement
     layers: list[LayerTarget]
+    mixtures: list[MixtureStats] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +51,7 @@ class Inspection:
             "traced": self.traced.method,
             "leaves": self.traced.leaves,
             "blocks": [b.to_dict() for b in self.blocks],
+            "mixtures": [m.to_dict() for m in self.mixtures],
         }
 
 
@@ -61,8 +64,12 @@ def _check_imgsz(model: nn.Module, imgsz: int) -> None:
 
 
 def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640,
-                  trust: bool = False) -> Inspection:
-    """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`."""
+                  trust: bool = False, images: torch.Tensor | None = None) -> Inspection:
+    """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`.
+
+    Mixture layers (DynamicConv, CondConv) also get their expert spread and routing statistics
+    (`surgeon.mixtures`), measured on `images` (``(N, C, H, W)`` in [0, 1]) or on 4 generated images.
+    """
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
     _check_imgsz(loaded.model, imgsz)
     traced = trace(loaded.model)
@@ -71,6 +78,11 @@ def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int 
         blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv))
                   for b in find_blocks(traced, totals.shapes)]
         layers = LayerLayout(loaded.model).targets(loaded.model, totals.layer_shapes)
+        mixtures = []
+        if mixture_layers(loaded.model):
+            from surgeon.data import image_batch
+
+            mixtures = mixture_stats(loaded.model, image_batch(imgsz, 4) if images is None else images)
     except SurgeonError:
         raise
     except Exception as error:  # a model from a file whose layers do not fit together: bad input, one line
@@ -79,7 +91,7 @@ def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int 
         detail = str(error).strip().splitlines()
         raise CheckpointError(f"{loaded.path}: the model in this checkpoint does not run on a {imgsz} px image "
                               f"({type(error).__name__}: {detail[0][:200] if detail else ''})") from None
-    return Inspection(loaded, traced, blocks, totals, layers)
+    return Inspection(loaded, traced, blocks, totals, layers, mixtures)
 
 
 # --- apply --------------------------------------------------------------------------------------

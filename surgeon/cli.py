@@ -52,14 +52,27 @@ def _write_json(data: dict, target: str) -> None:
 @click.option("--imgsz", default=640, show_default=True, help="Image size for shapes and FLOPs.")
 @click.option("--json", "json_out", metavar="FILE", help="Also write the table as JSON to FILE ('-' for stdout only).")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
-def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool):
-    """List every Conv block of MODEL: path, region, layer, geometry, params, FLOPs."""
-    from surgeon.api import inspect_model
-    from surgeon.report import inspection_table
+@click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
+              help="Measure mixture layers' routing on up to 8 images of DIR (default: generated images).")
+def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, images: Path | None):
+    """List every Conv block of MODEL: path, region, layer, geometry, params, FLOPs.
 
-    inspection = inspect_model(model, imgsz=imgsz, trust=trust)
+    Mixture layers (DynamicConv, CondConv) get a second table: expert spread and routing statistics.
+    """
+    from surgeon.api import inspect_model
+    from surgeon.report import inspection_table, mixture_table
+
+    batch = None
+    if images is not None:
+        from surgeon.data import folder_images
+
+        batch = folder_images(images, imgsz)
+    inspection = inspect_model(model, imgsz=imgsz, trust=trust, images=batch)
     if json_out != "-":
         _console().print(inspection_table(inspection))
+        mixtures = mixture_table(inspection)
+        if mixtures is not None:
+            _console().print(mixtures)
     if json_out:
         _write_json(inspection.to_dict(), json_out)
 

@@ -146,6 +146,34 @@ def image_batch(imgsz: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def folder_images(folder: str | Path, imgsz: int, n: int = 8) -> torch.Tensor:
+    """Up to `n` images of `folder` (recursive, sorted), letterboxed to `imgsz` as Ultralytics does, ``(n, 3, s, s)``.
+
+    Raises:
+        SurgeonError: The folder is missing or holds no readable image.
+    """
+    from ultralytics.data.augment import LetterBox
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SurgeonError(f"{folder}: no such folder of images")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    letterbox = LetterBox((imgsz, imgsz), auto=False)
+    images = []
+    for path in paths:
+        image = cv2.imread(str(path))
+        if image is not None:
+            images.append(letterbox(image=image)[..., ::-1])  # BGR -> RGB
+        if len(images) == n:
+            break
+    if not images:
+        raise SurgeonError(f"{folder}: no readable image ({', '.join(IMAGE_SUFFIXES)})")
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255
+
+
 def _prepare_root(root: Path) -> None:
     """Create `root`, or clear what an earlier make_dataset wrote there; refuse anything else."""
     if root.exists() and not root.is_dir():

@@ -61,6 +61,7 @@ from surgeon.modules.dynamic_conv import linear_temperature  # noqa: E402
 
 __all__ = [
     "FinetuneResult",
+    "MixtureLogger",
     "ClassicDetectionValidator",
     "RewrittenClassicTrainer",
     "RewrittenClassificationTrainer",
@@ -245,6 +246,40 @@ class TemperatureAnnealer:
             trainer.temperatures[trainer.epoch] = value
 
 
+@dataclass(frozen=True)
+class MixtureLogger:
+    """``on_fit_epoch_end`` callback: expert spread and routing statistics of the mixture layers, per epoch.
+
+    Measured on the EMA model (what is validated and saved) with 4 generated images at the training size,
+    written to ``mixtures.csv`` beside Ultralytics' ``results.csv`` (epoch, median and minimum expert spread,
+    identical layers, mean routing entropy and spread; see `surgeon.mixtures`) and logged. Models without
+    mixture layers are left alone.
+    """
+
+    images: int = 4
+
+    def __call__(self, trainer: Any) -> None:
+        from surgeon.data import image_batch
+        from surgeon.mixtures import mixture_layers, mixture_stats, summary
+
+        model = getattr(getattr(trainer, "ema", None), "ema", None) or unwrap_model(trainer.model)
+        if RANK not in {-1, 0} or trainer.epoch >= trainer.epochs or not mixture_layers(model):
+            return  # (the final validation calls the epoch-end callbacks once more, after the last epoch)
+        imgsz = trainer.args.imgsz if isinstance(trainer.args.imgsz, int) else max(trainer.args.imgsz)
+        row = {"epoch": trainer.epoch + 1, **summary(mixture_stats(model, image_batch(imgsz, self.images)))}
+        path = Path(trainer.save_dir) / "mixtures.csv"
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(row) + "\n")
+            f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
+        from ultralytics.utils import LOGGER
+
+        LOGGER.info(f"mixtures: expert spread median {row['expert_spread_median']:.2e} (min "
+                    f"{row['expert_spread_min']:.2e}), routing entropy {row.get('routing_entropy_mean', 0):.3f}, "
+                    f"across images {row.get('routing_spread_mean', 0):.2e}")
+
+
 def _has_annealer(callbacks: dict) -> bool:
     return any(isinstance(c, TemperatureAnnealer) for c in callbacks.get("on_train_epoch_start", []))
 
@@ -269,6 +304,8 @@ class _KeepRewrittenModel:
             super().__init__(cfg, overrides, _callbacks)
         if not _has_annealer(self.callbacks):
             self.add_callback("on_train_epoch_start", TemperatureAnnealer())
+        if not any(isinstance(c, MixtureLogger) for c in self.callbacks.get("on_fit_epoch_end", [])):
+            self.add_callback("on_fit_epoch_end", MixtureLogger())
 
     def train(self):
         """Ultralytics' training, with every checkpoint it reads (resume, final validation) read safely."""

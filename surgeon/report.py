@@ -37,6 +37,23 @@ def inspection_table(inspection) -> Table:
     return table
 
 
+def mixture_table(inspection) -> Table | None:
+    """The mixture layers of an inspected model: expert spread and routing statistics (None if it has none)."""
+    if not inspection.mixtures:
+        return None
+    table = Table(title="mixture layers: expert spread (0 = identical experts), routing on the inspected images",
+                  caption="entropy 1 = uniform over the experts; across images 0 = the same routing for every image",
+                  caption_justify="left")
+    for column in ("path", "type", "K", "expert spread", "routing entropy", "routing across images", "note"):
+        table.add_column(column, justify="left" if column in ("path", "type", "note") else "right")
+    for m in inspection.mixtures:
+        table.add_row(m.path, m.type, str(m.experts), f"{m.expert_spread:.2e}",
+                      "-" if m.routing_entropy is None else f"{m.routing_entropy:.3f}",
+                      "-" if m.routing_spread is None else f"{m.routing_spread:.2e}",
+                      "identical experts: one convolution stored K times" if m.identical else "")
+    return table
+
+
 def _totals_line(inspection) -> str:
     t = inspection.totals
     leaves = ", ".join(inspection.traced.leaves) or "none"
