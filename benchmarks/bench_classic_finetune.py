@@ -11,6 +11,7 @@ mAP50-95 per epoch of each, and the median wall time per training epoch of the r
 unrewritten model (a ratio of the same run).
 
     python benchmarks/bench_classic_finetune.py       # 30 base + 10 epochs, 128 images at 128 px: ~8 min on 2 cores
+    python benchmarks/bench_classic_finetune.py --optimizer AdamW --lr0 0.001429   # the same with AdamW
     python benchmarks/bench_classic_finetune.py --base-epochs 0 --epochs 3 --train 32 --val 16   # a quick look
 """
 
@@ -69,7 +70,8 @@ def _per_epoch_map(run: Path) -> list[float]:
 def _train(checkpoint: Path, data: Path, root: Path, name: str, args: argparse.Namespace) -> dict:
     timer = EpochTimer()
     start = time.perf_counter()
-    result = finetune(checkpoint, data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=0,
+    optimizer = {"optimizer": args.optimizer, **({"lr0": args.lr0} if args.lr0 else {})}
+    result = finetune(checkpoint, data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=0, **optimizer,
                       device="cpu", plots=False, seed=0, deterministic=True, nbs=args.batch, project=str(root),
                       name=name, exist_ok=True, quiet=True,
                       callbacks={"on_train_epoch_start": [timer.start], "on_train_epoch_end": [timer.end]})
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train", type=int, default=128, help="generated training images")
     parser.add_argument("--val", type=int, default=32, help="generated validation images")
+    parser.add_argument("--optimizer", default="SGD", help="SGD (the classic recipe), AdamW, auto, ...")
+    parser.add_argument("--lr0", type=float, help="initial learning rate (default: Ultralytics' for the optimizer)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/classic_finetune.json"))
     args = parser.parse_args()
 
@@ -104,7 +108,7 @@ def main() -> None:
     plain, dyn = runs["classic yolov5s"], runs["dyn_head"]
     ratio = statistics.median(dyn["epoch_s"]) / statistics.median(plain["epoch_s"])
     print(f"\nclassic yolov5s fine-tuned by surgeon finetune: {args.epochs} epochs, {args.train} images at "
-          f"{args.imgsz} px, batch {args.batch}, CPU")
+          f"{args.imgsz} px, batch {args.batch}, optimizer {args.optimizer}, CPU")
     if base is not None:
         print(f"start: the classic model trained {args.base_epochs} epochs, mAP50-95 "
               f"{base['final'].get('metrics/mAP50-95(B)', float('nan')):.4f} (best.pt)")

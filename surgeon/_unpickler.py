@@ -15,8 +15,8 @@ This reader separates the two things a global can be used for:
   sets attributes directly. A class passed any argument is refused.
 * **Calls** (`Policy.calls`) are the few pure rebuild functions ``torch.save`` and numpy emit
   (tensor and storage rebuilds, ``OrderedDict``, ``set``, ``torch.Size``, ...). Each entry is a
-  checker that validates the argument types before calling the real function; see `surgeon.io`
-  for the list and why each entry is safe.
+  checker that validates the argument types before calling the real function; see
+  `surgeon._allowlist` for the list and why each entry is safe.
 * ``getattr`` is accepted only for the pairs on `Policy.attributes` (e.g. ``Detect.forward``, which
   Ultralytics 8.0-8.2 heads keep a reference to), never in general.
 
@@ -40,6 +40,7 @@ import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from torch import nn
@@ -96,7 +97,7 @@ class Global:
 
     name: str
     obj: Any
-    kind: str  # "class", "call", "getattr", "storage"
+    kind: str  # "class", "call", "enum", "getattr", "storage"
 
     def __call__(self, *args, **kwargs):  # pragma: no cover - never reached through the reader
         raise RefusedPickle(f"refused to call {self.name}")
@@ -129,6 +130,11 @@ class Policy:
     enums: dict[str, type] = field(default_factory=dict)
     bound_methods: frozenset[str] = frozenset()
 
+    @cached_property
+    def class_set(self) -> frozenset[type]:
+        """The allowed classes themselves (a name may alias another's class)."""
+        return frozenset(self.classes.values())
+
     def resolve(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
         if full in self.constants:
@@ -158,7 +164,7 @@ class Policy:
         """``getattr(owner, attribute)`` for an allowed pair, or a bound forward of an allowed module object."""
         if isinstance(owner, Global) and owner.kind in ("class", "enum"):
             return self._attribute(owner.obj, attribute, f"{owner.name}.{attribute}")
-        if (isinstance(owner, nn.Module) and type(owner) in self.classes.values() and attribute in self.bound_methods
+        if (isinstance(owner, nn.Module) and type(owner) in self.class_set and attribute in self.bound_methods
                 and isinstance(getattr(type(owner), attribute, None), types.FunctionType)):
             return getattr(type(owner), attribute).__get__(owner)
         raise RefusedPickle(f"refused getattr(<{type(owner).__name__}>, {attribute!r}): only listed attributes of "
@@ -192,7 +198,7 @@ class Unpickler(pickle._Unpickler):
 
     def __init__(self, file, *, policy: Policy, records: Mapping[str, int] | None = None, **kwargs):
         super().__init__(file, **kwargs)
-        self._file_bytes = file.getbuffer() if isinstance(file, io.BytesIO) else None
+        self._pickle_bytes = len(file.getbuffer()) if isinstance(file, io.BytesIO) else 1 << 20
         self._policy = policy
         self._records = records
         self._torch_persistent_load: Callable | None = None
@@ -310,7 +316,7 @@ class Unpickler(pickle._Unpickler):
                 raise RefusedPickle("refused a malformed OrderedDict state")
             inst.__dict__.update(state)
             return
-        if cls not in self._policy_class_set:
+        if cls not in self._policy.class_set:
             raise RefusedPickle(f"refused to set the state of a {cls.__name__}")
         setstate = getattr(cls, "__setstate__", None)
         if setstate is not None:
@@ -329,16 +335,8 @@ class Unpickler(pickle._Unpickler):
         for key, value in (slotstate or {}).items():
             setattr(inst, key, value)
 
-    @property
-    def _policy_class_set(self) -> frozenset:
-        cached = getattr(self, "_class_set", None)
-        if cached is None:
-            cached = self._class_set = frozenset(self._policy.classes.values())
-        return cached
-
     def load(self):
-        size = len(self._file_bytes) if self._file_bytes is not None else 1 << 20
-        token = _BUDGET.set(Budget(size))
+        token = _BUDGET.set(Budget(self._pickle_bytes))
         try:
             result = super().load()
         finally:

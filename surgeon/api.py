@@ -64,11 +64,12 @@ def _check_imgsz(model: nn.Module, imgsz: int) -> None:
 
 
 def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640,
-                  trust: bool = False, images: torch.Tensor | None = None) -> Inspection:
+                  trust: bool = False, mixtures: bool = True, images: torch.Tensor | None = None) -> Inspection:
     """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`.
 
-    Mixture layers (DynamicConv, CondConv) also get their expert spread and routing statistics
-    (`surgeon.mixtures`), measured on `images` (``(N, C, H, W)`` in [0, 1]) or on 4 generated images.
+    With `mixtures`, mixture layers (DynamicConv, CondConv) also get their expert spread and routing
+    statistics (`surgeon.mixtures`), measured on `images` (``(N, C, H, W)`` in [0, 1]) or on 4 generated
+    images: one more forward pass, which apply and diff, calling this for the blocks, do without.
     """
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
     _check_imgsz(loaded.model, imgsz)
@@ -78,11 +79,11 @@ def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int 
         blocks = [dataclasses.replace(b, flops=totals.module_flops.get(b.conv))
                   for b in find_blocks(traced, totals.shapes)]
         layers = LayerLayout(loaded.model).targets(loaded.model, totals.layer_shapes)
-        mixtures = []
-        if mixture_layers(loaded.model):
+        stats = []
+        if mixtures and mixture_layers(loaded.model):
             from surgeon.data import image_batch
 
-            mixtures = mixture_stats(loaded.model, image_batch(imgsz, 4) if images is None else images)
+            stats = mixture_stats(loaded.model, image_batch(imgsz, 4) if images is None else images)
     except SurgeonError:
         raise
     except Exception as error:  # a model from a file whose layers do not fit together: bad input, one line
@@ -91,7 +92,7 @@ def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int 
         detail = str(error).strip().splitlines()
         raise CheckpointError(f"{loaded.path}: the model in this checkpoint does not run on a {imgsz} px image "
                               f"({type(error).__name__}: {detail[0][:200] if detail else ''})") from None
-    return Inspection(loaded, traced, blocks, totals, layers, mixtures)
+    return Inspection(loaded, traced, blocks, totals, layers, stats)
 
 
 # --- apply --------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     elif set_args:
         overrides = {**(overrides or {}), **set_args}
     resolved = resolve_rules(rules, overrides, registry)
-    before = inspect_model(loaded, imgsz=imgsz)
+    before = inspect_model(loaded, imgsz=imgsz, mixtures=False)
     matches = match_rules(before.blocks, resolved, layers=before.layers, model_name=str(loaded.path or loaded.name),
                           overlap=overlap)
     model, replaced = rewrite(loaded.model, matches, registry, before.totals.layer_shapes)
@@ -240,7 +241,7 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     if calibrate:
         replaced, calibration = _calibrate(loaded.model, model, replaced, calibrate, calibrate_imgsz)
     check = output_check(loaded.model, model, check_imgsz or imgsz)
-    after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz)
+    after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz, mixtures=False)
     report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
     report.after = f"{loaded.name} + {' + '.join(r.name for r in resolved)}"
     return ApplyResult(loaded, resolved, model, replaced, report, imgsz, calibration)
@@ -394,7 +395,8 @@ def _serialised_size(loaded: Loaded) -> int | None:
 def diff(a: str | os.PathLike | nn.Module, b: str | os.PathLike | nn.Module, *, imgsz: int = 640,
          trust: bool = False) -> Report:
     """The graph diff between any two models or checkpoints, with an output check when their inputs agree."""
-    first, second = inspect_model(a, imgsz=imgsz, trust=trust), inspect_model(b, imgsz=imgsz, trust=trust)
+    first = inspect_model(a, imgsz=imgsz, trust=trust, mixtures=False)
+    second = inspect_model(b, imgsz=imgsz, trust=trust, mixtures=False)
     try:
         check = output_check(first.loaded.model, second.loaded.model, imgsz)
     except SurgeryError:

@@ -187,7 +187,7 @@ def rules_show_cmd(rule: str, model: Path | None, imgsz: int, trust: bool):
     from surgeon.api import inspect_model
     from surgeon.match import match_rules
 
-    inspection = inspect_model(model, imgsz=imgsz, trust=trust)
+    inspection = inspect_model(model, imgsz=imgsz, trust=trust, mixtures=False)
     matches = match_rules(inspection.blocks, [parsed], layers=inspection.layers, model_name=str(model), strict=False)
     if parsed.action.kind == "insert":
         click.echo(f"\n# {len(matches)} of {len(inspection.layers)} layers of {model} selected:")

@@ -262,7 +262,8 @@ class MixtureLogger:
         from surgeon.data import image_batch
         from surgeon.mixtures import mixture_layers, mixture_stats, summary
 
-        model = getattr(getattr(trainer, "ema", None), "ema", None) or unwrap_model(trainer.model)
+        model = getattr(getattr(trainer, "ema", None), "ema", None)
+        model = unwrap_model(trainer.model) if model is None else model
         if RANK not in {-1, 0} or trainer.epoch >= trainer.epochs or not mixture_layers(model):
             return  # (the final validation calls the epoch-end callbacks once more, after the last epoch)
         imgsz = trainer.args.imgsz if isinstance(trainer.args.imgsz, int) else max(trainer.args.imgsz)
@@ -291,7 +292,7 @@ class _KeepRewrittenModel:
     """Mixin for an Ultralytics trainer: train the given rewritten model instead of one built from YAML.
 
     Training always starts from the rewritten weights: ``pretrained`` is not consulted. A default
-    TemperatureAnnealer is added unless the callbacks already hold one.
+    TemperatureAnnealer and a MixtureLogger are added unless the callbacks already hold one.
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
@@ -466,7 +467,7 @@ def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
             bias = new.bias.view(head.na, 5 + nc)
             weight[:, :5] = old.weight.view(head.na, head.no, -1)[:, :5]
             bias[:, :5] = old.bias.view(head.na, head.no)[:, :5]
-            bias[:, 5:] = math.log(0.6 / (nc - 0.99)) if nc > 1 else 0.0
+            bias[:, 5:] = math.log(0.6 / (nc - 0.99))
         head.m[i] = new
     head.nc, head.no = nc, nc + 5
 

@@ -155,13 +155,12 @@ def _archive_records(path: Path, archive: zipfile.ZipFile) -> dict[str, int]:
     return records
 
 
-def _torch_load(path: Path, trust: bool, records: dict[str, int] | None):
-    if trust:
+def _torch_load(path: Path, reader):
+    """``torch.load`` with `reader` (surgeon's restricted pickle module), or Python's full unpickler if None."""
+    if reader is None:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RenamingPickle)
-    from surgeon._allowlist import checkpoint_policy
-    from surgeon._unpickler import RefusedPickle, pickle_module
+    from surgeon._unpickler import RefusedPickle
 
-    reader = pickle_module(checkpoint_policy(), records)
     try:
         with _without_forced_weights_only():
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=reader)
@@ -188,19 +187,19 @@ def _without_forced_weights_only():
 
 def _load_file(path: Path, trust: bool):
     records = _check_file(path, trust)
-    if not trust:
+    reader = None
+    if not trust:  # built before the file is read: a failure here is not the file's
         from surgeon._allowlist import checkpoint_policy
+        from surgeon._unpickler import pickle_module
 
-        checkpoint_policy()  # built before the file is read: a failure here is not the file's
+        reader = pickle_module(checkpoint_policy(), records)
     try:
-        return _torch_load(path, trust, records)
+        return _torch_load(path, reader)
     except CheckpointError:
         raise
-    except (ModuleNotFoundError, AttributeError) as error:
-        if trust:
-            raise CheckpointError(f"{path}: checkpoint needs code that is not installed ({error})") from None
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({_reason(error)})") from None
     except Exception as error:  # a damaged pickle fails inside the reader in any of a dozen ways; all mean corrupt
+        if trust and isinstance(error, (ModuleNotFoundError, AttributeError)):
+            raise CheckpointError(f"{path}: checkpoint needs code that is not installed ({error})") from None
         raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({_reason(error)})") from None
 
 

@@ -15,6 +15,7 @@ A layer whose experts are identical (spread below ``1e-6``) is flagged.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -109,10 +110,9 @@ def summary(stats: list[MixtureStats]) -> dict[str, float]:
     """Median and minimum expert spread, mean routing entropy and spread over the layers (for per-epoch logs)."""
     if not stats:
         return {}
-    spreads = sorted(s.expert_spread for s in stats)
-    out = {"expert_spread_median": spreads[len(spreads) // 2] if len(spreads) % 2
-           else (spreads[len(spreads) // 2 - 1] + spreads[len(spreads) // 2]) / 2,
-           "expert_spread_min": spreads[0], "identical_layers": float(sum(s.identical for s in stats))}
+    spreads = [s.expert_spread for s in stats]
+    out = {"expert_spread_median": statistics.median(spreads), "expert_spread_min": min(spreads),
+           "identical_layers": float(sum(s.identical for s in stats))}
     measured = [s for s in stats if s.routing_entropy is not None]
     if measured:
         out["routing_entropy_mean"] = sum(s.routing_entropy for s in measured) / len(measured)

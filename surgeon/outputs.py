@@ -46,10 +46,10 @@ def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | 
     if isinstance(head, ClassicDetect) and first.dim() == 3 and first.shape[-1] == 5 + head.nc:
         return Parts(first[..., :4], first[..., 4:], float(imgsz))
     if isinstance(head, Detect) and first.dim() == 3:
+        if getattr(head, "end2end", False):  # its detections count can equal 4 + nc: ask the head, not the shape
+            return Parts(first[..., :4], first[..., 4:5], float(imgsz)) if first.shape[-1] == 6 else None
         if first.shape[1] >= 4 + nc:
             return Parts(first[:, :4].transpose(1, 2), first[:, 4:4 + nc], float(imgsz))
-        if first.shape[-1] == 6:
-            return Parts(first[..., :4], first[..., 4:5], float(imgsz))
     if isinstance(head, RTDETRDecoder) and first.dim() == 3 and first.shape[-1] == 4 + nc:
         return Parts(first[..., :4], first[..., 4:], 1.0)
     if isinstance(head, Classify) and first.dim() == 2:

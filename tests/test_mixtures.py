@@ -108,3 +108,16 @@ def test_finetune_logs_mixture_statistics_per_epoch(yolov8n, tmp_path):
     assert {"expert_spread_median", "expert_spread_min", "identical_layers", "routing_entropy_mean",
             "routing_spread_mean"} <= set(rows[0])
     assert all(float(r["identical_layers"]) == 0 and float(r["expert_spread_min"]) > 0.005 for r in rows)
+
+
+def test_apply_and_diff_do_not_measure_routing(yolov8n, tmp_path, monkeypatch):
+    """The extra forward pass belongs to `inspect`; apply and diff only need the blocks."""
+    import surgeon.api as api
+
+    calls = []
+    real = api.mixture_stats
+    monkeypatch.setattr(api, "mixture_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ).save(tmp_path / "dyn.pt")
+    surgeon.diff(yolov8n, out, imgsz=IMGSZ)
+    assert calls == []
+    assert surgeon.inspect(out, imgsz=IMGSZ).mixtures and calls == [1]

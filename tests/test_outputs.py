@@ -72,3 +72,20 @@ def test_reports_show_both_parts(yolov8n):
     assert "boxes max |diff| 0.000e+00 px" in line and f"class scores max |diff| {check['scores_max_abs']:.3e}" in line
     assert line in to_markdown(report)
     assert '"scores_max_abs"' in report.to_json()
+
+
+def test_end_to_end_head_is_split_by_its_mode_not_its_shape():
+    """yolo26n's end-to-end output at 64 px is (B, 84, 6): as many detections as 4 + nc channels."""
+    from surgeon.outputs import split_outputs
+
+    model = build_ultralytics("yolo26n.yaml")
+    model.model[-1].end2end = True
+    detections = torch.rand(2, 84, 6)
+
+    parts = split_outputs(model, detections, 64)
+
+    assert torch.equal(parts.boxes, detections[..., :4]) and torch.equal(parts.scores, detections[..., 4:5])
+    model.model[-1].end2end = False
+    maps = torch.rand(2, 84, 100)  # (B, 4 + nc, anchors)
+    regular = split_outputs(model, maps, 64)
+    assert torch.equal(regular.boxes, maps[:, :4].transpose(1, 2)) and torch.equal(regular.scores, maps[:, 4:])
