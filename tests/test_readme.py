@@ -165,3 +165,6 @@ def test_installed_package_ships_the_builtin_rules(tmp_path):
     assert {"dyn_head", "dyn_all", "cot_neck", "dwsep_all"} <= set(names.split(",")) and loaded == "dyn_head"
     if os.environ.get("SURGEON_PYTHON"):
         assert "site-packages" in where, f"not the installed package: {where}"
+        import surgeon  # this runner's own helpers must come from the same install, not the source tree
+
+        assert "site-packages" in surgeon.__file__, surgeon.__file__
