@@ -27,6 +27,14 @@ times the cost: 20 + 5) runs in roughly 20 minutes on 2 CPU cores. Usage::
     python benchmarks/bench_recovery.py                      # the full benchmark, JSON to benchmarks/results/
     python benchmarks/bench_recovery.py --quick              # plumbing check, about 2 minutes, numbers meaningless
     python benchmarks/bench_recovery.py --models yolov8n.yaml --epochs-base 40 --epochs-ft 10
+    python benchmarks/bench_recovery.py --mixtures             # do upcycled mixtures specialise? 3 seeds, ~20 min
+
+``--mixtures`` fine-tunes the same baselines as (a) no surgery, (b) ``dyn_head``, (c) ``condconv_head`` (their
+defaults: paired upcycling, `surgeon.modules.dynamic_conv`) and (d) ``dyn_head`` with the earlier initialisation
+(``init=copies``: identical experts, temperature 30 annealed to 1 over half the run), once per seed (the surgery's
+and the trainer's), and prints per epoch the median over seeds of mAP50-95, of the median and minimum expert spread
+and of the routing entropy and spread across images (what ``mixtures.csv`` logs), then each variant's final mAP50-95
+per seed with its mean and seed-to-seed standard deviation.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import csv
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +72,13 @@ DATASET = {"n_train": 128, "n_val": 32, "n_classes": 3, "seed": 0}
 TRAIN_ARGS = {"batch": 16, "workers": 0, "device": "cpu", "plots": False, "amp": False, "nbs": 16, "seed": 0,
               "deterministic": True, "val": True, "verbose": False}
 QUICK = {"models": "yolov8n.yaml", "epochs_base": "3", "epochs_ft": "1"}
+MIXTURE_VARIANTS = {
+    "a none": (CONTROL, {}),
+    "b dyn_head": ("dyn_head", {}),
+    "c condconv_head": ("condconv_head", {}),
+    "d dyn_head copies": ("dyn_head", {"init": "copies"}),
+}
+"""Label -> (rule, overrides) of the --mixtures comparison; (d) is the initialisation before paired upcycling."""
 
 
 def per_model(value: str, models: list[str], option: str) -> list[int]:
@@ -150,6 +166,73 @@ def run_variant(baseline: dict, rule: str, init: str, data: Path, epochs: int, i
     return row
 
 
+def epoch_rows(path: Path) -> list[dict]:
+    """The rows of a per-epoch CSV (results.csv, mixtures.csv) with stripped keys and float values."""
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def run_mixture(baseline: dict, label: str, seed: int, data: Path, epochs: int, imgsz: int, workdir: Path) -> dict:
+    """One --mixtures run: surgery (unless the control) and a fine-tune, with its per-epoch logs."""
+    rule, overrides = MIXTURE_VARIANTS[label]
+    tag = f"{Path(baseline['checkpoint']).parent.parent.name}-{label.replace(' ', '-')}-s{seed}"
+    row: dict = {"variant": label, "seed": seed, "error": None}
+    start = time.perf_counter()
+    try:
+        path = baseline["checkpoint"]
+        schedule = None
+        if rule != CONTROL:
+            result = surgeon.apply(path, rule, overrides={**overrides, "seed": seed}, imgsz=imgsz)
+            row["output_max_rel"] = (result.report.output_check or {}).get("max_rel")
+            path = result.save(workdir / f"{tag}.pt")
+            if overrides.get("init") == "copies":
+                schedule = TemperatureSchedule(start=30.0, end=1.0, epochs=max(1, epochs // 2))
+        ft = finetune(path, data, temperature=schedule, epochs=epochs, imgsz=imgsz, project=str(workdir),
+                      name=f"mix-{tag}", quiet=True, **{**TRAIN_ARGS, "seed": seed})
+        row["map"] = ft.metrics.get("metrics/mAP50-95(B)")
+        row["epochs"] = [{"epoch": int(r["epoch"]), "map": r["metrics/mAP50-95(B)"]}
+                         for r in epoch_rows(ft.save_dir / "results.csv")]
+        for r, m in zip(row["epochs"], epoch_rows(ft.save_dir / "mixtures.csv")):
+            r.update({k: v for k, v in m.items() if k != "epoch"})
+    except (SurgeonError, RuntimeError, ValueError, TypeError, AttributeError) as error:
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def print_mixtures(entry: dict) -> None:
+    """Per variant and epoch, medians over seeds; then the final mAP50-95 per seed, mean and std."""
+    base = entry["baseline"]
+    print(f"\n{entry['model']}: baseline {base['epochs']} epochs, mAP50-95 {fmt(base['map'])}; fine-tune "
+          f"{entry['epochs_ft']} epochs, seeds {entry['seeds']} (medians over seeds)")
+    header = (f"{'variant':<18} {'epoch':>5} {'mAP50-95':>8} {'spread med':>10} {'spread min':>10} "
+              f"{'entropy':>7} {'routing std':>11}")
+    print(header)
+    print("-" * len(header))
+    for label in MIXTURE_VARIANTS:
+        runs = [r for r in entry["rows"] if r["variant"] == label and not r["error"]]
+        for epoch in range(1, entry["epochs_ft"] + 1):
+            values = [next((e for e in r["epochs"] if e["epoch"] == epoch), {}) for r in runs]
+
+            def median(key, values=values):
+                found = [v[key] for v in values if key in v]
+                return statistics.median(found) if found else None
+
+            print(f"{label:<18} {epoch:>5} {fmt(median('map')):>8} {fmt(median('expert_spread_median'), 4):>10} "
+                  f"{fmt(median('expert_spread_min'), 4):>10} {fmt(median('routing_entropy_mean')):>7} "
+                  f"{fmt(median('routing_spread_mean'), 4):>11}")
+    print(f"\n{'variant':<18} {'final mAP50-95 per seed':<26} {'mean':>6} {'std':>6}  note")
+    for label in MIXTURE_VARIANTS:
+        runs = [r for r in entry["rows"] if r["variant"] == label]
+        maps = [r["map"] for r in runs if r.get("map") is not None]
+        errors = "; ".join(r["error"] for r in runs if r["error"])
+        mean = statistics.mean(maps) if maps else None
+        std = statistics.stdev(maps) if len(maps) > 1 else None
+        print(f"{label:<18} {' '.join(fmt(m) for m in maps):<26} {fmt(mean):>6} {fmt(std):>6}  {errors}")
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -199,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the control row (the baseline fine-tuned without surgery)")
     parser.add_argument("--quick", action="store_true",
                         help="plumbing check: yolov8n only, 3 baseline + 1 fine-tune epochs (numbers meaningless)")
+    parser.add_argument("--mixtures", action="store_true",
+                        help="compare no surgery, dyn_head, condconv_head and dyn_head init=copies over --seeds")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the --mixtures runs (default 0,1,2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (runs and checkpoints)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/recovery.json"),
                         help="where to write the results (default benchmarks/results/recovery.json)")
@@ -210,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs_base = per_model(args.epochs_base, models, "--epochs-base")
     epochs_ft = per_model(args.epochs_ft, models, "--epochs-ft")
     torch.set_num_threads(args.threads)
+    if args.mixtures:
+        return mixtures_main(args, models, epochs_base, epochs_ft)
 
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-recovery-"))
     payload = {
@@ -253,6 +341,45 @@ def main(argv: list[str] | None = None) -> int:
     payload["seconds"] = round(time.perf_counter() - start, 1)
     write_json(args.json, payload)
     print(f"\ntotal {payload['seconds']:.0f} s; mAP50-95 on {DATASET['n_val']} val images; wrote {args.json}")
+    return 0
+
+
+def mixtures_main(args: argparse.Namespace, models: list[str], epochs_base: list[int], epochs_ft: list[int]) -> int:
+    """The --mixtures comparison (module docstring); JSON beside the recovery one unless --json is given."""
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    out = args.json if args.json != Path("benchmarks/results/recovery.json") else Path(
+        "benchmarks/results/recovery-mixtures.json")
+    workdir = Path(tempfile.mkdtemp(prefix="surgeon-mixtures-"))
+    payload = {"benchmark": "recovery-mixtures", "quick": args.quick, "imgsz": args.imgsz, "dataset": DATASET,
+               "train_args": TRAIN_ARGS, "seeds": seeds, "variants": {k: list(v) for k, v in MIXTURE_VARIANTS.items()},
+               "versions": {"torch": torch.__version__, "ultralytics": ultralytics.__version__,
+                            "surgeon": surgeon.__version__, "python": platform.python_version()}, "models": []}
+    print(f"mixture benchmark: {', '.join(models)} x {', '.join(MIXTURE_VARIANTS)} x seeds {seeds}; work dir {workdir}"
+          + (" (--quick: numbers meaningless)" if args.quick else ""))
+    start = time.perf_counter()
+    try:
+        data = make_dataset(workdir / "data", imgsz=args.imgsz, **DATASET)
+        for model, n_base, n_ft in zip(models, epochs_base, epochs_ft):
+            print(f"\n{model}: training the baseline for {n_base} epochs ...", flush=True)
+            base = train_baseline(model, data, n_base, args.imgsz, workdir)
+            entry = {"model": model, "epochs_ft": n_ft, "seeds": seeds,
+                     "baseline": {k: v for k, v in base.items() if k != "checkpoint"}, "rows": []}
+            payload["models"].append(entry)
+            for label in MIXTURE_VARIANTS:
+                for seed in seeds:
+                    row = run_mixture(base, label, seed, data, n_ft, args.imgsz, workdir)
+                    entry["rows"].append(row)
+                    print(f"  {label} seed {seed}: mAP50-95 {fmt(row.get('map'))}, {row['seconds']:.0f} s"
+                          + (f"; {row['error']}" if row["error"] else ""), flush=True)
+                    payload["seconds"] = round(time.perf_counter() - start, 1)
+                    write_json(out, payload)
+            print_mixtures(entry)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    payload["seconds"] = round(time.perf_counter() - start, 1)
+    write_json(out, payload)
+    print(f"\ntotal {payload['seconds']:.0f} s; mAP50-95 on {DATASET['n_val']} val images; wrote {out}")
     return 0
 
 

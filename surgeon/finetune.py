@@ -57,7 +57,7 @@ from surgeon.classic import ClassicDetect  # noqa: E402
 from surgeon.classic_loss import ClassicHyp  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
 from surgeon.io import load, read_checkpoint  # noqa: E402
-from surgeon.modules.dynamic_conv import linear_temperature  # noqa: E402
+from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
 
 __all__ = [
     "FinetuneResult",
@@ -191,15 +191,17 @@ class TemperatureSchedule:
     """Linear softmax-temperature schedule for modules with ``set_temperature`` (DynamicConv).
 
     Dynamic Convolution (Chen et al., https://arxiv.org/abs/1912.03458) anneals the attention
-    temperature from 30 to 1 over the first 10 epochs.
+    temperature from 30 to 1 over the first 10 epochs; that is what an op built from scratch starts at.
+    An upcycled op starts at 1 (`surgeon.modules.dynamic_conv.UPCYCLED_TEMPERATURE`), where the
+    default schedule (``start=None``: each op from the temperature it was built with) keeps it.
 
     Attributes:
-        start: Temperature at epoch 0.
+        start: Temperature at epoch 0; None for each op's own starting temperature.
         end: Temperature from epoch ``epochs`` on.
         epochs: Number of epochs to go from `start` to `end`.
     """
 
-    start: float = 30.0
+    start: float | None = None
     end: float = 1.0
     epochs: int = 10
 
@@ -207,19 +209,26 @@ class TemperatureSchedule:
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, not {self.epochs}")
 
-    def at(self, epoch: int) -> float:
-        """Temperature for 0-based `epoch`: linear from `start` to `end`, then `end`."""
-        return linear_temperature(epoch, epochs=self.epochs, start=self.start, end=self.end)
+    def at(self, epoch: int, start: float = DEFAULT_START_TEMPERATURE) -> float:
+        """Temperature for 0-based `epoch`: linear from `start` (this schedule's, if set) to `end`, then `end`."""
+        start = self.start if self.start is not None else start
+        return linear_temperature(epoch, epochs=self.epochs, start=start, end=self.end)
 
 
-def set_temperature(model: nn.Module, value: float) -> int:
-    """Call ``set_temperature(value)`` on every submodule of `model` that has one; returns how many."""
-    count = 0
+def set_temperature(model: nn.Module, value: float | TemperatureSchedule, epoch: int = 0) -> list[float]:
+    """Set the temperature of every submodule of `model` with ``set_temperature``: `value`, or what a schedule
+    gives for `epoch` from the op's own ``start_temperature``. Returns the temperatures set, one per op."""
+    values = []
     for module in model.modules():
         if callable(getattr(module, "set_temperature", None)):
-            module.set_temperature(value)
-            count += 1
-    return count
+            if isinstance(value, TemperatureSchedule):
+                start = getattr(module, "start_temperature", None)
+                own = float(start) if isinstance(start, (int, float)) else DEFAULT_START_TEMPERATURE
+                values.append(value.at(epoch, own))
+            else:
+                values.append(float(value))
+            module.set_temperature(values[-1])
+    return values
 
 
 @dataclass(frozen=True)
@@ -228,46 +237,49 @@ class TemperatureAnnealer:
 
     The EMA copy matters: validation and the saved checkpoints use it, and EMA averages tensors,
     not the Python attributes a temperature may live in. Epochs whose temperature was set are
-    recorded in ``trainer.temperatures`` (epoch -> value); a model without such modules is left
-    alone and nothing is recorded.
+    recorded in ``trainer.temperatures`` (epoch -> value, or the sorted distinct values when ops
+    start from different temperatures); a model without such modules is left alone and nothing is
+    recorded.
     """
 
     schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
 
     def __call__(self, trainer: Any) -> None:
-        value = self.schedule.at(trainer.epoch)
-        count = set_temperature(unwrap_model(trainer.model), value)
+        values = set_temperature(unwrap_model(trainer.model), self.schedule, trainer.epoch)
         ema = getattr(getattr(trainer, "ema", None), "ema", None)
         if ema is not None:
-            count += set_temperature(ema, value)
-        if count:
+            values += set_temperature(ema, self.schedule, trainer.epoch)
+        if values:
             if not isinstance(getattr(trainer, "temperatures", None), dict):
                 trainer.temperatures = {}
-            trainer.temperatures[trainer.epoch] = value
+            distinct = tuple(sorted(set(values)))
+            trainer.temperatures[trainer.epoch] = distinct[0] if len(distinct) == 1 else distinct
 
 
 @dataclass(frozen=True)
 class MixtureLogger:
     """``on_fit_epoch_end`` callback: expert spread and routing statistics of the mixture layers, per epoch.
 
-    Measured on the EMA model (what is validated and saved) with 4 generated images at the training size,
-    written to ``mixtures.csv`` beside Ultralytics' ``results.csv`` (epoch, median and minimum expert spread,
-    identical layers, mean routing entropy and spread; see `surgeon.mixtures`) and logged. Models without
-    mixture layers are left alone.
+    Measured on the EMA model (what is validated and saved) with the first `images` images of the
+    validation set (generated images at the training size where the trainer has no validation loader),
+    written to ``mixtures.csv`` beside Ultralytics' ``results.csv`` (epoch, median and minimum expert
+    spread, identical layers, mean routing entropy and spread; see `surgeon.mixtures`) and logged. Models
+    without mixture layers are left alone.
     """
 
-    images: int = 4
+    images: int = 8
 
     def __call__(self, trainer: Any) -> None:
-        from surgeon.data import image_batch
         from surgeon.mixtures import mixture_layers, mixture_stats, summary
 
         model = getattr(getattr(trainer, "ema", None), "ema", None)
         model = unwrap_model(trainer.model) if model is None else model
         if RANK not in {-1, 0} or trainer.epoch >= trainer.epochs or not mixture_layers(model):
             return  # (the final validation calls the epoch-end callbacks once more, after the last epoch)
-        imgsz = trainer.args.imgsz if isinstance(trainer.args.imgsz, int) else max(trainer.args.imgsz)
-        row = {"epoch": trainer.epoch + 1, **summary(mixture_stats(model, image_batch(imgsz, self.images)))}
+        images = getattr(trainer, "mixture_images", None)
+        if not isinstance(images, torch.Tensor):
+            images = trainer.mixture_images = self._images(trainer)
+        row = {"epoch": trainer.epoch + 1, **summary(mixture_stats(model, images))}
         path = Path(trainer.save_dir) / "mixtures.csv"
         new = not path.exists()
         with open(path, "a") as f:
@@ -279,6 +291,23 @@ class MixtureLogger:
         LOGGER.info(f"mixtures: expert spread median {row['expert_spread_median']:.2e} (min "
                     f"{row['expert_spread_min']:.2e}), routing entropy {row.get('routing_entropy_mean', 0):.3f}, "
                     f"across images {row.get('routing_spread_mean', 0):.2e}")
+
+    def _images(self, trainer: Any) -> torch.Tensor:
+        """The first validation images in [0, 1], or generated ones at the training size."""
+        from surgeon.data import image_batch
+
+        loader = getattr(trainer, "test_loader", None)
+        if loader is not None:
+            try:
+                batch = next(iter(loader))
+                images = batch["img"] if isinstance(batch, dict) else batch[0]
+                if isinstance(images, torch.Tensor) and images.dim() == 4 and len(images) > 1:
+                    images = images[: self.images].float()
+                    return images / 255 if images.max() > 1 else images
+            except (StopIteration, KeyError, IndexError, TypeError):
+                pass
+        imgsz = trainer.args.imgsz if isinstance(trainer.args.imgsz, int) else max(trainer.args.imgsz)
+        return image_batch(imgsz, self.images)
 
 
 def _has_annealer(callbacks: dict) -> bool:
@@ -520,15 +549,16 @@ class FinetuneResult:
         last: Checkpoint after the last epoch.
         best: Checkpoint with the best validation fitness, or None when none was written.
         metrics: Final validation metrics (``metrics/mAP50(B)``, ...; empty when validation did not run).
-        temperatures: Temperature set per epoch; empty unless the model has ``set_temperature`` modules, and
-            under DDP, where the epochs run in worker processes.
+        temperatures: Temperature set per epoch (the sorted distinct values where ops started from different
+            ones); empty unless the model has ``set_temperature`` modules, and under DDP, where the epochs run in
+            worker processes.
     """
 
     save_dir: Path
     last: Path
     best: Path | None
     metrics: dict[str, float]
-    temperatures: dict[int, float]
+    temperatures: dict[int, float | tuple[float, ...]]
 
 
 @contextlib.contextmanager
@@ -588,7 +618,8 @@ def finetune(
     Args:
         checkpoint: A checkpoint written by surgeon (any file name, ``yolov5s.pt`` included).
         data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`.
-        temperature: Temperature schedule for DynamicConv-style modules (default 30 -> 1 over 10 epochs).
+        temperature: Temperature schedule for DynamicConv-style modules (default: each op from the temperature
+            it was built with to 1 over 10 epochs; upcycled ops are built at 1 and stay there).
         trust: Read the checkpoint without surgeon's allow-list (only for files you trust).
         callbacks: Ultralytics callbacks to add, event name -> functions taking the trainer
             (``{"on_train_epoch_end": [log]}``), as ``YOLO.add_callback`` adds them.

@@ -14,7 +14,7 @@ from torch import nn
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 import surgeon.modules.dynamic_conv as dynamic_conv_module
-from surgeon.init.upcycle import upcycle
+from surgeon.init.upcycle import antithetic_pairs, upcycle
 from surgeon.modules import builtin_replacements
 from surgeon.modules.dynamic_conv import (
     DynamicConv2d,
@@ -171,7 +171,7 @@ def test_batchnorm_folds_exactly(name, geometry, bias):
 
 @pytest.mark.parametrize("name", FACTORIES)
 def test_pickle_and_save_round_trip(name):
-    op = randomise(FACTORIES[name](make_conv("3x3-bias"), noise=0.01))
+    op = randomise(FACTORIES[name](make_conv("3x3-bias")))
     x = torch.randn(2, op.in_channels, 6, 6)
     buffer = io.BytesIO()
     torch.save(op, buffer)
@@ -182,23 +182,56 @@ def test_pickle_and_save_round_trip(name):
         torch.testing.assert_close(loaded(x), op(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("experts", [4, 5])
 @pytest.mark.parametrize("name", FACTORIES)
-def test_noise_separates_experts_but_keeps_the_output(name):
+def test_upcycled_routing_depends_on_the_input_and_the_output_does_not_move(name, experts):
     conv = randomise(make_conv("3x3-bias"))
-    op = FACTORIES[name](conv, noise=0.05, seed=1)
-    experts = op.weight.transpose(0, 1)
-    spread = (experts - experts.mean(0)).std() / experts[0].std()
-    assert 0.02 < spread < 0.1
-    assert 0 < op.init_error < 1e-6
-    x = torch.randn(3, conv.in_channels, 8, 8)
-    out = op(x)
-    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
-    # The router's gradient tells the experts apart, so training can pull them apart.
-    out.square().sum().backward()
-    grad = [m for m in op.router.modules() if isinstance(m, nn.Linear)][-1].bias.grad
-    assert not torch.allclose(grad[0], grad[1])
-    assert torch.equal(FACTORIES[name](conv, noise=0.05, seed=1).weight, op.weight)
-    assert not torch.equal(FACTORIES[name](conv, noise=0.05, seed=2).weight, op.weight)
+    op = FACTORIES[name](conv, experts=experts, seed=1)
+    x = torch.randn(6, conv.in_channels, 8, 8) + torch.randn(6, conv.in_channels, 1, 1)  # images differ in mean
+    torch.testing.assert_close(op(x), conv(x), rtol=1e-5, atol=1e-5)
+    routing = op.router(x)
+    paired = experts // 2 * 2  # with an odd K CondConv's last gate starts at a constant 0.5
+    assert (routing[:, :paired].std(0) > 1e-3).all()  # the router is input-dependent from the start
+    pairs = routing[:, :paired].view(len(x), -1, 2)
+    if name == "dynamic_conv":  # the two experts of a pair are weighed alike; their antithetic noise cancels
+        assert torch.equal(pairs[..., 0], pairs[..., 1])
+        experts_ = op.weight.transpose(0, 1)
+        spread = (experts_ - experts_.mean(0)).flatten(1).std(1) / experts_.mean(0).std()
+        assert ((0.02 < spread[:-1]) & (spread[:-1] < 0.1)).all() if experts % 2 else (0.02 < spread).all()
+    else:  # the gates of a pair sum to one, so identical experts scaled by 2 / K mix back to the kernel
+        torch.testing.assert_close(pairs.sum(-1), torch.ones_like(pairs[..., 0]))
+        assert not torch.allclose(pairs[..., 0], pairs[..., 1], atol=1e-3)
+    assert torch.equal(FACTORIES[name](conv, experts=experts, seed=1).weight, op.weight)
+    assert not torch.equal(FACTORIES[name](conv, experts=experts, seed=2).router.state_dict()[
+        next(iter(op.router.state_dict()))], op.router.state_dict()[next(iter(op.router.state_dict()))])
+
+
+@pytest.mark.parametrize("init", ["upcycle", "copies"])
+@pytest.mark.parametrize("name", FACTORIES)
+def test_a_few_adam_steps_separate_upcycled_experts_and_move_the_router(name, init):
+    """The saddle the pairs are there to leave: copies with a zero router (CondConv) never separate."""
+    torch.manual_seed(0)
+    conv = randomise(make_conv("3x3-bias"))
+    op = FACTORIES[name](conv, init=init, seed=1)
+    router0 = {k: v.clone() for k, v in op.router.state_dict().items()}
+    spread0 = _spread(op)
+    optimiser = torch.optim.AdamW(op.parameters(), lr=1e-3)
+    for _ in range(5):
+        x = torch.randn(8, conv.in_channels, 8, 8) + torch.randn(8, conv.in_channels, 1, 1)
+        loss = (op(x) - torch.randn(8, conv.out_channels, 8, 8)).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    moved = max(float((v - router0[k]).abs().max()) for k, v in op.router.state_dict().items())
+    if name == "condconv" and init == "copies":  # identical gradients: one kernel stored K times, one gate K times
+        assert _spread(op) == 0 and torch.equal(op.router.fc.weight, op.router.fc.weight[:1].expand(4, -1))
+    else:
+        assert _spread(op) > spread0 + 1e-4 and moved > 1e-4
+
+
+def _spread(op: MixtureConv2d) -> float:
+    experts = op.weight.detach().transpose(0, 1).flatten(1)
+    return float(((experts - experts.mean(0)).norm(dim=1) / experts.mean(0).norm()).max())
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
@@ -221,16 +254,21 @@ def test_spatial_mean_gradient_is_the_mean_gradient():
         torch.testing.assert_close(spatial_mean(x), x.mean((2, 3)))
 
 
-def test_upcycle_scales_copies_and_centres_noise():
+def test_upcycle_scales_copies_and_pairs_are_antithetic():
     kernel = torch.randn(4, 3, 3, 3)
     copies = upcycle(kernel, 4, scale=0.5)
     assert copies.shape == (4, 4, 3, 3, 3)
     torch.testing.assert_close(copies, (kernel * 0.5).expand(4, *kernel.shape))
-    noisy = upcycle(kernel, 4, noise=0.1, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(noisy.mean(0), kernel)
-    assert not torch.allclose(noisy[0], kernel)
+    for experts in (4, 5):
+        noise = antithetic_pairs(kernel, experts, 0.1, torch.Generator().manual_seed(0))
+        assert noise.shape == (experts, *kernel.shape)
+        torch.testing.assert_close(noise[0::2][: experts // 2], -noise[1::2], rtol=0, atol=0)
+        assert float(noise[0].std() / kernel.std()) == pytest.approx(0.1, rel=0.3)
+        assert not noise[0].eq(noise[2]).all() and (experts == 4 or not noise[-1].any())
     with pytest.raises(ValueError):
         upcycle(kernel, 0)
+    with pytest.raises(ValueError):
+        antithetic_pairs(kernel, 4, -1.0)
 
 
 @pytest.mark.parametrize("name", FACTORIES)
@@ -260,12 +298,19 @@ def test_anneal_temperature_sets_every_softmax_op():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"init": "copy"}, {"noise": -0.1}, {"experts": 0}, {"init": "random", "noise": 0.01}], ids=str
+    "kwargs", [{"init": "copy"}, {"gain": -0.1}, {"experts": 0}, {"init": "random", "gain": 2.0},
+               {"init": "copies", "gain": 1.0}], ids=str
 )
 @pytest.mark.parametrize("name", FACTORIES)
 def test_bad_arguments_are_refused(name, kwargs):
     with pytest.raises(ValueError):
         FACTORIES[name](nn.Conv2d(4, 4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"noise": -0.1}, {"init": "copies", "noise": 0.01}], ids=str)
+def test_bad_noise_is_refused(kwargs):
+    with pytest.raises(ValueError, match="noise"):
+        dynamic_conv(nn.Conv2d(4, 4, 3), **kwargs)
 
 
 def test_bad_inputs_are_refused():
@@ -284,7 +329,7 @@ def test_registered_as_builtin_replacements():
     assert registry.get("dynamic_conv").factory is dynamic_conv
     assert registry.get("condconv").factory is condconv
     parameters = set(registry.get("dynamic_conv").parameters())
-    assert {"experts", "ratio", "temperature", "init", "noise", "seed"} <= parameters
+    assert {"experts", "ratio", "temperature", "init", "noise", "gain", "seed"} <= parameters
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
@@ -345,7 +390,7 @@ def test_yolov8n_detect_head_and_backbone_keep_their_outputs_and_fuse():
     blocks = [m for part in (head, backbone) for m in part.modules() if isinstance(m, Conv)]
     assert len(blocks) == 19
     for i, block in enumerate(blocks):
-        block.conv = (condconv if i % 3 == 2 else dynamic_conv)(block.conv, noise=0.01 * (i % 2))
+        block.conv = condconv(block.conv) if i % 3 == 2 else dynamic_conv(block.conv, noise=0.01 * (i % 2))
     for branch in (*head.cv2, *head.cv3):  # each branch ends in a plain biased convolution
         branch[-1] = dynamic_conv(branch[-1])
 

@@ -242,7 +242,24 @@ def test_annealer_sets_model_and_ema_and_records():
     plain = SimpleNamespace(model=nn.Conv2d(3, 3, 1), ema=None, epoch=0)
     TemperatureAnnealer()(plain)
     assert not hasattr(plain, "temperatures")
-    assert set_temperature(nn.Sequential(nn.Conv2d(1, 1, 1)), 2.0) == 0
+    assert set_temperature(nn.Sequential(nn.Conv2d(1, 1, 1)), 2.0) == []
+
+
+def test_default_schedule_starts_each_op_at_its_own_temperature():
+    """Upcycled DynamicConv is built at 1 and stays there; one built from scratch anneals 30 -> 1 (Chen et al.)."""
+    from surgeon.modules.dynamic_conv import dynamic_conv
+
+    upcycled, scratch = dynamic_conv(nn.Conv2d(4, 4, 1)), dynamic_conv(nn.Conv2d(4, 4, 1), init="random")
+    assert (upcycled.start_temperature, scratch.start_temperature) == (1.0, 30.0)
+    older = _probe_conv(nn.Conv2d(4, 4, 1))  # has set_temperature but no start_temperature: the paper's 30
+    trainer = SimpleNamespace(model=nn.Sequential(upcycled, scratch, older), ema=None, epoch=0)
+    for epoch, expected in [(0, (1.0, 30.0, 30.0)), (5, (1.0, 15.5, 15.5)), (10, (1.0, 1.0, 1.0))]:
+        trainer.epoch = epoch
+        TemperatureAnnealer()(trainer)
+        assert (upcycled.temperature, scratch.temperature, older.temperature) == expected
+    assert trainer.temperatures == {0: (1.0, 30.0), 5: (1.0, 15.5), 10: 1.0}
+    assert TemperatureSchedule().at(3, 9.0) == pytest.approx(9.0 - 8.0 * 0.3)
+    assert TemperatureSchedule(start=5.0).at(0, 9.0) == 5.0  # a given start wins
 
 
 def test_finetune_refuses_other_starting_weights(rewritten, data):

@@ -20,7 +20,7 @@ IMGSZ = 64
 
 def test_expert_spread_is_the_largest_relative_distance_from_the_mean():
     conv = torch.nn.Conv2d(8, 16, 3)
-    op = dynamic_conv(conv, experts=4)
+    op = dynamic_conv(conv, experts=4, init="copies")
     assert expert_spread(op) == 0.0
     with torch.no_grad():
         op.weight[:, 2] += 0.5  # one expert moved by 0.5 everywhere
@@ -45,7 +45,7 @@ def test_routing_entropy_and_spread_against_hand_computed_values():
 
 
 def test_condconv_zero_router_is_uniform_and_input_independent():
-    model = torch.nn.Sequential(condconv(torch.nn.Conv2d(3, 8, 3), experts=4))
+    model = torch.nn.Sequential(condconv(torch.nn.Conv2d(3, 8, 3), experts=4, init="copies"))
     (stats,) = mixture_stats(model, torch.rand(4, 3, 16, 16))
     assert stats.identical and stats.routing_entropy == pytest.approx(1.0) and stats.routing_spread == 0.0
 
@@ -56,19 +56,21 @@ def yolov8n(checkpoint_factory):
 
 
 def test_inspect_reports_and_flags_mixture_layers(yolov8n, tmp_path):
-    plain = surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ).save(tmp_path / "dyn.pt")
-    noisy = surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ, noise=0.01).save(tmp_path / "noisy.pt")
+    copies = surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ, init="copies").save(tmp_path / "copies.pt")
+    paired = surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ).save(tmp_path / "paired.pt")
     runner = CliRunner()
 
-    shown = runner.invoke(main, ["inspect", str(plain), "--imgsz", str(IMGSZ)])
-    as_json = json.loads(runner.invoke(main, ["inspect", str(noisy), "--imgsz", str(IMGSZ), "--json", "-"]).output)
+    shown = runner.invoke(main, ["inspect", str(copies), "--imgsz", str(IMGSZ)])
+    flagged = json.loads(runner.invoke(main, ["inspect", str(copies), "--imgsz", str(IMGSZ), "--json", "-"]).output)
+    as_json = json.loads(runner.invoke(main, ["inspect", str(paired), "--imgsz", str(IMGSZ), "--json", "-"]).output)
 
     assert shown.exit_code == 0, shown.output
     assert "mixture layers" in shown.output and "identical experts" in shown.output
+    assert flagged["mixtures"] and all(m["identical"] and m["expert_spread"] == 0 for m in flagged["mixtures"])
     mixtures = as_json["mixtures"]
     assert len(mixtures) == len(surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ).report.changes)
-    assert all(not m["identical"] and 0.005 < m["expert_spread"] < 0.02 for m in mixtures)  # noise is relative 1e-2
-    assert all(m["routing_entropy"] == pytest.approx(1.0) for m in mixtures)  # zero router: uniform
+    assert all(not m["identical"] and 0.03 < m["expert_spread"] < 0.08 for m in mixtures)  # antithetic noise 0.05
+    assert all(m["routing_entropy"] < 0.999 and m["routing_spread"] > 0 for m in mixtures)  # input-dependent
     assert surgeon.inspect(yolov8n, imgsz=IMGSZ).to_dict()["mixtures"] == []
 
 
@@ -98,7 +100,7 @@ def test_finetune_logs_mixture_statistics_per_epoch(yolov8n, tmp_path):
     from surgeon.finetune import finetune
 
     data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ)
-    out = surgeon.apply(yolov8n, "condconv_head", imgsz=IMGSZ, noise=0.01).save(tmp_path / "cc.pt")
+    out = surgeon.apply(yolov8n, "condconv_head", imgsz=IMGSZ).save(tmp_path / "cc.pt")
     result = finetune(out, data, epochs=2, imgsz=IMGSZ, batch=4, nbs=4, workers=0, device="cpu", plots=False,
                       project=str(tmp_path / "runs"), name="mix", quiet=True)
 
@@ -107,7 +109,10 @@ def test_finetune_logs_mixture_statistics_per_epoch(yolov8n, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"expert_spread_median", "expert_spread_min", "identical_layers", "routing_entropy_mean",
             "routing_spread_mean"} <= set(rows[0])
-    assert all(float(r["identical_layers"]) == 0 and float(r["expert_spread_min"]) > 0.005 for r in rows)
+    # CondConv's experts start identical; paired gates pull them apart from the first steps on.
+    assert all(float(r["identical_layers"]) == 0 and float(r["expert_spread_min"]) > 1e-5 for r in rows)
+    assert float(rows[1]["expert_spread_median"]) > float(rows[0]["expert_spread_median"])
+    assert all(0 < float(r["routing_spread_mean"]) and float(r["routing_entropy_mean"]) < 0.999 for r in rows)
 
 
 def test_apply_and_diff_do_not_measure_routing(yolov8n, tmp_path, monkeypatch):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
 import surgeon
+from surgeon.mixtures import expert_spread, mixture_layers
+from surgeon.modules import builtin_replacements
 from surgeon.modules.dynamic_conv import CondConv2d, DynamicConv2d
+from surgeon.rules import builtin_rule_names, load_rule
 
 IMGSZ = 128
+MIXTURE_RULES = [name for name in builtin_rule_names()
+                 if load_rule(name, builtin_replacements()).action.name in ("dynamic_conv", "condconv")]
 
 
 def _outputs(model, x):
@@ -40,6 +47,75 @@ def test_condconv_head_preserves_the_function_and_fuses(checkpoint_factory):
     _preserved(surgeon.load(source).model, result.model, 1e-4)
     # Ultralytics folds BatchNorm into the experts; the fused rewritten model still matches the fused original.
     _preserved(surgeon.load(source).model.fuse(verbose=False), result.model.fuse(verbose=False), 1e-4)
+
+
+def _detection_batch(images: int, imgsz: int) -> dict:
+    """Generated images with a small and a large labelled box each (so every detection level gets targets), as the
+    Ultralytics loss takes them."""
+    from surgeon.data import image_batch
+
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.rand(2 * images, 2, generator=generator) * 0.4 + 0.3
+    sizes = torch.tensor([0.15, 0.6]).repeat(images).view(-1, 1).expand(-1, 2)
+    return {"img": image_batch(imgsz, images, seed=2),
+            "batch_idx": torch.arange(images, dtype=torch.float32).repeat_interleave(2),
+            "cls": (torch.arange(2 * images) % 3).float().view(-1, 1), "bboxes": torch.cat([centres, sizes], 1)}
+
+
+def test_every_builtin_mixture_rule_is_listed():
+    assert {"dyn_head", "dyn_all", "dyn_neck3x3", "condconv_head"} <= set(MIXTURE_RULES)
+
+
+def _steps_apart(result, steps: int = 3) -> tuple[list[float], list[float], list[float]]:
+    """Per mixture layer after `steps` AdamW steps on the Ultralytics detection loss: how far the experts' updates
+    differ (``max_k |dW_k - mean(dW)| / |mean(W)|``; identical gradients give 0), how far the router moved and how
+    far the experts' mean moved (``|mean(dW)| / |mean(W)|``: whether the loss reached the layer at all)."""
+    from ultralytics.cfg import get_cfg
+
+    model = result.model.float().train()
+    model.args = get_cfg()  # the trainer's hyperparameters (box, cls, dfl gains), which the loss reads
+    ops = mixture_layers(model)
+    weight0 = {name: op.weight.detach().clone() for name, op in ops.items()}
+    router0 = {name: [p.detach().clone() for p in op.router.parameters()] for name, op in ops.items()}
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = _detection_batch(4, 96)
+    for _ in range(steps):
+        loss, _ = model.loss(batch)
+        optimiser.zero_grad()
+        loss.sum().backward()
+        optimiser.step()
+    apart, moved, learned = [], [], []
+    for name, op in ops.items():
+        update = (op.weight.detach() - weight0[name]).transpose(0, 1).flatten(1).double()
+        norm = op.weight.detach().mean(1).norm()
+        apart.append(float((update - update.mean(0)).norm(dim=1).max() / norm))
+        learned.append(float(update.mean(0).norm() / norm))
+        moved.append(max(float((p.detach() - p0).abs().max()) for p, p0 in zip(op.router.parameters(), router0[name])))
+    return apart, moved, learned
+
+
+@pytest.mark.parametrize("rule", MIXTURE_RULES)
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_mixture_experts_separate_and_routers_move_in_a_few_steps(cfg, rule, checkpoint_factory):
+    """Upcycled mixtures are not a saddle: three AdamW steps on the Ultralytics detection loss give the experts of
+    every layer the loss reaches different updates and move its router, about ten times as fast as plain copies
+    (CondConv's copies never separate), and the step-0 output is the original's."""
+    source = checkpoint_factory(cfg)
+    result = surgeon.apply(source, rule, imgsz=IMGSZ)
+    _preserved(surgeon.load(source).model, result.model, 1e-4)
+    assert len(mixture_layers(result.model)) == len(result.report.changes) > 0
+    apart, moved, learned = _steps_apart(result)
+    copies, _, _ = _steps_apart(surgeon.apply(source, rule, imgsz=IMGSZ, init="copies"))
+
+    assert all(expert_spread(op) > 1e-4 for op in mixture_layers(result.model).values())
+    # Layers the loss reached (a few box branches get no target on four images, and only weight decay moves them):
+    # their experts' updates differ beyond float rounding and their routers move by the learning rate's order.
+    reached = [(a, m) for a, m, reach in zip(apart, moved, learned) if reach > 1e-3]
+    assert len(reached) >= 0.85 * len(apart)
+    assert min(a for a, _ in reached) > 1e-6 and min(m for _, m in reached) > 1e-4, reached  # rounding: ~6e-8
+    assert statistics.median(apart) > 5 * statistics.median(copies), (statistics.median(apart), copies)
+    if rule.startswith("condconv"):
+        assert max(copies) == 0.0
 
 
 @pytest.mark.parametrize("rule", ["dyn_head", "dyn_all"])
@@ -77,9 +153,12 @@ def test_other_rules_apply_and_report_their_error(rule, bound, checkpoint_factor
     for change in result.report.changes:  # the reported error is the new kernel's distance from the original
         kernel = original.get_submodule(change.path).weight
         op = result.model.get_submodule(change.path)
-        if isinstance(op, DynamicConv2d):  # upcycled: every expert is the original kernel
-            experts = op.weight.unbind(1)  # stored (out, K, in * kh, kw)
-            assert change.init_error == 0.0 and all(torch.equal(e.reshape(kernel.shape), kernel) for e in experts)
+        if isinstance(op, DynamicConv2d):  # upcycled: antithetic pairs around the original kernel
+            experts = [e.reshape(kernel.shape) for e in op.weight.unbind(1)]  # stored (out, K, in * kh, kw)
+            assert change.init_error == 0.0
+            for a, b in zip(experts[0::2], experts[1::2]):
+                torch.testing.assert_close((a + b) / 2, kernel, rtol=0, atol=1e-6 * float(kernel.abs().max()))
+                assert not torch.equal(a, kernel)
             continue
         expected = float(torch.linalg.norm(_dense(op.fold()) - kernel) / torch.linalg.norm(kernel))
         assert change.init_error == pytest.approx(expected, rel=1e-3, abs=1e-6), change.path
