@@ -393,12 +393,34 @@ def _serialised_size(loaded: Loaded) -> int | None:
 
 
 def diff(a: str | os.PathLike | nn.Module, b: str | os.PathLike | nn.Module, *, imgsz: int = 640,
-         trust: bool = False) -> Report:
-    """The graph diff between any two models or checkpoints, with an output check when their inputs agree."""
+         trust: bool = False, images: str | os.PathLike | None = None, conf: float | None = None,
+         max_images: int | None = None) -> Report:
+    """The graph diff between any two models or checkpoints, with an output check when their inputs agree.
+
+    Args:
+        a: The reference (original) model or checkpoint.
+        b: The candidate (rewritten) one.
+        imgsz: Image size for FLOPs, shapes, the output check and the agreement images.
+        trust: Read the checkpoints without surgeon's allow-list (only for files you trust).
+        images: A folder of images or a dataset YAML (its val images; labels unused): also measure how far B's
+            detections are from A's on them (`surgeon.agreement`), letterboxed to `imgsz`.
+        conf: Confidence threshold of both models' detections for the agreement (default 0.25).
+        max_images: Use at most this many of the images.
+    """
+    from surgeon.agreement import CONF, agreement
+    from surgeon.data import image_paths, letterboxed
+
+    paths = image_paths(images) if images is not None else None  # a bad folder fails before the models load
     first = inspect_model(a, imgsz=imgsz, trust=trust, mixtures=False)
     second = inspect_model(b, imgsz=imgsz, trust=trust, mixtures=False)
     try:
         check = output_check(first.loaded.model, second.loaded.model, imgsz)
     except SurgeryError:
         check = None
-    return build_report(first, second, output=check)
+    report = build_report(first, second, output=check)
+    if paths is not None:
+        conf = CONF if conf is None else conf
+        measured = agreement(first.loaded.model.float(), second.loaded.model.float(),
+                             letterboxed(paths, imgsz, limit=max_images), imgsz, conf=conf)
+        report.agreement = {"source": str(images), "imgsz": imgsz, **measured.to_dict()}
+    return report

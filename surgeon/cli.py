@@ -130,12 +130,21 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
 @click.option("--report", "reports", multiple=True, metavar="FILE", help="Also write the report (.md, .json, .svg).")
 @click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the files).")
-def diff_cmd(a: Path, b: Path, reports, imgsz, trust):
-    """Show what differs between checkpoints A and B: modules, params, FLOPs, graph nodes, outputs."""
+@click.option("--images", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Folder of images (or dataset YAML, labels unused): how many of A's detections B reproduces.")
+@click.option("--conf", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True,
+              help="Confidence threshold of both models' detections for --images.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Use at most N of the --images.")
+def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images):
+    """Show what differs between checkpoints A and B: modules, params, FLOPs, graph nodes, outputs.
+
+    With --images, also how far B's detections are from A's on your images: F1 of matched detections
+    (same class, IoU >= 0.5), mean IoU, score change and per-class counts.
+    """
     from surgeon.api import diff
     from surgeon.report import to_terminal
 
-    report = diff(a, b, imgsz=imgsz, trust=trust)
+    report = diff(a, b, imgsz=imgsz, trust=trust, images=images, conf=conf, max_images=max_images)
     _console().print(to_terminal(report))
     for report_path in reports:
         report.write(report_path)
@@ -229,7 +238,8 @@ def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, 
     """Fine-tune a rewritten CHECKPOINT with the Ultralytics trainer, keeping its new modules.
 
     Other Ultralytics training arguments pass through as KEY=VALUE (e.g. `amp=False optimizer=SGD`).
-    DynamicConv temperatures are annealed per epoch. Prints the run folder first, then the trainer's
+    DynamicConv temperatures follow their schedule per epoch (upcycled: 1 throughout; from scratch:
+    30 -> 1); mixture statistics go to mixtures.csv. Prints the run folder first, then the trainer's
     progress and metrics (--quiet: only the result).
     """
     from surgeon.errors import SurgeonError

@@ -149,29 +149,91 @@ def image_batch(imgsz: int, n: int, seed: int = 0) -> torch.Tensor:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+def image_paths(source: str | Path) -> list[Path]:
+    """The image files of `source`: a folder (recursive, sorted), or a dataset YAML, whose ``val`` images (a folder,
+    a list of folders, or a ``.txt`` list of files, relative to its ``path``) are taken and whose labels are ignored.
+
+    Raises:
+        SurgeonError: The source is missing, not a folder or dataset YAML, or names no image.
+    """
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() in (".yaml", ".yml"):
+        try:
+            spec = yaml.safe_load(source.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise SurgeonError(f"{source}: not a readable dataset YAML ({type(error).__name__})") from None
+        if not isinstance(spec, dict) or not spec.get("val"):
+            raise SurgeonError(f"{source}: a dataset YAML needs a 'val' entry")
+        root = Path(spec.get("path") or source.parent)
+        root = root if root.is_absolute() else source.parent / root
+        entries = spec["val"] if isinstance(spec["val"], list) else [spec["val"]]
+        paths: list[Path] = []
+        for entry in entries:
+            where = Path(str(entry))
+            where = where if where.is_absolute() else root / where
+            if where.is_file() and where.suffix == ".txt":
+                lines = [line.strip() for line in where.read_text().splitlines() if line.strip()]
+                paths += [Path(line) if Path(line).is_absolute() else root / line for line in lines]
+            elif where.is_dir():
+                paths += _folder(where)
+            else:
+                raise SurgeonError(f"{source}: val entry {entry!r} is neither a folder nor a .txt list")
+    elif source.is_dir():
+        paths = _folder(source)
+    elif source.exists():
+        raise SurgeonError(f"{source}: give a folder of images or a dataset YAML")
+    else:
+        raise SurgeonError(f"{source}: no such folder of images")
+    paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        raise SurgeonError(f"{source}: no image ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def _folder(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def letterboxed(paths: list[Path], imgsz: int, batch: int = 8, limit: int | None = None):
+    """Batches ``(b, 3, imgsz, imgsz)`` in [0, 1] (RGB) of the readable images among `paths`, letterboxed as
+    Ultralytics' predictor does (grey padding to a square), at most `limit` images; unreadable files are skipped.
+
+    Raises:
+        SurgeonError: No file could be read as an image.
+    """
+    from ultralytics.data.augment import LetterBox
+
+    box = LetterBox((imgsz, imgsz), auto=False)
+    images, seen = [], 0
+    for path in paths:
+        if limit is not None and seen >= limit:
+            break
+        image = cv2.imread(str(path))
+        if image is None:
+            continue
+        images.append(box(image=image)[..., ::-1])  # BGR -> RGB
+        seen += 1
+        if len(images) == batch:
+            yield _to_tensor(images)
+            images = []
+    if images:
+        yield _to_tensor(images)
+    if not seen:
+        raise SurgeonError(f"no readable image among {len(paths)} files ({paths[0].parent if paths else '-'})")
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255
+
+
 def folder_images(folder: str | Path, imgsz: int, n: int = 8) -> torch.Tensor:
-    """Up to `n` images of `folder` (recursive, sorted), letterboxed to `imgsz` as Ultralytics does, ``(n, 3, s, s)``.
+    """Up to `n` images of `folder` (or a dataset YAML's val images, see `image_paths`), letterboxed to `imgsz` as
+    Ultralytics does, ``(n, 3, s, s)``.
 
     Raises:
         SurgeonError: The folder is missing or holds no readable image.
     """
-    from ultralytics.data.augment import LetterBox
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SurgeonError(f"{folder}: no such folder of images")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    letterbox = LetterBox((imgsz, imgsz), auto=False)
-    images = []
-    for path in paths:
-        image = cv2.imread(str(path))
-        if image is not None:
-            images.append(letterbox(image=image)[..., ::-1])  # BGR -> RGB
-        if len(images) == n:
-            break
-    if not images:
-        raise SurgeonError(f"{folder}: no readable image ({', '.join(IMAGE_SUFFIXES)})")
-    return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255
+    return torch.cat(list(letterboxed(image_paths(folder), imgsz, batch=n, limit=n)))
 
 
 def _prepare_root(root: Path) -> None:

@@ -109,6 +109,7 @@ class Report:
     output_check: dict | None = None
     rules: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)
+    agreement: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,6 +178,26 @@ def _check_line(report: Report) -> str:
     return f"output check on a batch of {c['batch']} at {c['imgsz']} px: " + "; ".join([*parts, overall])
 
 
+def _agreement_line(report: Report) -> str | None:
+    a = report.agreement
+    if not a:
+        return None
+    line = (f"agreement with {report.before} on {a['images']} images from {a['source']} at {a['imgsz']} px "
+            f"(conf {a['conf']}, IoU >= {a['iou']}): F1 {a['f1']:.3f}, {a['matched']} of {a['reference']} detections "
+            f"matched, {a['candidate']} found")
+    if a["mean_iou"] is not None:
+        line += f", mean IoU {a['mean_iou']:.3f}, score change {a['score_change']:+.3f}"
+    return line
+
+
+def _agreement_rows(report: Report) -> list[list[str]]:
+    return [[name, str(c["reference"]), str(c["candidate"]), str(c["matched"])]
+            for name, c in (report.agreement or {}).get("per_class", {}).items()]
+
+
+_AGREEMENT_COLUMNS = ("class", "original", "rewritten", "matched")
+
+
 def to_terminal(report: Report) -> Group:
     """Rich renderables for the terminal."""
     changes = Table(title=f"{report.before} -> {report.after}: {len(report.changes)} modules changed")
@@ -190,7 +211,16 @@ def to_terminal(report: Report) -> Group:
     for row in _totals_rows(report):
         totals.add_row(*row)
     nodes = f"graph nodes: +{len(report.nodes_added)} -{len(report.nodes_removed)}"
-    return Group(changes, totals, nodes, _check_line(report))
+    parts = [changes, totals, nodes, _check_line(report)]
+    if report.agreement:
+        parts.append(_agreement_line(report))
+        per_class = Table(title="detections per class")
+        for column in _AGREEMENT_COLUMNS:
+            per_class.add_column(column, justify="right")
+        for row in _agreement_rows(report):
+            per_class.add_row(*row)
+        parts.append(per_class)
+    return Group(*parts)
 
 
 def to_markdown(report: Report) -> str:
@@ -202,7 +232,13 @@ def to_markdown(report: Report) -> str:
     lines += ["## Totals", "", "| | before | after | delta |", "|---|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in _totals_rows(report)]
     lines += ["", f"Graph nodes added: {len(report.nodes_added)}, removed: {len(report.nodes_removed)}.", "",
-              _check_line(report) + ".", "", f"## Changed modules ({len(report.changes)})", ""]
+              _check_line(report) + ".", ""]
+    if report.agreement:
+        lines += ["## Agreement", "", _agreement_line(report) + ".", "", "| " + " | ".join(_AGREEMENT_COLUMNS) + " |",
+                  "|---|---:|---:|---:|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _agreement_rows(report)]
+        lines.append("")
+    lines += [f"## Changed modules ({len(report.changes)})", ""]
     lines += ["| " + " | ".join(_CHANGE_COLUMNS) + " |", "|" + "---|" * len(_CHANGE_COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _change_rows(report)]
     return "\n".join(lines) + "\n"
@@ -239,6 +275,8 @@ def to_svg(report: Report) -> str:
              f'<text x="20" y="24" font-size="15">{html.escape(report.before)} -&gt; {html.escape(report.after)}: '
              f'{len(report.changes)} modules changed (red), GFLOPs {report.gflops[0]:.2f} -&gt; '
              f'{report.gflops[1]:.2f}</text>',
+             *([f'<text x="20" y="{height - 14}" fill="#333">{html.escape(_agreement_line(report))}</text>']
+               if report.agreement else []),
              '<text x="20" y="44" fill="#555">backbone</text>',
              f'<text x="{20 + w + gap_x}" y="44" fill="#555">neck</text>',
              f'<text x="{20 + 2 * (w + gap_x)}" y="44" fill="#555">head</text>']

@@ -65,7 +65,7 @@ def shrink(args: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A folder holding what the README's commands name: yolov5s.pt (a small YOLOv5), data.yaml."""
+    """A folder holding what the README's commands name: yolov5s.pt (a small YOLOv5), data.yaml, photos/."""
     from surgeon.data import make_dataset
     from surgeon.zoo import save
 
@@ -74,6 +74,7 @@ def workdir(tmp_path_factory) -> Path:
     classic_checkpoint(folder / "yolov5s-classic.pt")
     data = make_dataset(folder / "shapes", n_train=8, n_val=4, imgsz=128)
     shutil.copy(data, folder / "data.yaml")  # the dataset YAML holds absolute paths
+    shutil.copytree(folder / "shapes" / "images" / "val", folder / "photos")  # "your photos": any folder of images
     return folder
 
 
