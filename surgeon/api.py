@@ -205,8 +205,8 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
 
 def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,
           imgsz: int = 640, check_imgsz: int | None = None, overlap: str = "error", trust: bool = False,
-          registry: Registry | None = None, calibrate: int = 0, calibrate_imgsz: int = 320,
-          **set_args) -> ApplyResult:
+          registry: Registry | None = None, calibrate: int | str | os.PathLike = 0,
+          calibrate_imgsz: int | None = None, **set_args) -> ApplyResult:
     """Rewrite a model with one or more rules.
 
     Args:
@@ -218,9 +218,12 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
         overlap: Two rules selecting one block: ``error``, or the ``first``/``last`` rule wins.
         trust: Allow classes outside the checkpoint allow-list.
         registry: Replacement registry (default: the built-ins).
-        calibrate: Refit the replacements that can be refitted (``dwsep``) on this many generated images, layer by
-            layer towards the original's activations (`surgeon.calibrate`); 0 (the default) keeps the data-free init.
-        calibrate_imgsz: Image size of the calibration images.
+        calibrate: Refit the replacements that can be refitted (``dwsep``, ``dwconv``) layer by layer towards the
+            original's activations (`surgeon.calibrate`), on your images (a folder, recursive, or a dataset YAML
+            whose val images are used and labels ignored) or on this many generated images; 0 (the default) keeps
+            the data-free init.
+        calibrate_imgsz: Size the calibration images are letterboxed to (default: the size the model was trained
+            at, from its checkpoint, else 640; 320 for generated images).
         **set_args: More overrides for every rule, as keyword arguments.
 
     Raises:
@@ -238,8 +241,8 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
                           overlap=overlap)
     model, replaced = rewrite(loaded.model, matches, registry, before.totals.layer_shapes)
     calibration = None
-    if calibrate:
-        replaced, calibration = _calibrate(loaded.model, model, replaced, calibrate, calibrate_imgsz)
+    if calibrate not in (0, None, ""):
+        replaced, calibration = _calibrate(loaded, model, replaced, calibrate, calibrate_imgsz)
     check = output_check(loaded.model, model, check_imgsz or imgsz)
     after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz, mixtures=False)
     report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
@@ -247,24 +250,52 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     return ApplyResult(loaded, resolved, model, replaced, report, imgsz, calibration)
 
 
-def _calibrate(original: nn.Module, model: nn.Module, replaced: list, images: int, imgsz: int) -> tuple[list, dict]:
-    """Refit `model`'s refittable replacements on generated images; records get the refitted kernels' errors."""
-    from surgeon.calibrate import refine, refittable
-    from surgeon.data import image_batch
+def native_imgsz(loaded: Loaded, default: int = 640) -> int:
+    """The image size `loaded` was trained at, from its checkpoint's training arguments (Ultralytics ``train_args``,
+    classic ``opt``), else `default`."""
+    for key, field_name in (("train_args", "imgsz"), ("opt", "img_size"), ("opt", "imgsz")):
+        args = loaded.checkpoint.get(key)
+        value = args.get(field_name) if isinstance(args, dict) else getattr(args, field_name, None)
+        if isinstance(value, (list, tuple)) and value:
+            value = max(v for v in value if isinstance(v, int)) if any(isinstance(v, int) for v in value) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 8192:
+            return value
+    return default
 
-    if images < 2:
-        raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping), not {images}")
-    if sample_input(original, imgsz).shape[1] != 3:
-        raise RuleError("calibrate draws RGB images; this model does not take 3 channels")
+
+def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | str | os.PathLike,
+               imgsz: int | None) -> tuple[list, dict]:
+    """Refit `model`'s refittable replacements on images; records get the refitted kernels' errors."""
+    from surgeon.calibrate import CHUNK, refine, refittable
+    from surgeon.data import image_batch, image_paths, letterboxed
+
+    original = loaded.model
+    if isinstance(source, bool) or not isinstance(source, (int, str, os.PathLike)):
+        raise RuleError(f"calibrate takes a number of generated images or a folder of images, not {source!r}")
+    if sample_input(original, 64).shape[1] != 3:
+        raise RuleError("calibrate uses RGB images; this model does not take 3 channels")
     # Records name the original's paths; an inserted layer shifts the rewritten model's numbering after it.
     key = _path_key(original, model)
     ops = {key(path): module for path, module in model.named_modules() if path}
     if not refittable(model, replaced, ops):
-        raise RuleError("calibrate refits dwsep replacements only, and these rules make none")
-    errors = refine(original, model, replaced, image_batch(imgsz, images), ops=ops)
+        raise RuleError("calibrate refits dwsep and dwconv replacements only, and these rules make none")
+    if isinstance(source, int):
+        if source < 2:
+            raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping), not {source}")
+        imgsz = imgsz or 320
+        images, described = image_batch(imgsz, source), {"images": source, "source": "generated"}
+    else:
+        paths = image_paths(source)
+        if len(paths) < 2:
+            raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping); {source} "
+                            f"has {len(paths)}")
+        imgsz = imgsz or native_imgsz(loaded)
+        images = lambda: letterboxed(paths, imgsz, batch=CHUNK)  # noqa: E731 (re-read per refitted layer)
+        described = {"images": len(paths), "source": str(source)}
+    errors = refine(original, model, replaced, images, ops=ops)
     updated = [dataclasses.replace(r, init_error=getattr(ops[r.conv], "init_error", None))
                if isinstance(r, Replaced) and r.conv in errors else r for r in replaced]
-    return updated, {"images": images, "imgsz": imgsz, "output_errors": errors}
+    return updated, {**described, "imgsz": imgsz, "output_errors": errors}
 
 
 # --- diff ---------------------------------------------------------------------------------------

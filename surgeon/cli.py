@@ -30,6 +30,22 @@ def main():
     offline_ultralytics()
 
 
+class _CalibrationSource(click.ParamType):
+    """``--calibrate``: a count of generated images (digits) or a path to a folder or dataset YAML."""
+
+    name = "DIR|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, Path)):
+            return value
+        text = str(value)
+        if text.isdigit():
+            return int(text)
+        if text.startswith("-") and text[1:].isdigit():
+            self.fail(f"{text} is not a count of images (0 or more) nor a folder", param, ctx)
+        return Path(text)
+
+
 def _console():
     from rich.console import Console
 
@@ -95,10 +111,12 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
               help="When two rules select one block: fail, or let the first/last rule win.")
 @click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
-@click.option("--calibrate", type=click.IntRange(min=0), default=0, metavar="N",
-              help="Refit dwsep replacements layer by layer on N >= 2 generated images (data-aware init; 0: off).")
-@click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=320, show_default=True,
-              help="Image size of the calibration images.")
+@click.option("--calibrate", type=_CalibrationSource(), default="0", metavar="DIR|N",
+              help="Refit dwsep/dwconv replacements layer by layer on your images (a folder, or a dataset YAML's "
+                   "val images, labels unused) or on N >= 2 generated ones (data-aware init; 0: off).")
+@click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=None,
+              help="Size calibration images are letterboxed to [default: the model's training size, else 640; "
+                   "320 for generated images].")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,
               calibrate_imgsz):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""

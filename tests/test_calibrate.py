@@ -1,4 +1,4 @@
-"""Data-aware calibration of rewritten models: layer-by-layer refits on generated images."""
+"""Data-aware calibration of rewritten models: layer-by-layer refits on generated images or a folder of images."""
 
 from __future__ import annotations
 
@@ -87,10 +87,10 @@ def test_nothing_to_calibrate_is_a_clear_error(checkpoint_factory, tmp_path):
     source = checkpoint_factory("yolov8n.yaml")
     assert not refittable(surgeon.load(source).model, [])
     out = tmp_path / "out.pt"
-    result = CliRunner().invoke(main, ["apply", source, "--rule", "dw_backbone", "--calibrate", "2", "-o", str(out),
+    result = CliRunner().invoke(main, ["apply", source, "--rule", "dyn_head", "--calibrate", "2", "-o", str(out),
                                        "--imgsz", str(IMGSZ)])
     assert result.exit_code != 0
-    assert "calibrate refits dwsep replacements only" in result.output
+    assert "calibrate refits dwsep and dwconv replacements only" in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
 
@@ -113,3 +113,113 @@ def test_cli_calibrates_and_records_it(checkpoint_factory, tmp_path):
     recipe = surgeon.load(out).checkpoint["surgeon"]
     assert recipe["calibration"]["images"] == 2 and recipe["calibration"]["imgsz"] == 64
 
+
+
+def _write_photos(folder, count: int, size: int, seed: int) -> None:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(image_batch(size, count, seed=seed)):
+        cv2.imwrite(str(folder / f"{seed}-{i}.jpg"), (image.permute(1, 2, 0).numpy()[..., ::-1] * 255).astype("uint8"))
+
+
+def test_grouped_refit_recovers_a_grouped_teacher():
+    """A dwconv op fitted on patches of real inputs reproduces a convolution that is itself grouped."""
+    from surgeon.modules.dw_conv import dwconv, refine_grouped
+
+    torch.manual_seed(0)
+    teacher = nn.Conv2d(8, 12, 3, padding=1, stride=2, bias=False)
+    with torch.no_grad():  # a dense kernel whose off-block-diagonal part is smaller, like a real layer's
+        dense = torch.randn_like(teacher.weight) * 0.3
+        for g in range(4):
+            dense[3 * g:3 * g + 3, 2 * g:2 * g + 2] += torch.randn(3, 2, 3, 3)
+        teacher.weight.copy_(dense)
+    op = dwconv(teacher)
+    # Correlated channels, as real activations are: what the dropped blocks saw is partly in each group's own.
+    mixing = torch.eye(8) + 0.5 * torch.randn(8, 8)
+    x = torch.einsum("dc,nchw->ndhw", mixing, torch.randn(6, 8, 16, 16))
+    before = relative_error(op(x), teacher(x))
+    error = refine_grouped(op, [(x[:3], teacher(x[:3])), (x[3:], teacher(x[3:]))], teacher)
+    after = relative_error(op(x), teacher(x))
+    # The least-squares optimum, solved here directly per group on every patch.
+    import torch.nn.functional as F
+
+    patches = F.unfold(x.double(), 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 4, 18)  # (pixels, g, 2*3*3)
+    wanted = teacher(x).double().permute(0, 2, 3, 1).reshape(-1, 4, 3)
+    best = torch.stack([torch.linalg.lstsq(patches[:, g], wanted[:, g]).solution.T for g in range(4)])
+    optimum = nn.Conv2d(8, 12, 3, padding=1, stride=2, groups=4, bias=False).double()
+    with torch.no_grad():
+        optimum.weight.copy_(best.reshape(12, 2, 3, 3))
+    floor = relative_error(optimum(x.double()), teacher(x).double())
+    undamped = dwconv(teacher)
+    refine_grouped(undamped, [(x, teacher(x))], teacher, ridge=1e-9)
+    assert relative_error(undamped(x), teacher(x)) == pytest.approx(float(floor), rel=1e-3)
+    # The validated damping (fit on even images, checked on odd ones) trades some of that for held-out error.
+    assert float(floor) <= after < 0.95 * before, (before, after, float(floor))
+    assert error == pytest.approx(after, rel=1e-3)
+    assert op.init_error == pytest.approx(relative_error(_dense(op), dense), rel=1e-4)
+
+
+def _dense(op) -> torch.Tensor:
+    from surgeon.init.factorise import dense_kernel
+
+    return dense_kernel(op.weight.detach(), op.groups)
+
+
+@pytest.mark.parametrize("rule", ["dw_backbone", "dwsep_all"])
+def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_factory, tmp_path, monkeypatch):
+    import surgeon.calibrate as calibrate_module
+
+    source = checkpoint_factory("yolov5s.yaml")
+    original = surgeon.load(source).model
+    _write_photos(tmp_path / "photos" / "a", 3, 160, seed=7)
+    _write_photos(tmp_path / "photos" / "b", 3, 96, seed=8)  # other sizes: letterboxed to the calibration size
+    passes = []
+    real = calibrate_module._capture
+    monkeypatch.setattr(calibrate_module, "_capture",
+                        lambda model, op, x, output: passes.append(len(x)) or real(model, op, x, output))
+    monkeypatch.setattr(calibrate_module, "CHUNK", 2)  # 6 images stream through in chunks of 2
+
+    plain = surgeon.apply(source, rule, imgsz=IMGSZ)
+    calibrated = surgeon.apply(source, rule, imgsz=IMGSZ, calibrate=tmp_path / "photos", calibrate_imgsz=IMGSZ)
+    held_out = image_batch(IMGSZ, 2, seed=5)
+    before, after = feature_error(original, plain.model, held_out), feature_error(original, calibrated.model, held_out)
+    assert after < 0.97 * before, (before, after)
+    recipe = calibrated.recipe()["calibration"]
+    assert recipe["images"] == 6 and recipe["source"] == str(tmp_path / "photos") and recipe["imgsz"] == IMGSZ
+    refitted = len(recipe["output_errors"])
+    assert refitted == len(calibrated.replaced) and max(passes) == 2 and len(passes) == refitted * 3 * 2
+
+
+def test_calibration_uses_the_models_training_size_and_dataset_yamls(tmp_path):
+    from ultralytics import YOLO
+
+    from surgeon.api import native_imgsz
+    from surgeon.data import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_train=2, n_val=3, imgsz=64)
+    yolo = YOLO("yolov8n.yaml")
+    yolo.save(tmp_path / "plain.pt")
+    assert native_imgsz(surgeon.load(tmp_path / "plain.pt")) == 640  # nothing recorded
+    checkpoint = torch.load(tmp_path / "plain.pt", weights_only=False)
+    checkpoint["train_args"] = {"imgsz": 96}
+    torch.save(checkpoint, tmp_path / "trained.pt")
+    result = surgeon.apply(tmp_path / "trained.pt", "dw_backbone", imgsz=64, calibrate=data)
+    assert result.recipe()["calibration"]["imgsz"] == 96 and result.recipe()["calibration"]["images"] == 3
+
+
+def test_cli_calibrates_on_a_folder_and_refuses_bad_ones(checkpoint_factory, tmp_path):
+    source = checkpoint_factory("yolov8n.yaml")
+    _write_photos(tmp_path / "photos", 2, 64, seed=3)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["apply", source, "-r", "dw_backbone", "--calibrate", str(tmp_path / "photos"),
+                              "--calibrate-imgsz", "64", "-o", str(tmp_path / "out.pt"), "--imgsz", "64"])
+    assert ok.exit_code == 0, ok.output
+    assert surgeon.load(tmp_path / "out.pt").checkpoint["surgeon"]["calibration"]["images"] == 2
+    (tmp_path / "one").mkdir()
+    _write_photos(tmp_path / "one", 1, 64, seed=4)
+    for where, message in [(tmp_path / "none", "no such folder"), (tmp_path / "one", "2 images at least")]:
+        out = tmp_path / f"{where.name}.pt"
+        bad = runner.invoke(main, ["apply", source, "-r", "dw_backbone", "--calibrate", str(where), "-o", str(out),
+                                   "--imgsz", "64"])
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output and not out.exists()

@@ -225,6 +225,24 @@ def dwsep(
     return op
 
 
+def _validated_ridge(current: Tensor, fit: list[Tensor], check: list[Tensor], solve, residual) -> float | None:
+    """The damping of `RIDGES` whose fit on the `fit` statistics leaves the least residual on the `check` ones, or
+    None where keeping the `current` weights does better."""
+    best, best_error = None, residual(current, *check)
+    for candidate in RIDGES:
+        error = residual(solve(fit[0], fit[1], candidate, current), *check)
+        if error < best_error:
+            best, best_error = candidate, error
+    return best
+
+
+def _chunk_pairs(batches: Iterable[Tensor], targets: Tensor | None, chunk_size: int):
+    for batch in batches:
+        chunks = batch.split(chunk_size)
+        wanted = [None] * len(chunks) if targets is None else targets.split(chunk_size)
+        yield from zip(chunks, wanted)
+
+
 # Dampings tried when refine_pointwise chooses its own (relative to the mean feature energy, see solve_pointwise).
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -237,6 +255,7 @@ def refine_pointwise(
     ridge: float | None = None,
     chunk_size: int = 8,
     targets: Tensor | None = None,
+    pairs: Iterable[tuple[Tensor, Tensor]] | None = None,
 ) -> float:
     """Refit the pointwise weights of `op` by least squares so it reproduces `original` on `inputs`.
 
@@ -261,6 +280,8 @@ def refine_pointwise(
         targets: The outputs to fit instead of ``original(inputs)`` (one tensor, for one `inputs` tensor):
             the original convolution's outputs in the original model, when `inputs` come from a rewritten
             one whose earlier layers already differ (see `surgeon.calibrate`).
+        pairs: ``(inputs, targets)`` batches instead of `inputs` and `targets`, streamed (memory stays one
+            batch), as `surgeon.calibrate` passes them for many images.
 
     Returns:
         Relative output error ``||op(x) - target|| / ||target||`` over `inputs` after the refit.
@@ -277,29 +298,29 @@ def refine_pointwise(
             f"original maps {original.in_channels} -> {original.out_channels} channels, the op "
             f"{op.in_channels} -> {op.out_channels}"
         )
-    batches = [inputs] if isinstance(inputs, Tensor) else inputs
-    if targets is not None and not isinstance(inputs, Tensor):
-        raise ValueError("targets need the inputs as one tensor")
-    if targets is not None and targets.shape[0] != inputs.shape[0]:
-        raise ValueError(f"{targets.shape[0]} targets for {inputs.shape[0]} inputs")
+    if pairs is None:
+        batches = [inputs] if isinstance(inputs, Tensor) else inputs
+        if targets is not None and not isinstance(inputs, Tensor):
+            raise ValueError("targets need the inputs as one tensor")
+        if targets is not None and targets.shape[0] != inputs.shape[0]:
+            raise ValueError(f"{targets.shape[0]} targets for {inputs.shape[0]} inputs")
+        pairs = _chunk_pairs(batches, targets, chunk_size)
     # Normal equations of the even and of the odd images, counted over all batches.
     halves: list[list[Tensor] | None] = [None, None]
     seen = 0
-    for batch in batches:
-        chunks = batch.to(op.weight).split(chunk_size)
-        wanted = [None] * len(chunks) if targets is None else targets.to(op.weight).split(chunk_size)
-        for x, target in zip(chunks, wanted):
-            target = original(x) if target is None else target
-            if op.bias is not None:
-                target = target - op.bias.view(1, -1, 1, 1)
-            features = op.features(x)
-            for half in (0, 1):
-                picked = slice((half - seen) % 2, None, 2)
-                if not features[picked].shape[0]:
-                    continue
-                stats = normal_equations(features[picked], target[picked])
-                halves[half] = list(stats) if halves[half] is None else [a + b for a, b in zip(halves[half], stats)]
-            seen += x.shape[0]
+    for x, target in pairs:
+        x = x.to(op.weight)
+        target = original(x) if target is None else target.to(op.weight)
+        if op.bias is not None:
+            target = target - op.bias.view(1, -1, 1, 1)
+        features = op.features(x)
+        for half in (0, 1):
+            picked = slice((half - seen) % 2, None, 2)
+            if not features[picked].shape[0]:
+                continue
+            stats = normal_equations(features[picked], target[picked])
+            halves[half] = list(stats) if halves[half] is None else [a + b for a, b in zip(halves[half], stats)]
+        seen += x.shape[0]
     present = [h for h in halves if h is not None]
     if not present:
         raise ValueError("refine_pointwise needs inputs on which the original convolution is not all zero")
@@ -312,12 +333,8 @@ def refine_pointwise(
     if ridge is None:
         if len(present) < 2:
             raise ValueError("refine_pointwise needs two images at least to choose its damping; or pass a ridge")
-        fit, check = halves
-        best_error = residual_energy(current, *check)
-        for candidate in RIDGES:
-            error = residual_energy(solve_pointwise(fit[0], fit[1], candidate, prior=current), *check)
-            if error < best_error:
-                ridge, best_error = candidate, error
+        ridge = _validated_ridge(current, *halves, lambda g, c, r, prior: solve_pointwise(g, c, r, prior=prior),
+                                 residual_energy)
     best = residual_energy(current, gram, cross, energy)
     if ridge is not None:
         solved = solve_pointwise(gram, cross, ridge, prior=current).to(op.weight)
@@ -328,6 +345,81 @@ def refine_pointwise(
             if op.linear:
                 op.init_error = relative_error(op.kernel(), original.weight)
     return math.sqrt(max(best.item(), 0.0) / energy.item())
+
+
+def _solve_grouped(gram: Tensor, cross: Tensor, ridge: float, prior: Tensor) -> Tensor:
+    """`solve_pointwise` for G independent groups at once: ``gram (G, d, d)``, ``cross``/``prior (G, o, d)``."""
+    damping = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(gram.dtype).tiny)
+    eye = torch.eye(gram.shape[1], dtype=gram.dtype)
+    system = gram + damping[:, None, None] * eye
+    return torch.linalg.solve(system, (cross + damping[:, None, None] * prior).transpose(1, 2)).transpose(1, 2)
+
+
+def _grouped_residual(weights: Tensor, gram: Tensor, cross: Tensor, energy: Tensor) -> Tensor:
+    return torch.einsum("god,gde,goe->", weights, gram, weights) - 2 * (weights * cross).sum() + energy
+
+
+@torch.no_grad()
+def refine_grouped(op: GroupedConv2d, pairs: Iterable[tuple[Tensor, Tensor]], original: nn.Conv2d,
+                   ridge: float | None = None, pixels: int = 4096, seed: int = 0) -> float:
+    """Refit the weights of a grouped convolution (``dwconv``) by least squares, group by group.
+
+    Each group's output channels see only that group's input channels, so the fit is G independent
+    least-squares problems on the group's ``k x k`` patches (``F.unfold``), at most `pixels` random
+    positions per image (which bounds memory at 640 px), damped towards the current weights and with
+    the damping chosen on the even images and checked on the odd ones, as `refine_pointwise` does.
+
+    Args:
+        op: A ``dwconv`` op.
+        pairs: ``(inputs, targets)`` batches: the op's inputs and the original convolution's outputs.
+        original: The trained convolution the op replaces (for ``init_error``).
+        ridge: Relative damping; None chooses it by validation (two images at least).
+        pixels: Positions sampled per image.
+        seed: Seed of the sampling.
+
+    Returns:
+        Relative output error over the sampled positions after the refit.
+    """
+    if not isinstance(op, GroupedConv2d) or isinstance(op.padding, str) or op.padding_mode != "zeros":
+        raise TypeError(f"refine_grouped needs a dwconv op with numeric zero padding, not {op}")
+    groups, (kh, kw) = op.groups, op.kernel_size
+    out_g, dim = op.out_channels // groups, op.in_channels // groups * kh * kw
+    generator = torch.Generator().manual_seed(seed)
+    halves: list[list[Tensor] | None] = [None, None]
+    seen = 0
+    for inputs, targets in pairs:
+        for x, target in zip(inputs, targets):
+            columns = F.unfold(x[None].double(), op.kernel_size, op.dilation, op.padding, op.stride)[0]
+            y = target.double().reshape(op.out_channels, -1)
+            if op.bias is not None:
+                y = y - op.bias.double()[:, None]
+            if columns.shape[1] > pixels:
+                keep = torch.randperm(columns.shape[1], generator=generator)[:pixels].to(columns.device)
+                columns, y = columns[:, keep], y[:, keep]
+            z, y = columns.reshape(groups, dim, -1).cpu(), y.reshape(groups, out_g, -1).cpu()
+            stats = [z @ z.transpose(1, 2), y @ z.transpose(1, 2), y.pow(2).sum()]
+            half = seen % 2
+            halves[half] = stats if halves[half] is None else [a + b for a, b in zip(halves[half], stats)]
+            seen += 1
+    if halves[0] is None or float(sum(h[2] for h in halves if h is not None)) <= 0:
+        raise ValueError("refine_grouped needs inputs on which the original convolution is not all zero")
+    present = [h for h in halves if h is not None]
+    gram, cross, energy = (sum(parts) for parts in zip(*present))
+    current = op.weight.detach().double().cpu().reshape(groups, out_g, dim)
+    if ridge is None:
+        if len(present) < 2:
+            raise ValueError("refine_grouped needs two images at least to choose its damping; or pass a ridge")
+        ridge = _validated_ridge(current, *halves, _solve_grouped, _grouped_residual)
+    best = _grouped_residual(current, gram, cross, energy)
+    if ridge is not None:
+        solved = _solve_grouped(gram, cross, ridge, current)
+        error = _grouped_residual(solved, gram, cross, energy)
+        if error < best:
+            op.weight.copy_(solved.reshape(op.weight.shape).to(op.weight))
+            best = error
+            op.init_error = relative_error(dense_kernel(op.weight, groups), dense_kernel(original.weight,
+                                                                                      original.groups))
+    return math.sqrt(max(float(best), 0.0) / float(energy))
 
 
 REPLACEMENTS = [
