@@ -238,16 +238,26 @@ def _train_value(raw: str):
         return raw
 
 
+def _trainer_options(command):
+    """The Ultralytics training options `finetune` and `distill` name (any other passes as KEY=VALUE)."""
+    options = [
+        click.option("--epochs", type=int, help="Ultralytics `epochs`."),
+        click.option("--imgsz", type=int, help="Ultralytics `imgsz`."),
+        click.option("--batch", type=int, help="Ultralytics `batch`."),
+        click.option("--workers", type=int, help="Ultralytics `workers`."),
+        click.option("--device", help="Ultralytics `device` (cpu, 0, 0,1,2,3 for DDP on several GPUs)."),
+        click.option("--project", help="Ultralytics `project` (where runs are written)."),
+        click.option("--name", help="Ultralytics `name` (the run's folder)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("finetune", context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset YAML (see `surgeon dataset`).")
-@click.option("--epochs", type=int, help="Ultralytics `epochs`.")
-@click.option("--imgsz", type=int, help="Ultralytics `imgsz`.")
-@click.option("--batch", type=int, help="Ultralytics `batch`.")
-@click.option("--workers", type=int, help="Ultralytics `workers`.")
-@click.option("--device", help="Ultralytics `device` (cpu, 0, 0,1,2,3 for DDP on several GPUs).")
-@click.option("--project", help="Ultralytics `project` (where runs are written).")
-@click.option("--name", help="Ultralytics `name` (the run's folder).")
+@_trainer_options
 @click.option("--lr0", type=float, help="Ultralytics `lr0`.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 @click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")
@@ -263,17 +273,59 @@ def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, 
     from surgeon.errors import SurgeonError
     from surgeon.finetune import finetune
 
+    train_args = _train_args(options, extra)
+    if not data.is_file():
+        raise SurgeonError(f"{data}: no such dataset YAML")
+    result = finetune(checkpoint, data, trust=trust, quiet=quiet, **train_args)
+    click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))
+    for key in sorted(result.metrics):
+        click.echo(f"  {key}: {result.metrics[key]:.4f}")
+
+
+def _train_args(options: dict, extra) -> dict:
+    """Named Ultralytics options that were given, plus KEY=VALUE extras."""
+    from surgeon.errors import SurgeonError
+
     train_args = {k: v for k, v in options.items() if v is not None}
     for item in extra:
         key, sep, raw = item.partition("=")
         if not sep or not key or key.startswith("-"):
             raise SurgeonError(f"{item}: training arguments are KEY=VALUE (or one of the listed options)")
         train_args[key] = _train_value(raw)
-    if not data.is_file():
-        raise SurgeonError(f"{data}: no such dataset YAML")
-    result = finetune(checkpoint, data, trust=trust, quiet=quiet, **train_args)
+    return train_args
+
+
+@main.command("distill", context_settings={"ignore_unknown_options": True})
+@click.argument("student", type=click.Path(path_type=Path))
+@click.option("--teacher", required=True, type=click.Path(path_type=Path),
+              help="The original checkpoint STUDENT was rewritten from.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Unlabelled images (a folder, recursive, or a dataset YAML's val images).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="A labelled dataset YAML instead: adds the supervised loss.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Temperature of the box-distribution distillation.")
+@_trainer_options
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the files).")
+@click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[KEY=VALUE]...")
+def distill_cmd(student: Path, teacher: Path, images, data, temperature, trust, quiet, extra, **options):
+    """Train a rewritten STUDENT to reproduce its original (--teacher) on your images, without labels.
+
+    The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints, DDP); the loss is
+    the teacher's class scores (soft labels) and box distributions (localisation distillation) on each
+    augmented batch. Prints how many of the teacher's detections the result reproduces on the images.
+    """
+    from surgeon.distill import distill
+
+    result = distill(student, teacher, images=images, data=data, temperature=temperature, trust=trust, quiet=quiet,
+                     **_train_args(options, extra))
     click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))
-    for key in sorted(result.metrics):
+    if result.agreement:
+        a = result.agreement
+        click.echo(f"  agreement with the teacher on {a['images']} images: F1 {a['f1']:.3f} ({a['matched']} of "
+                   f"{a['reference']} detections matched, {a['candidate']} found)")
+    for key in sorted(result.metrics) if data is not None else []:
         click.echo(f"  {key}: {result.metrics[key]:.4f}")
 
 

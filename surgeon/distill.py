@@ -1,0 +1,367 @@
+"""Label-free recovery: train a rewritten detector to reproduce its original on unlabelled images.
+
+The original checkpoint is the best teacher a rewritten model has: surgery starts from it, and it labels every
+image the user owns. `distill` runs the Ultralytics trainer (augmentation, EMA, AMP, checkpoints, progress, DDP)
+through the same trainer subclasses as `surgeon.finetune`, with the loss replaced by a distillation of the teacher's
+dense head outputs on the very augmented batch the student sees:
+
+* **classification**: binary cross-entropy of the student's class logits against the teacher's sigmoid
+  probabilities at every anchor (soft labels, Hinton et al. 2015, in the per-class sigmoid form YOLO heads use; its
+  minimum is the teacher's scores), normalised by the teacher's total score as Ultralytics normalises its
+  classification loss by the assigned scores. Background anchors count: reproducing the teacher's *absence* of
+  detections is what keeps false positives away;
+* **localisation**: Localization Distillation (Zheng et al., CVPR 2022, https://arxiv.org/abs/2102.12252): the KL
+  divergence between the teacher's and the student's distributions over the DFL bins of each box side, at
+  temperature `temperature` (times its square), weighted per anchor by the teacher's highest class probability so
+  that only boxes the teacher believes in matter. Heads without DFL bins (``reg_max == 1``) use the weighted L1
+  distance of the box regressions instead.
+
+Feature imitation at intermediate layers (Ultralytics' own ``distill_model`` option) needs labels for its
+supervised half and a projector per level; matching outputs needs neither, and a rewritten model has the same
+layers as its teacher, so output matching is the default here. With ``data`` (a labelled dataset YAML) the
+supervised loss is added, so a user with labels gets both. End-to-end heads distil both branches.
+
+Without labels, Ultralytics' validation has nothing to score: every epoch counts as best, so ``best.pt`` is the last
+epoch, and the run reports the agreement of the result with the teacher on the images instead
+(`surgeon.agreement`). The saved models' BatchNorm statistics are re-estimated on the images
+(`reestimate_batchnorm`). The run is recorded in the checkpoints' recipe (``ckpt["surgeon"]["distill"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from surgeon.errors import SurgeonError
+
+TEMPERATURE = 2.0
+"""LD's temperature on the DFL bins."""
+BN_IMAGES = 256
+"""Images the BatchNorm statistics of the result are re-estimated on."""
+
+
+def _raw(preds: Any) -> dict:
+    """The raw head outputs (``{"boxes", "scores", ...}``, or ``{"one2many", "one2one"}``) of a forward pass."""
+    return preds[1] if isinstance(preds, (tuple, list)) and len(preds) == 2 and isinstance(preds[1], dict) else preds
+
+
+class DistillLoss:
+    """Criterion (``criterion(preds, batch) -> (loss * batch size, items)``) distilling a teacher's head outputs.
+
+    Set as the student model's ``criterion`` for a run (Ultralytics strips criteria before saving, so the teacher is
+    never written into a checkpoint). See the module docstring for the losses.
+
+    Attributes:
+        teacher: The original model (frozen, eval mode).
+        student: The model being trained (for its head geometry and its own supervised criterion).
+        supervised: Whether the batch carries labels whose loss is added.
+        temperature: LD temperature.
+        cls_gain, box_gain: Weights of the two distillation terms.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, supervised: bool = False,
+                 temperature: float = TEMPERATURE, cls_gain: float = 1.0, box_gain: float = 1.0):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.supervised = supervised
+        self.temperature, self.cls_gain, self.box_gain = temperature, cls_gain, box_gain
+        self.reg_max = int(getattr(student.model[-1], "reg_max", 16))
+        self._base = None
+
+    def update(self) -> None:
+        """Forwarded to the supervised criterion (end-to-end heads schedule their assignment per epoch)."""
+        if self._base is not None and hasattr(self._base, "update"):
+            self._base.update()
+
+    def __call__(self, preds: Any, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        images = batch["img"]
+        teacher = self.teacher
+        parameter = next(teacher.parameters())
+        if parameter.device != images.device:
+            teacher.to(images.device)
+        with torch.no_grad():
+            target = _raw(teacher(images.to(next(teacher.parameters()).dtype)))
+        student = _raw(preds)
+        branches = ("one2many", "one2one") if "one2many" in student else (None,)
+        cls_loss = box_loss = images.new_zeros(())
+        for branch in branches:
+            s, t = (student, target) if branch is None else (student[branch], target[branch])
+            c, b = self._terms(s, t)
+            cls_loss, box_loss = cls_loss + c, box_loss + b
+        total = self.cls_gain * cls_loss + self.box_gain * box_loss
+        items = {"kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
+        loss = total * images.shape[0]
+        if self.supervised:
+            if self._base is None:
+                self._base = self.student.init_criterion()
+            supervised, supervised_items = self._base(preds, batch)
+            loss = loss + supervised.sum()
+            items.update(supervised_items)
+        return loss, items
+
+    def _terms(self, s: dict, t: dict) -> tuple[Tensor, Tensor]:
+        s_scores, t_scores = s["scores"].float(), t["scores"].float()
+        probs = t_scores.sigmoid()
+        cls_loss = F.binary_cross_entropy_with_logits(s_scores, probs, reduction="sum") / probs.sum().clamp_min(1.0)
+        weight = probs.max(1).values  # (B, anchors)
+        s_boxes, t_boxes = s["boxes"].float(), t["boxes"].float()
+        if self.reg_max > 1:
+            shape = (s_boxes.shape[0], 4, self.reg_max, s_boxes.shape[-1])
+            log_s = F.log_softmax(s_boxes.view(shape) / self.temperature, dim=2)
+            p_t = F.softmax(t_boxes.view(shape) / self.temperature, dim=2)
+            per_anchor = (p_t * (p_t.clamp_min(1e-12).log() - log_s)).sum(2).sum(1) * self.temperature ** 2
+        else:
+            per_anchor = (s_boxes - t_boxes).abs().sum(1)
+        box_loss = (per_anchor * weight).sum() / weight.sum().clamp_min(1e-9)
+        return cls_loss, box_loss
+
+
+def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher whose head does not produce what the student's does.
+
+    Raises:
+        SurgeonError: Other head type, class count, DFL bins, strides or end-to-end branches.
+    """
+    from ultralytics.nn.modules.head import Detect
+
+    from surgeon.classic import ClassicDetect
+
+    s, t = (m.model[-1] if isinstance(getattr(m, "model", None), nn.Sequential) and len(m.model) else m
+            for m in (student, teacher))
+    if isinstance(s, ClassicDetect) or isinstance(t, ClassicDetect):
+        raise SurgeonError("distill covers Ultralytics Detect-family heads (YOLOv5u/v8/v9/v10/11/12/26, segment, pose, "
+                           "obb); classic YOLOv5 checkpoints: fine-tune with labels (surgeon finetune)")
+    if not isinstance(s, Detect) or not isinstance(t, Detect):
+        raise SurgeonError(f"distill needs Detect-family heads, not {type(s).__name__} (student) and "
+                           f"{type(t).__name__} (teacher)")
+    for name in ("nc", "reg_max"):
+        if getattr(s, name, None) != getattr(t, name, None):
+            raise SurgeonError(f"student and teacher heads differ in {name}: {getattr(s, name, None)} vs "
+                               f"{getattr(t, name, None)}")
+    if not torch.equal(torch.as_tensor(s.stride, dtype=torch.float32), torch.as_tensor(t.stride, dtype=torch.float32)):
+        raise SurgeonError(f"student and teacher heads differ in strides: {s.stride.tolist()} vs {t.stride.tolist()}")
+    if (getattr(s, "one2one_cv2", None) is None) != (getattr(t, "one2one_cv2", None) is None):
+        raise SurgeonError("one of student and teacher is end-to-end (two head branches), the other is not")
+
+
+def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict) -> Path:
+    """A dataset YAML under `root` whose train and val images are links to the images of `images` (a folder or a
+    dataset YAML's val images), with empty label files: nothing is written next to the user's files."""
+    from surgeon.data import image_paths
+
+    folder, labels = root / "images" / "train", root / "labels" / "train"
+    folder.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for i, path in enumerate(image_paths(images)):
+        link = folder / f"{i:06d}{path.suffix.lower()}"
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:  # no symlinks (some filesystems): copy
+            shutil.copyfile(path, link)
+        (labels / f"{i:06d}.txt").touch()  # an empty label file: Ultralytics trains only on labelled folders
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/train",
+                                    "names": {int(k): str(v) for k, v in names.items()}}))
+    return data
+
+
+class _NoLabelWarnings(logging.Filter):
+    """Drops Ultralytics' warnings that an unlabelled run has no labels (it has none by design)."""
+
+    PHRASES = ("Labels are missing or empty", "no labels found in", "No labels found")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(phrase in message for phrase in self.PHRASES)
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run produced.
+
+    Attributes:
+        save_dir: The Ultralytics run directory.
+        last: Checkpoint after the last epoch.
+        best: ``best.pt`` (the last epoch without labels).
+        agreement: `surgeon.agreement.Agreement` of ``last`` with the teacher on (up to 64 of) the images, as a dict.
+        metrics: The trainer's final validation metrics (meaningful with labels only).
+    """
+
+    save_dir: Path
+    last: Path
+    best: Path | None
+    agreement: dict | None
+    metrics: dict[str, float]
+
+
+def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: str | os.PathLike | None = None,
+            data: str | os.PathLike | None = None, temperature: float = TEMPERATURE, trust: bool = False,
+            quiet: bool = False, **train_args: Any) -> DistillResult:
+    """Train the rewritten `student` to reproduce `teacher` (the original) on images, without labels.
+
+    Args:
+        student: A checkpoint written by surgeon (the rewritten model).
+        teacher: The checkpoint it was rewritten from.
+        images: Unlabelled images: a folder (recursive) or a dataset YAML whose val images are used.
+        data: A labelled dataset YAML instead: the supervised loss is added to the distillation.
+        temperature: LD temperature on the DFL bins.
+        trust: Read both checkpoints without surgeon's allow-list (only for files you trust).
+        quiet: Hide the trainer's output.
+        **train_args: Ultralytics training arguments (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ...).
+
+    Raises:
+        CheckpointError: A checkpoint cannot be read.
+        SurgeonError: Neither or both of `images` and `data`, or a teacher that does not fit the student.
+    """
+    from surgeon.finetune import finetune
+    from surgeon.io import load
+
+    if (images is None) == (data is None):
+        raise SurgeonError("distill needs either images (unlabelled) or data (a labelled dataset YAML), not "
+                           + ("both" if images is not None else "neither"))
+    if data is not None and not Path(data).is_file():
+        raise SurgeonError(f"{data}: no such dataset YAML")
+    if temperature <= 0:
+        raise SurgeonError(f"temperature must be positive, not {temperature}")
+    for key in ("distill_model", "trainer", "pretrained"):
+        if key in train_args:
+            raise SurgeonError(f"distill sets {key!r} itself; leave it out")
+    student_model = load(student, trust=trust).model
+    original = load(teacher, trust=trust).model.float()
+    check_pair(student_model, original)
+    names = getattr(original, "names", None) or {i: str(i) for i in range(original.model[-1].nc)}
+    if data is not None:
+        spec = yaml.safe_load(Path(data).read_text())
+        classes = len(spec.get("names") or []) if isinstance(spec, dict) else 0
+        if classes != original.model[-1].nc:
+            raise SurgeonError(f"{data} has {classes} classes, the teacher {original.model[-1].nc}: distillation "
+                               "matches the teacher's class scores, so the dataset must use its classes")
+    workdir = Path(tempfile.mkdtemp(prefix="surgeon-distill-"))
+    try:
+        dataset = Path(data) if data is not None else unlabelled_dataset(images, workdir / "data", dict(names))
+
+        def attach(trainer):
+            model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+            ema = getattr(getattr(trainer, "ema", None), "ema", None)
+            for m in (model, ema):
+                if m is not None:
+                    m.criterion = DistillLoss(original, model, supervised=data is not None, temperature=temperature)
+
+        quiet_labels = _NoLabelWarnings() if data is None else None
+        logger = logging.getLogger("ultralytics")
+        if quiet_labels:
+            logger.addFilter(quiet_labels)
+        try:
+            run = finetune(student, dataset, callbacks={"on_train_start": [attach]}, trust=trust, quiet=quiet,
+                           **train_args)
+        finally:
+            if quiet_labels:
+                logger.removeFilter(quiet_labels)
+        agreement = None
+        record = {"teacher": {"name": Path(teacher).name, "sha256": _sha256(teacher)},
+                  "images": str(images) if images is not None else None, "data": str(data) if data else None,
+                  "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),
+                  "losses": "soft-label BCE + LD (KL on DFL bins)" + (" + supervised" if data is not None else ""),
+                  "batchnorm": f"re-estimated on up to {BN_IMAGES} of the images", "agreement_f1": None}
+        batches = _batches(images if images is not None else dataset, train_args)
+        for path in {run.last, run.best} - {None}:
+            _record(path, student, record, trust, batches)
+        if data is None:
+            agreement = _agreement(original, run.last, images, train_args, trust)
+            record["agreement_f1"] = agreement["f1"]
+            for path in {run.last, run.best} - {None}:
+                _record(path, student, record, trust, None)
+        return DistillResult(run.save_dir, run.last, run.best, agreement, run.metrics)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _agreement(teacher: nn.Module, checkpoint: Path, images, train_args: dict, trust: bool) -> dict:
+    from surgeon.agreement import agreement
+    from surgeon.data import image_paths, letterboxed
+    from surgeon.io import load
+
+    imgsz = train_args.get("imgsz", 640)
+    imgsz = imgsz if isinstance(imgsz, int) else max(imgsz)
+    student = load(checkpoint, trust=trust).model.float()
+    return agreement(teacher, student, letterboxed(image_paths(images), imgsz, limit=64), imgsz).to_dict()
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _batches(source, train_args: dict):
+    """A function returning fresh letterboxed batches of (up to `BN_IMAGES` of) the run's images."""
+    from surgeon.data import image_paths, letterboxed
+
+    imgsz = train_args.get("imgsz", 640)
+    imgsz = imgsz if isinstance(imgsz, int) else max(imgsz)
+    paths = image_paths(source)
+    return lambda: letterboxed(paths, imgsz, batch=8, limit=BN_IMAGES)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches) -> None:
+    """Set every BatchNorm's running statistics to the average over `batches` of the model's own activations.
+
+    A short run moves the weights far faster than BatchNorm's running averages (momentum 0.03) follow, and a lossy
+    rewrite changes the statistics of every layer after it: in eval mode the student would normalise with stale
+    statistics. One pass over the images in train mode with a cumulative average fixes that (BatchNorm
+    re-estimation, as post-training compression work does after changing weights).
+    """
+    from surgeon.blocks import run_model
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    parameter = next(model.parameters())
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for batch in batches():
+            run_model(model, batch.to(parameter.device, parameter.dtype))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
+def _record(path: Path, student: str | os.PathLike, record: dict, trust: bool, batches) -> None:
+    """Add the run to the recipe of the checkpoint at `path` (the student's recipe plus ``distill``), after
+    re-estimating its BatchNorm statistics on `batches` (unless None), atomically."""
+    from surgeon.io import atomic_path, read_checkpoint
+
+    checkpoint = read_checkpoint(path, trust=trust)
+    before = read_checkpoint(student, trust=trust)
+    recipe = dict(before.get("surgeon") or {}) if isinstance(before, dict) else {}
+    recipe["distill"] = dict(record)
+    checkpoint["surgeon"] = recipe
+    if batches is not None:
+        for key in ("model", "ema"):
+            model = checkpoint.get(key)
+            if isinstance(model, nn.Module):
+                dtype = next(model.parameters()).dtype
+                reestimate_batchnorm(model.float(), batches)
+                checkpoint[key] = model.to(dtype)
+    with atomic_path(Path(path)) as tmp:
+        torch.save(checkpoint, tmp)
