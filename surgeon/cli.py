@@ -312,7 +312,7 @@ def _train_args(options: dict, extra) -> dict:
 def distill_cmd(student: Path, teacher: Path, images, data, temperature, trust, quiet, extra, **options):
     """Train a rewritten STUDENT to reproduce its original (--teacher) on your images, without labels.
 
-    The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints, DDP); the loss is
+    The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints; one device); the loss is
     the teacher's class scores (soft labels) and box distributions (localisation distillation) on each
     augmented batch. Prints how many of the teacher's detections the result reproduces on the images.
     """

@@ -1,8 +1,9 @@
 """Label-free recovery: train a rewritten detector to reproduce its original on unlabelled images.
 
 The original checkpoint is the best teacher a rewritten model has: surgery starts from it, and it labels every
-image the user owns. `distill` runs the Ultralytics trainer (augmentation, EMA, AMP, checkpoints, progress, DDP)
-through the same trainer subclasses as `surgeon.finetune`, with the loss replaced by a distillation of the teacher's
+image the user owns. `distill` runs the Ultralytics trainer (augmentation, EMA, AMP, checkpoints, progress; one
+device: Ultralytics' DDP workers rebuild the trainer without this run's loss) through the same trainer subclasses as
+`surgeon.finetune`, with the loss replaced by a distillation of the teacher's
 dense head outputs on the very augmented batch the student sees:
 
 * **classification**: binary cross-entropy of the student's class logits against the teacher's sigmoid
@@ -241,6 +242,11 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     for key in ("distill_model", "trainer", "pretrained"):
         if key in train_args:
             raise SurgeonError(f"distill sets {key!r} itself; leave it out")
+    device = train_args.get("device")
+    if isinstance(device, (list, tuple)) and len(device) > 1 or isinstance(device, str) and "," in device.strip(","):
+        # Ultralytics' DDP workers rebuild the trainer from its arguments, without this run's criterion: they would
+        # train on the empty labels alone.
+        raise SurgeonError(f"distill runs on one device, not device={device!r}; use e.g. device=0")
     student_model = load(student, trust=trust).model
     original = load(teacher, trust=trust).model.float()
     check_pair(student_model, original)

@@ -128,3 +128,6 @@ def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoi
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, args
     with pytest.raises(SurgeonError, match="sets 'distill_model'"):
         distill(teacher, teacher, images=photos, distill_model=teacher)
+    for device in ("0,1", [0, 1]):
+        with pytest.raises(SurgeonError, match="one device"):
+            distill(teacher, teacher, images=photos, device=device)
