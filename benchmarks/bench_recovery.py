@@ -264,6 +264,12 @@ def print_model(entry: dict) -> None:
         print(line.rstrip(";:"))
 
 
+def versions() -> dict:
+    """The versions a result was measured with."""
+    return {"torch": torch.__version__, "ultralytics": ultralytics.__version__, "surgeon": surgeon.__version__,
+            "python": platform.python_version()}
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
@@ -305,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_args": TRAIN_ARGS, "threads": args.threads, "rules": rules,
         "temperature": "DynamicConv: 30 -> 1 over the first half of the fine-tune, both inits",
         "finetune_map": "trainer's final validation of best.pt (best epoch by mAP50-95); last_map: last epoch",
-        "versions": {"torch": torch.__version__, "ultralytics": ultralytics.__version__, "surgeon": surgeon.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
         "models": [],
     }
     print(f"recovery benchmark: {', '.join(models)} x {', '.join(rules)} x {', '.join(INITS)}; "
@@ -352,8 +357,7 @@ def mixtures_main(args: argparse.Namespace, models: list[str], epochs_base: list
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-mixtures-"))
     payload = {"benchmark": "recovery-mixtures", "quick": args.quick, "imgsz": args.imgsz, "dataset": DATASET,
                "train_args": TRAIN_ARGS, "seeds": seeds, "variants": {k: list(v) for k, v in MIXTURE_VARIANTS.items()},
-               "versions": {"torch": torch.__version__, "ultralytics": ultralytics.__version__,
-                            "surgeon": surgeon.__version__, "python": platform.python_version()}, "models": []}
+               "versions": versions(), "models": []}
     print(f"mixture benchmark: {', '.join(models)} x {', '.join(MIXTURE_VARIANTS)} x seeds {seeds}; work dir {workdir}"
           + (" (--quick: numbers meaningless)" if args.quick else ""))
     start = time.perf_counter()

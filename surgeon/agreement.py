@@ -74,9 +74,9 @@ def _xywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.cat([xy - wh, xy + wh], -1)
 
 
-def _candidates(model: nn.Module, output: Tensor, imgsz: int) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """(boxes xyxy in pixels ``(B, N, 4)``, scores ``(B, N, C)`` or ``(B, N, 1)``, classes ``(B, N)`` or None,
-    already after NMS) from a detector's first output, per head family (`surgeon.outputs.split_outputs`)."""
+def _candidates(model: nn.Module, output: Tensor, imgsz: int) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """(boxes xyxy in pixels ``(B, N, 4)``, scores ``(B, N, C)`` or ``(B, N, 1)``, classes ``(B, N)`` or None, whether
+    the head already ran NMS) from a detector's first output, per head family (`surgeon.outputs.split_outputs`)."""
     from ultralytics.nn.modules.head import Detect, RTDETRDecoder
 
     from surgeon.classic import ClassicDetect

@@ -252,7 +252,10 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     check_pair(student_model, original)
     names = getattr(original, "names", None) or {i: str(i) for i in range(original.model[-1].nc)}
     if data is not None:
-        spec = yaml.safe_load(Path(data).read_text())
+        try:
+            spec = yaml.safe_load(Path(data).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise SurgeonError(f"{data}: not a readable dataset YAML ({type(error).__name__})") from None
         classes = len(spec.get("names") or []) if isinstance(spec, dict) else 0
         if classes != original.model[-1].nc:
             raise SurgeonError(f"{data} has {classes} classes, the teacher {original.model[-1].nc}: distillation "
@@ -296,7 +299,9 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         record["batchnorm"] = {"reestimated": use, "loss_kept": kept, "loss_reestimated": fresh}
         record["agreement_f1"] = agreement["f1"]
         for path in {run.last, run.best} - {None}:
-            _record(path, student, record, trust, batches if use else None)
+            # last.pt's re-estimated model is the one measured above; best.pt (another epoch) gets its own pass.
+            fitted = (reestimated if path == run.last else batches) if use else None
+            _record(path, student, record, trust, fitted)
         return DistillResult(run.save_dir, run.last, run.best, agreement, run.metrics)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -374,9 +379,12 @@ def reestimate_batchnorm(model: nn.Module, batches) -> None:
         model.eval()
 
 
-def _record(path: Path, student: str | os.PathLike, record: dict, trust: bool, batches) -> None:
-    """Add the run to the recipe of the checkpoint at `path` (the student's recipe plus ``distill``), after
-    re-estimating its BatchNorm statistics on `batches` (unless None), atomically."""
+def _record(path: Path, student: str | os.PathLike, record: dict, trust: bool, fitted) -> None:
+    """Add the run to the recipe of the checkpoint at `path` (the student's recipe plus ``distill``), atomically.
+
+    `fitted` is None (weights as trained), a model whose re-estimated BatchNorm statistics to take, or a batches
+    function to re-estimate them on.
+    """
     from surgeon.io import atomic_path, read_checkpoint
 
     checkpoint = read_checkpoint(path, trust=trust)
@@ -384,12 +392,15 @@ def _record(path: Path, student: str | os.PathLike, record: dict, trust: bool, b
     recipe = dict(before.get("surgeon") or {}) if isinstance(before, dict) else {}
     recipe["distill"] = dict(record)
     checkpoint["surgeon"] = recipe
-    if batches is not None:
+    if fitted is not None:
         for key in ("model", "ema"):
             model = checkpoint.get(key)
             if isinstance(model, nn.Module):
                 dtype = next(model.parameters()).dtype
-                reestimate_batchnorm(model.float(), batches)
+                if isinstance(fitted, nn.Module):
+                    model.float().load_state_dict(fitted.state_dict())
+                else:
+                    reestimate_batchnorm(model.float(), fitted)
                 checkpoint[key] = model.to(dtype)
     with atomic_path(Path(path)) as tmp:
         torch.save(checkpoint, tmp)

@@ -113,11 +113,14 @@ def test_cli_distills_with_labels_too(checkpoint_factory, tmp_path):
 def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoint_factory, classic_checkpoint,
                                                        tmp_path):
     runner = CliRunner()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("names: [a, b\n  : :")
     cases = [
         (["distill", teacher, "--teacher", teacher], "either images"),
         (["distill", teacher, "--teacher", teacher, "--images", str(photos), "--data", str(photos / "x.yaml")],
          "not both"),
         (["distill", teacher, "--teacher", teacher, "--data", str(tmp_path / "none.yaml")], "no such dataset"),
+        (["distill", teacher, "--teacher", teacher, "--data", str(broken)], "not a readable dataset YAML"),
         (["distill", teacher, "--teacher", teacher, "--images", str(tmp_path / "none")], "no such folder"),
         (["distill", teacher, "--teacher", checkpoint_factory("yolov8n-cls.yaml"), "--images", str(photos)],
          "Detect-family"),
