@@ -2,7 +2,8 @@
 
 **Classes** (rebuilt as ``torch.save`` wrote them: ``cls.__new__(cls)`` then the pickled state, never
 ``__init__``): every ``nn.Module`` class of ``torch.nn.modules``, ``ultralytics.nn.modules``,
-``ultralytics.nn.tasks``, ``surgeon.modules`` and ``surgeon.classic`` (recurrent layers excepted: no
+``ultralytics.nn.tasks`` and ``surgeon.classic``, and every declared replacement op with the module
+classes defined beside it (`surgeon.registry`: the built-ins and any a user imported) (recurrent layers excepted: no
 detector holds one, and their ``__setstate__`` loops over a count the file sets), under each name they are
 importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
 versions do) and the classic YOLOv5 names mapped onto them; Ultralytics' loss and assigner objects
@@ -68,7 +69,7 @@ from torch import nn
 
 from surgeon._unpickler import Global, Policy, RefusedPickle, budget, plain_key
 
-_MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules", "surgeon.modules")
+_MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules")
 # Left out: recurrent layers (no detector holds one, and RNNBase.__setstate__ loops over a file-chosen count).
 _EXCLUDED_MODULES = ("torch.nn.modules.rnn",)
 _MODULE_MODULES = ("ultralytics.nn.tasks", "surgeon.classic")
@@ -244,23 +245,35 @@ def _numpy_multiarray() -> types.ModuleType:
     return multiarray
 
 
-@lru_cache(maxsize=1)
 def checkpoint_policy() -> Policy:
-    """The policy every checkpoint is read under (built once; importing the allowed packages is the cost)."""
+    """The policy every checkpoint is read under (rebuilt only when a replacement is declared)."""
+    from surgeon.registry import op_classes, version
+
+    op_classes()  # the built-ins are declared before the version is read
+    return _policy(version())
+
+
+@lru_cache(maxsize=1)
+def _policy(_version: int) -> Policy:
+    """The policy under the declarations of `_version` (importing the allowed packages is the cost)."""
     from ultralytics.nn.modules.head import Detect
     from ultralytics.utils import IterableSimpleNamespace
 
     from surgeon.classic import classic_class_names
+    from surgeon.registry import op_classes
 
     modules = [m for p in _MODULE_PACKAGES for m in _modules_of(p) if m.__name__ not in _EXCLUDED_MODULES]
     modules += [importlib.import_module(m) for m in _MODULE_MODULES]
     allowed: set[type] = {c for m in modules for c in _defined_classes(m, nn.Module)}
+    ops = op_classes().values()
+    declared_classes = {c for spec in ops for c in spec.companions()}
+    allowed |= declared_classes
     object_modules = [importlib.import_module(m) for m in _OBJECT_MODULES]
     allowed |= {c for m in object_modules for c in _defined_classes(m, None)}
     namespaces = {IterableSimpleNamespace, argparse.Namespace, types.SimpleNamespace, np.ndarray}
     allowed |= namespaces
 
-    classes: dict[str, type] = {}
+    classes: dict[str, type] = {f"{c.__module__}.{c.__qualname__}": c for c in declared_classes}
     _register(classes, modules + object_modules, allowed)
     for cls in namespaces:
         classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
@@ -313,6 +326,10 @@ def checkpoint_policy() -> Policy:
     for cls in set(classes.values()):
         function = getattr(cls, "__setstate__", None)
         if isinstance(function, types.FunctionType) and _qualified(function) in AUDITED_SETSTATE:
+            setstate.add(function)
+    for spec in ops:  # a declaration that says its class's own __setstate__ may run (``setstate=True``)
+        function = getattr(spec.cls, "__setstate__", None)
+        if spec.setstate and isinstance(function, types.FunctionType):
             setstate.add(function)
     return Policy(classes=classes, calls=calls, constants=constants, attributes=attributes, setstate=setstate,
                   storages=storages, enums={f"{c.__module__}.{c.__qualname__}": c for c in enums},

@@ -26,14 +26,51 @@ _TARGET = "ultralytics.engine.model"
 
 
 def has_surgery(model) -> bool:
-    """Whether `model` holds any module defined by surgeon (replacements, insertions, classic layers)."""
-    return isinstance(model, nn.Module) and any(type(m).__module__.split(".")[0] == "surgeon" for m in model.modules())
+    """Whether `model` holds any module defined by surgeon (classic layers) or a declared replacement or insertion,
+    built in or not (`surgeon.registry`)."""
+    from surgeon.registry import is_replacement_op
+
+    return isinstance(model, nn.Module) and any(
+        type(m).__module__.split(".")[0] == "surgeon" or is_replacement_op(m) for m in model.modules())
+
+
+def _unfoldable_blocks(model: nn.Module) -> list[nn.Module]:
+    """Blocks (modules with ``conv`` and ``bn``) whose ``conv`` is an op declared ``fold_bn=False``."""
+    from surgeon.registry import op_spec
+
+    found = []
+    for module in model.modules():
+        spec = op_spec(getattr(module, "conv", None)) if isinstance(getattr(module, "conv", None), nn.Module) else None
+        if spec is not None and not spec.fold_bn and isinstance(getattr(module, "bn", None), nn.Module):
+            found.append(module)
+    return found
+
+
+def _fuse_keeping_unfoldable(original):
+    """``BaseModel.fuse`` that leaves blocks alone whose op cannot absorb their BatchNorm (it fuses blocks that
+    have a ``bn``: those lose it for the call and get it back)."""
+    @functools.wraps(original)
+    def fuse(self, *args, **kwargs):
+        held = [(block, block.bn) for block in _unfoldable_blocks(self)]
+        for block, _ in held:
+            del block.bn
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for block, bn in held:
+                block.bn = bn
+
+    fuse._surgeon_keeps_surgery = True
+    return fuse
 
 
 def install() -> None:
-    """Wrap ``ultralytics.engine.model.Model.train`` (idempotent)."""
+    """Wrap ``ultralytics.engine.model.Model.train`` and ``BaseModel.fuse`` (idempotent)."""
     from ultralytics.engine.model import Model
+    from ultralytics.nn.tasks import BaseModel
 
+    if not getattr(BaseModel.fuse, "_surgeon_keeps_surgery", False):
+        BaseModel.fuse = _fuse_keeping_unfoldable(BaseModel.fuse)
     if getattr(Model.train, "_surgeon_keeps_surgery", False):
         return
     original = Model.train

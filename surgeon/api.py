@@ -64,14 +64,15 @@ def _check_imgsz(model: nn.Module, imgsz: int) -> None:
 
 
 def inspect_model(source: str | os.PathLike | nn.Module | Loaded, *, imgsz: int = 640,
-                  trust: bool = False, mixtures: bool = True, images: torch.Tensor | None = None) -> Inspection:
+                  trust: bool = False, mixtures: bool = True, images: torch.Tensor | None = None,
+                  arch=None) -> Inspection:
     """Load (unless given a Loaded), trace, and list every Conv block with params and FLOPs at `imgsz`.
 
     With `mixtures`, mixture layers (DynamicConv, CondConv) also get their expert spread and routing
     statistics (`surgeon.mixtures`), measured on `images` (``(N, C, H, W)`` in [0, 1]) or on 4 generated
     images: one more forward pass, which apply and diff, calling this for the blocks, do without.
     """
-    loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
+    loaded = source if isinstance(source, Loaded) else load(source, trust=trust, arch=arch)
     _check_imgsz(loaded.model, imgsz)
     traced = trace(loaded.model)
     try:
@@ -109,9 +110,12 @@ class ApplyResult:
     report: Report
     imgsz: int
     calibration: dict | None = None
+    arch: object = None
 
     def recipe(self) -> dict:
-        """How to reproduce this model: rules with resolved arguments, tool version, source hash."""
+        """How to reproduce this model: rules with resolved arguments, tool version, source hash, and the recipe of
+        the surgery the source had already been through (``previous``), so `surgeon.replay` can redo them all."""
+        previous = self.loaded.checkpoint.get("surgeon")
         return {
             "surgeon_version": __version__,
             "source": {"name": self.loaded.path.name if self.loaded.path else self.loaded.name,
@@ -122,12 +126,28 @@ class ApplyResult:
                          for r in self.replaced if isinstance(r, Inserted)],
             "imgsz": self.imgsz,
             "calibration": self.calibration,
+            **({"previous": previous} if isinstance(previous, dict) and previous.get("rules") else {}),
         }
 
-    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write an Ultralytics-format checkpoint atomically; never the input, never over a file without `force`."""
+    def save(self, path: str | os.PathLike, *, force: bool = False, format: str | None = None) -> Path:
+        """Write the rewritten model atomically; never the input, never over a file without `force`.
+
+        Args:
+            format: ``checkpoint``: the Ultralytics-format checkpoint (the pickled model, as Ultralytics and the
+                classic repositories write theirs); ``state_dict``: ``{"state_dict", "recipe", "arch"}``, plain
+                tensors and data that load anywhere, rebuilt by `surgeon.load` / `surgeon.replay`. Default:
+                ``checkpoint`` for Ultralytics and classic sources, ``state_dict`` for any other model (its
+                classes are not on the safe loader's allow-list, so a pickled copy would not reload safely).
+        """
+        from surgeon.replay import save_state_dict
+
+        format = format or ("checkpoint" if self.loaded.format in ("ultralytics", "classic") else "state_dict")
+        if format not in ("checkpoint", "state_dict"):
+            raise SurgeryError(f"save format must be 'checkpoint' or 'state_dict', not {format!r}")
         path = Path(path)
         check_output(path, self.loaded.path, force=force)
+        if format == "state_dict":
+            return save_state_dict(self.model, self.recipe(), path, self.arch)
         return save_checkpoint(self.loaded, self.model, path, self.recipe())
 
 
@@ -206,7 +226,7 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
 def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,
           imgsz: int = 640, check_imgsz: int | None = None, overlap: str = "error", trust: bool = False,
           registry: Registry | None = None, calibrate: int | str | os.PathLike = 0,
-          calibrate_imgsz: int | None = None, **set_args) -> ApplyResult:
+          calibrate_imgsz: int | None = None, arch=None, **set_args) -> ApplyResult:
     """Rewrite a model with one or more rules.
 
     Args:
@@ -224,13 +244,16 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
             the data-free init.
         calibrate_imgsz: Size the calibration images are letterboxed to (default: the size the model was trained
             at, from its checkpoint, else 640; 320 for generated images).
+        arch: The original architecture, for a state-dict file (a callable, ``torchvision.models.NAME``,
+            ``timm:NAME`` or a dotted path to a builder); a name is also recorded, so the saved state-dict file
+            rebuilds itself (`surgeon.arch`).
         **set_args: More overrides for every rule, as keyword arguments.
 
     Raises:
         RuleError, NoMatchError, SurgeryError, CheckpointError, TraceError.
     """
     registry = registry or builtin_replacements()
-    loaded = source if isinstance(source, Loaded) else load(source, trust=trust)
+    loaded = source if isinstance(source, Loaded) else load(source, trust=trust, arch=arch)
     if set_args and isinstance(overrides, (list, tuple)):
         overrides = [*overrides, *(f"{k}={v}" for k, v in set_args.items())]
     elif set_args:
@@ -247,7 +270,8 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz, mixtures=False)
     report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
     report.after = f"{loaded.name} + {' + '.join(r.name for r in resolved)}"
-    return ApplyResult(loaded, resolved, model, replaced, report, imgsz, calibration)
+    return ApplyResult(loaded, resolved, model, replaced, report, imgsz, calibration,
+                       arch if isinstance(arch, str) else loaded.checkpoint.get("arch"))
 
 
 def native_imgsz(loaded: Loaded, default: int = 640) -> int:
@@ -278,7 +302,8 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
     key = _path_key(original, model)
     ops = {key(path): module for path, module in model.named_modules() if path}
     if not refittable(model, replaced, ops):
-        raise RuleError("calibrate refits dwsep and dwconv replacements only, and these rules make none")
+        raise RuleError("calibrate refits replacements that declare a refit (built in: dwsep, dwconv), and these "
+                        "rules make none")
     if isinstance(source, int):
         if source < 2:
             raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping), not {source}")
@@ -425,7 +450,7 @@ def _serialised_size(loaded: Loaded) -> int | None:
 
 def diff(a: str | os.PathLike | nn.Module, b: str | os.PathLike | nn.Module, *, imgsz: int = 640,
          trust: bool = False, images: str | os.PathLike | None = None, conf: float | None = None,
-         max_images: int | None = None) -> Report:
+         max_images: int | None = None, arch=None) -> Report:
     """The graph diff between any two models or checkpoints, with an output check when their inputs agree.
 
     Args:
@@ -437,13 +462,14 @@ def diff(a: str | os.PathLike | nn.Module, b: str | os.PathLike | nn.Module, *, 
             detections are from A's on them (`surgeon.agreement`), letterboxed to `imgsz`.
         conf: Confidence threshold of both models' detections for the agreement (default 0.25).
         max_images: Use at most this many of the images.
+        arch: The architecture of state-dict files among A and B (see `apply`).
     """
     from surgeon.agreement import CONF, agreement
     from surgeon.data import image_paths, letterboxed
 
     paths = image_paths(images) if images is not None else None  # a bad folder fails before the models load
-    first = inspect_model(a, imgsz=imgsz, trust=trust, mixtures=False)
-    second = inspect_model(b, imgsz=imgsz, trust=trust, mixtures=False)
+    first = inspect_model(a, imgsz=imgsz, trust=trust, mixtures=False, arch=arch)
+    second = inspect_model(b, imgsz=imgsz, trust=trust, mixtures=False, arch=arch)
     try:
         check = output_check(first.loaded.model, second.loaded.model, imgsz)
     except SurgeryError:

@@ -16,9 +16,11 @@ import torch
 from networkx.algorithms import isomorphism
 from torch import fx, nn
 
+from surgeon.registry import is_replacement_op
 from surgeon.trace import Traced
 
-NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d)
+# LayerNorm: torchvision's LayerNorm2d (ConvNeXt) subclasses it to normalise over channels.
+NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
 ACT_TYPES = (
     nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.GELU, nn.Mish, nn.ELU, nn.PReLU,
     nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Identity,
@@ -51,6 +53,9 @@ class ConvBlock:
         rewritten: True when the convolution is already a replacement op (an earlier surgery); rules skip it.
         in_shape, out_shape: Tensor shapes at the inspected image size (batch 1).
         flops: FLOPs of the convolution at that size (filled in from `surgeon.measure`).
+        aliases: Rule type names the block also answers to: in models without an Ultralytics layer list
+            (torchvision, timm, any CNN), a conv -> norm [-> act] chain is a ``Conv`` block whatever its container's
+            class (ResNet's ``conv1``/``bn1``/``relu``, ``Conv2dNormActivation``), and a depthwise one a ``DWConv``.
     """
 
     path: str
@@ -75,6 +80,7 @@ class ConvBlock:
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
     flops: int | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def depthwise(self) -> bool:
@@ -90,7 +96,8 @@ def is_conv(module: nn.Module) -> bool:
 
 
 def is_surgeon_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("surgeon.modules.")
+    """A declared replacement or insertion (`surgeon.registry`), built in or not."""
+    return is_replacement_op(module)
 
 
 def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -222,10 +229,15 @@ class LayerLayout:
         self.n_backbone = len(yaml["backbone"]) if isinstance(yaml, dict) and "backbone" in yaml else None
         if not isinstance(self.layers, (nn.Sequential, nn.ModuleList)) or not hasattr(self.layers[-1], "f"):
             self.layers = None
+        self.children = {name: i for i, (name, _) in enumerate(model.named_children())}
 
     def layer(self, path: str) -> int | None:
+        """``N`` of ``model.N`` in Ultralytics-style models; elsewhere the index of the top-level child holding
+        `path` (``layer1`` of a ResNet is 4: conv1, bn1, relu, maxpool come first)."""
         parts = path.split(".")
-        if self.layers is None or len(parts) < 2 or parts[0] != "model" or not parts[1].isdigit():
+        if self.layers is None:
+            return self.children.get(parts[0])
+        if len(parts) < 2 or parts[0] != "model" or not parts[1].isdigit():
             return None
         return int(parts[1])
 
@@ -303,6 +315,9 @@ def find_blocks(traced: Traced, shapes: dict[str, tuple] | None = None) -> list[
         if act_node is not None:
             target = act_node.target
             act_type = type(modules[act]).__name__ if act else getattr(target, "__name__", str(target))
+        inner = getattr(modules[norm], "act", None) if norm else None  # timm's BatchNormAct2d holds its activation
+        if isinstance(inner, ACT_TYPES) and not isinstance(inner, nn.Identity) and act_type in (None, "Identity"):
+            act_type = type(inner).__name__
         raw.append((conv, norm, act, act_type, "graph"))
     for leaf in traced.leaves:
         for conv, norm, act in _leaf_chains(model, leaf):
@@ -319,13 +334,17 @@ def find_blocks(traced: Traced, shapes: dict[str, tuple] | None = None) -> list[
         if norm:
             params += sum(p.numel() for p in modules[norm].parameters())
         in_shape, out_shape = shapes.get(conv_path, (None, None))
+        aliases = ()
+        if layout.layers is None and norm:
+            depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+            aliases = ("Conv", "DWConv") if depthwise else ("Conv",)
         blocks.append(ConvBlock(
             path=path, type=type(modules[path]).__name__, conv=conv_path, norm=norm, act=act, act_type=act_type,
             layer=layer, region=layout.region(layer), source=source, in_channels=conv.in_channels,
             out_channels=conv.out_channels, kernel=tuple(conv.kernel_size), stride=tuple(conv.stride),
             groups=conv.groups, dilation=tuple(conv.dilation), bias=conv.bias is not None, params=params,
             trainable=not _fixed(model, conv_path), rewritten=is_surgeon_module(conv),
-            in_shape=in_shape, out_shape=out_shape,
+            in_shape=in_shape, out_shape=out_shape, aliases=aliases,
         ))
     order = {p: i for i, p in enumerate(shapes)}
     return sorted(blocks, key=lambda b: order.get(b.conv, len(order)))

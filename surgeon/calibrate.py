@@ -7,7 +7,8 @@ the *original* model, so each layer also corrects what the layers before it got 
 al., "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, https://arxiv.org/abs/1707.06168).
 Generated images are enough; no labels are used.
 
-Refittable: ``dwsep`` ops (their pointwise weights, by least squares; `surgeon.modules.dw_conv.refine_pointwise`) and
+Refittable: ops declared with a ``refit`` (`surgeon.registry`). Built in: ``dwsep`` ops (their pointwise weights,
+by least squares; `surgeon.modules.dw_conv.refine_pointwise`) and
 ``dwconv`` ops (their grouped weights, group by group on sampled patches; `surgeon.modules.dw_conv.refine_grouped`).
 Images stream through in chunks (each layer's statistics add up over them), so hundreds of images at 640 px fit in
 memory; the cost is two partial forward passes per chunk and refitted layer. Real images (a folder, letterboxed at
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from surgeon.blocks import run_model
-from surgeon.modules.dw_conv import DepthwiseSeparableConv2d, GroupedConv2d, refine_grouped, refine_pointwise
+from surgeon.registry import op_spec
 from surgeon.rewrite import Replaced
 
 CHUNK = 8
@@ -39,8 +40,8 @@ class _Stop(Exception):
 def refittable(model: nn.Module, replaced: list, ops: dict[str, nn.Module] | None = None) -> list[Replaced]:
     """The records of `replaced` whose module in `model` (``ops[path]`` if given) can be refitted on data."""
     def fits(op: nn.Module) -> bool:
-        return isinstance(op, DepthwiseSeparableConv2d) or (
-            isinstance(op, GroupedConv2d) and not isinstance(op.padding, str) and op.padding_mode == "zeros")
+        spec = op_spec(op)
+        return spec is not None and spec.refit is not None and getattr(op, "refittable", True)
 
     return [r for r in replaced
             if isinstance(r, Replaced) and fits(ops.get(r.conv) if ops else model.get_submodule(r.conv))]
@@ -130,8 +131,5 @@ def refine(original: nn.Module, model: nn.Module, replaced: list,
         op = ops[path] if ops else model.get_submodule(path)
         conv = original.get_submodule(path)
         pairs = ((_capture(model, op, x, output=False), _capture(original, conv, x, output=True)) for x in stream())
-        if isinstance(op, DepthwiseSeparableConv2d):
-            errors[path] = refine_pointwise(op, [], conv, ridge=ridge, pairs=pairs)
-        else:
-            errors[path] = refine_grouped(op, pairs, conv, ridge=ridge)
+        errors[path] = op_spec(op).refit(op, pairs, conv, ridge=ridge)
     return errors

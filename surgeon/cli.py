@@ -70,7 +70,10 @@ def _write_json(data: dict, target: str) -> None:
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 @click.option("--images", type=click.Path(path_type=Path), metavar="DIR",
               help="Measure mixture layers' routing on up to 8 images of DIR (default: generated images).")
-def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, images: Path | None):
+@click.option("--arch", default=None, metavar="NAME",
+              help="Architecture of a state-dict file: torchvision.models.NAME, timm:NAME or a dotted path to a "
+                   "builder.")
+def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, images: Path | None, arch: str | None):
     """List every Conv block of MODEL: path, region, layer, geometry, params, FLOPs.
 
     Mixture layers (DynamicConv, CondConv) get a second table: expert spread and routing statistics.
@@ -83,7 +86,7 @@ def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, imag
         from surgeon.data import folder_images
 
         batch = folder_images(images, imgsz)
-    inspection = inspect_model(model, imgsz=imgsz, trust=trust, images=batch)
+    inspection = inspect_model(model, imgsz=imgsz, trust=trust, images=batch, arch=arch)
     if json_out != "-":
         _console().print(inspection_table(inspection))
         mixtures = mixture_table(inspection)
@@ -117,8 +120,14 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=None,
               help="Size calibration images are letterboxed to [default: the model's training size, else 640; "
                    "320 for generated images].")
+@click.option("--arch", default=None, metavar="NAME",
+              help="Architecture of a state-dict file: torchvision.models.NAME, timm:NAME or a dotted path to a "
+                   "builder.")
+@click.option("--format", "fmt", type=click.Choice(["checkpoint", "state_dict"]), default=None,
+              help="checkpoint: Ultralytics-format pickled model; state_dict: {state_dict, recipe, arch}, plain data "
+                   "[default: checkpoint for YOLO files, state_dict for other models].")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,
-              calibrate_imgsz):
+              calibrate_imgsz, arch, fmt):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
     from surgeon.api import apply, check_output
     from surgeon.errors import SurgeryError
@@ -131,14 +140,14 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
         if Path(report_path).suffix.lower() not in (".md", ".json", ".svg"):
             raise SurgeryError(f"{report_path}: report format must be .md, .json or .svg")
     result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust,
-                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz)
+                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz, arch=arch)
     _console().print(to_terminal(result.report))
     if dry_run:
         click.echo("dry run: nothing written")
         return
     for report_path in reports:
         result.report.write(report_path)
-    saved = result.save(output, force=force)
+    saved = result.save(output, force=force, format=fmt)
     click.echo(f"wrote {saved}")
 
 
@@ -153,7 +162,10 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
 @click.option("--conf", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True,
               help="Confidence threshold of both models' detections for --images.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Use at most N of the --images.")
-def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images):
+@click.option("--arch", default=None, metavar="NAME",
+              help="Architecture of a state-dict file: torchvision.models.NAME, timm:NAME or a dotted path to a "
+                   "builder.")
+def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images, arch):
     """Show what differs between checkpoints A and B: modules, params, FLOPs, graph nodes, outputs.
 
     With --images, also how far B's detections are from A's on your images: F1 of matched detections
@@ -162,7 +174,7 @@ def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images):
     from surgeon.api import diff
     from surgeon.report import to_terminal
 
-    report = diff(a, b, imgsz=imgsz, trust=trust, images=images, conf=conf, max_images=max_images)
+    report = diff(a, b, imgsz=imgsz, trust=trust, images=images, conf=conf, max_images=max_images, arch=arch)
     _console().print(to_terminal(report))
     for report_path in reports:
         report.write(report_path)
@@ -356,13 +368,13 @@ def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
     Export formats need their own packages (ONNX: `pip install 'surgeon[export]'`).
     """
     from surgeon.finetune import load_yolo
-    from surgeon.modules.ds_conv import DSConv2d
+    from surgeon.registry import op_classes
     from surgeon.rewrite import fold_modules
 
     yolo = load_yolo(checkpoint, trust=trust)
-    folded = fold_modules(yolo.model, (DSConv2d,))
+    folded = fold_modules(yolo.model, tuple(c for c, spec in op_classes().items() if spec.export_fold))
     if folded:
-        click.echo(f"folded {folded} DSConv layers into plain convolutions")
+        click.echo(f"folded {folded} layers (DSConv and others declared export_fold) into plain convolutions")
     try:
         exported = yolo.export(format=fmt, imgsz=imgsz, batch=batch)
     except ModuleNotFoundError as error:  # Ultralytics would pip-install it; surgeon keeps it offline

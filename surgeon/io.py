@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import importlib
 import os
 import pickle
 import re
@@ -208,17 +207,6 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-def _resolve_arch(arch: Callable[[], nn.Module] | str) -> nn.Module:
-    if isinstance(arch, str):
-        module_name, _, attr = arch.rpartition(".")
-        try:
-            arch = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError):
-            raise CheckpointError(f"architecture {arch!r} not found (give a dotted path such as "
-                                  "'torchvision.models.resnet18')") from None
-    return arch()
-
-
 def read_checkpoint(path: str | os.PathLike, *, trust: bool = False):
     """The object a checkpoint file holds (usually a dict), read as `load` reads it: safely unless `trust`.
 
@@ -263,6 +251,12 @@ def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
         return Loaded(obj.float().eval(), "module", path, digest)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model or checkpoint dict")
+    from surgeon.replay import is_state_dict_file, rebuild
+
+    if is_state_dict_file(obj):  # surgeon's portable form: architecture + recipe + state dict
+        model = rebuild(obj, path, arch)
+        named = obj.get("arch") if arch is None else (arch if isinstance(arch, str) else None)
+        return Loaded(model.float().eval(), "state_dict", path, digest, {"surgeon": obj["recipe"], "arch": named})
     model = obj.get("ema") if isinstance(obj.get("ema"), nn.Module) else obj.get("model")
     if isinstance(model, nn.Module):
         from surgeon.classic import ClassicDetectionModel
@@ -277,13 +271,16 @@ def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
         if arch is None:
             raise CheckpointError(f"{path}: holds a state dict but no model; load it from Python with "
                                   "surgeon.load(path, arch=...) naming the architecture")
-        model = _resolve_arch(arch)
+        from surgeon.arch import build
+
+        model = build(arch, from_file=False)
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
             detail = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise CheckpointError(f"{path}: state dict does not fit {type(model).__name__}: {detail[-1]}") from None
-        return Loaded(model.float().eval(), "state_dict", path, digest)
+        named = arch if isinstance(arch, str) else None
+        return Loaded(model.float().eval(), "state_dict", path, digest, {"arch": named})
     keys = ", ".join(k if isinstance(k, str) else type(k).__name__ for k in list(obj)[:8])
     raise CheckpointError(f"{path}: checkpoint holds no model (keys: {keys})")
 

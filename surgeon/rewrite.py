@@ -204,6 +204,8 @@ def _insert(model: nn.Module, match: Match, registry: Registry,
 
 
 def _final_paths(model: nn.Module, placed: list[tuple[nn.Module, Inserted]]) -> list[Inserted]:
+    if not placed:
+        return []
     index = {id(m): i for i, m in enumerate(model.model)}
     records = [dataclasses.replace(record, path=f"model.{index[id(module)]}") for module, record in placed]
     return sorted(records, key=lambda r: int(r.path.split(".")[1]))

@@ -63,7 +63,9 @@ class Selector:
         layers: Top-level layer indices, as (first, last) inclusive ranges.
         path: Module path patterns: shell globs, or regular expressions written ``re:...``
             (matched against the block path and the convolution path).
-        type: Class names of the block (``Conv``, ``DWConv``, ``Conv2d``, ...).
+        type: Class names of the block (``Conv``, ``DWConv``, ``Conv2d``, ...); in models without an Ultralytics
+            layer list, ``Conv`` also names any conv -> norm [-> act] chain and ``DWConv`` a depthwise one
+            (`surgeon.blocks.ConvBlock.aliases`).
         kernel: Square kernel sizes.
         stride: Strides (square).
         groups: Group counts.
@@ -106,7 +108,7 @@ class Selector:
             self.region is None or block.region in self.region,
             self.layers is None or (block.layer is not None and any(a <= block.layer <= b for a, b in self.layers)),
             self.path is None or any(_path_matches(p, block) for p in self.path),
-            self.type is None or block.type in self.type,
+            self.type is None or block.type in self.type or bool(set(block.aliases) & set(self.type)),
             self.kernel is None or (block.kernel[0] == block.kernel[1] and block.kernel[0] in self.kernel),
             self.stride is None or (block.stride[0] == block.stride[1] and block.stride[0] in self.stride),
             self.groups is None or block.groups in self.groups,

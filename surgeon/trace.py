@@ -17,6 +17,10 @@ import torch
 from torch import fx, nn
 
 from surgeon.errors import TraceError
+from surgeon.registry import is_replacement_op
+
+LEAF_BASES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+              nn.Hardswish, nn.GELU, nn.Mish, nn.ELU, nn.PReLU, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
 
 # Retries are bounded: each one turns one more untraceable module into a leaf.
 _MAX_LEAF_ROUNDS = 64
@@ -71,7 +75,11 @@ class SurgeonTracer(fx.Tracer):
         # Replacement ops pick their computation per input (batch size, kernel), so they stay opaque.
         if module_qualified_name in self.leaves or isinstance(m, self.leaf_types):
             return True
-        if type(m).__module__.startswith("surgeon.modules."):
+        if is_replacement_op(m):
+            return True
+        # Norms and activations subclassed outside torch.nn (timm's BatchNormAct2d, torchvision's LayerNorm2d)
+        # would otherwise be traced into functional calls, and the conv before them would lose its block.
+        if isinstance(m, LEAF_BASES):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -90,7 +90,7 @@ def test_nothing_to_calibrate_is_a_clear_error(checkpoint_factory, tmp_path):
     result = CliRunner().invoke(main, ["apply", source, "--rule", "dyn_head", "--calibrate", "2", "-o", str(out),
                                        "--imgsz", str(IMGSZ)])
     assert result.exit_code != 0
-    assert "calibrate refits dwsep and dwconv replacements only" in result.output
+    assert "calibrate refits replacements that declare a refit" in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
 

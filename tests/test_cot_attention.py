@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from helpers import randomise_bn
 from torch.testing import assert_close
 
-from surgeon.modules.cot_attention import INSERTIONS, CoTAttention, ZeroGate, cot_attention
-from surgeon.registry import Registry
+from surgeon.modules.cot_attention import CoTAttention, ZeroGate, cot_attention
+from surgeon.registry import declared
 
 
 def reference_cot(module: CoTAttention, x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +156,6 @@ def test_deterministic_under_seed_and_leaves_global_rng_alone():
 
 
 def test_insertions_register():
-    registry = Registry("insertion")
-    for name, factory, description in INSERTIONS:
-        registry.register(name, factory, description)
-    entry = registry.get("cot_attention")
-    assert entry.factory is cot_attention
+    entry = declared().get("cot_attention")
+    assert entry.factory is cot_attention and entry.kind == "insert"
     assert entry.defaults() == {"kernel_size": 3, "init": "zero_gate", "seed": 0}

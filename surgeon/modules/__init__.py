@@ -23,25 +23,17 @@ Ops that can become an ordinary convolution again define ``fold() -> nn.Conv2d``
 An insertion factory has the signature ``factory(channels: int, **args) -> nn.Module`` and returns
 a module mapping a ``(B, channels, H, W)`` tensor to one of the same shape; rules put it after (or
 before) matched layers. Identity-preserving initialisation is the default where the module has one.
+
+Each module declares its replacements with `surgeon.registry.replacement` (insertions with
+`surgeon.registry.insertion`), as a replacement written outside the package does.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from surgeon.registry import Registry
-
-# Each module lists (name, factory, description) tuples in its REPLACEMENTS and/or INSERTIONS.
-_BUILTIN_MODULES = ("plain_conv", "dw_conv", "ds_conv", "cot_attention", "dynamic_conv")
+from surgeon.modules import cot_attention, ds_conv, dw_conv, dynamic_conv, plain_conv  # noqa: F401 - declare
+from surgeon.registry import Registry, declared
 
 
 def builtin_replacements() -> Registry:
-    """A fresh registry holding every built-in replacement."""
-    registry = Registry("module")
-    for module_name in _BUILTIN_MODULES:
-        module = importlib.import_module(f"surgeon.modules.{module_name}")
-        for name, factory, description in getattr(module, "REPLACEMENTS", ()):
-            registry.register(name, factory, description, "replace")
-        for name, factory, description in getattr(module, "INSERTIONS", ()):
-            registry.register(name, factory, description, "insert")
-    return registry
+    """A fresh registry holding every declared replacement: the built-ins and any imported from outside."""
+    return declared()

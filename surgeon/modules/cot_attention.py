@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgeon.registry import insertion
+
 _KEY_GROUPS = 4  # grouped k x k key convolution, as in the paper's CoT block
 _ATTENTION_FACTOR = 4  # channel reduction of the attention embedding
 
@@ -128,6 +130,6 @@ def cot_attention(channels: int, *, kernel_size: int = 3, init: str = "zero_gate
     return ZeroGate(body, channels) if init == "zero_gate" else body
 
 
-INSERTIONS = [
-    ("cot_attention", cot_attention, "Contextual Transformer attention, zero-gated (init: plain inserts it bare)"),
-]
+insertion("cot_attention", builds=(ZeroGate, CoTAttention),
+          description="Contextual Transformer attention, zero-gated (init: plain inserts it bare)")(
+    cot_attention)

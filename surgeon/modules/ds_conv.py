@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from surgeon.init.factorise import relative_error
 from surgeon.init.quantise import dequantise, integer_range, pack_nibbles, quantise_kernel, unpack_nibbles
 from surgeon.modules.plain_conv import stock_conv
+from surgeon.registry import replacement
 
 
 class DSConv2d(nn.Module):
@@ -223,6 +224,8 @@ def dsconv(
     return op
 
 
-REPLACEMENTS = [
-    ("dsconv", dsconv, "DSConv: b-bit integer kernel with trainable kernel and channel distribution shifts"),
-]
+# export_fold: the integer kernel and its shifts are one ordinary convolution at inference; setstate: fills in
+# the kernel_unit buffer of checkpoints written before it existed.
+replacement("dsconv", builds=DSConv2d, export_fold=True, setstate=True,
+            description="DSConv: b-bit integer kernel with trainable kernel and channel distribution shifts")(
+    dsconv)

@@ -30,6 +30,7 @@ from surgeon.init.factorise import (
     tap_factors,
 )
 from surgeon.modules.plain_conv import stock_conv
+from surgeon.registry import replacement
 
 
 class GroupedConv2d(nn.Conv2d):
@@ -46,6 +47,11 @@ class GroupedConv2d(nn.Conv2d):
 
     original_groups: int = 1
     init_error: float | None = None
+
+    @property
+    def refittable(self) -> bool:
+        """Whether calibration can refit it (its patches are zero-padded unfolds)."""
+        return not isinstance(self.padding, str) and self.padding_mode == "zeros"
 
     def fold(self) -> nn.Conv2d:
         """The same convolution as a stock ``nn.Conv2d``."""
@@ -422,7 +428,13 @@ def refine_grouped(op: GroupedConv2d, pairs: Iterable[tuple[Tensor, Tensor]], or
     return math.sqrt(max(float(best), 0.0) / float(energy))
 
 
-REPLACEMENTS = [
-    ("dwconv", dwconv, "grouped convolution, groups = gcd(c_in, c_out), from the original's block-diagonal part"),
-    ("dwsep", dwsep, "depthwise k x k + pointwise 1 x 1, from the best rank-r factorisation per input channel"),
-]
+def _refit_pointwise(op: DepthwiseSeparableConv2d, pairs, original: nn.Conv2d, ridge: float | None = None) -> float:
+    return refine_pointwise(op, [], original, ridge=ridge, pairs=pairs)
+
+
+replacement("dwconv", builds=GroupedConv2d, refit=refine_grouped,
+            description="grouped convolution, groups = gcd(c_in, c_out), from the original's block-diagonal part")(
+    dwconv)
+replacement("dwsep", builds=DepthwiseSeparableConv2d, refit=_refit_pointwise,
+            description="depthwise k x k + pointwise 1 x 1, from the best rank-r factorisation per input channel")(
+    dwsep)

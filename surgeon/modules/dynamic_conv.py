@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from surgeon.init.upcycle import antithetic_pairs, upcycle
+from surgeon.registry import replacement
 
 PATHS = ("auto", "single", "bmm", "grouped", "ksum")
 
@@ -574,7 +575,9 @@ def anneal_temperature(
     return temperature
 
 
-REPLACEMENTS = [
-    ("dynamic_conv", dynamic_conv, "dynamic convolution: softmax attention over K kernels upcycled from the original"),
-    ("condconv", condconv, "CondConv: sigmoid-gated mix of K kernels upcycled from the original (ParameterNet)"),
-]
+replacement("dynamic_conv", builds=DynamicConv2d,
+            description="dynamic convolution: softmax attention over K kernels upcycled from the original")(
+    dynamic_conv)
+replacement("condconv", builds=CondConv2d,
+            description="CondConv: sigmoid-gated mix of K kernels upcycled from the original (ParameterNet)")(
+    condconv)

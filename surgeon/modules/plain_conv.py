@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from surgeon.registry import replacement
+
 
 def stock_conv(geometry: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
     """A stock ``nn.Conv2d`` holding `weight` and `bias`, with the geometry of `geometry`.
@@ -64,4 +66,6 @@ def plain_conv(conv: nn.Conv2d, init: str = "copy", seed: int = 0) -> PlainConv2
     return op
 
 
-REPLACEMENTS = [("plain_conv", plain_conv, "the same convolution, copied (or re-initialised with init: random)")]
+replacement("plain_conv", builds=PlainConv2d,
+            description="the same convolution, copied (or re-initialised with init: random)")(
+    plain_conv)

@@ -1,0 +1,124 @@
+"""Rebuild a rewritten model from (architecture, recipe, state dict), as adapters are rebuilt from a base model.
+
+Every checkpoint surgeon writes records its surgery (``checkpoint["surgeon"]``): the rules with every argument
+resolved, the convolutions they replaced and the layers they inserted, and the recipe of any earlier surgery
+of the same model (``previous``). `replay` applies those rules again to a freshly built original and checks
+they select exactly what they selected then, so the rewritten model's ``load_state_dict`` fits key for key.
+Calibration and training are not replayed: what they changed is in the state dict.
+
+`save_state_dict` writes the portable form, ``{"state_dict", "recipe", "arch"}``: plain tensors and data,
+which the safe loader (and ``torch.load(weights_only=True)``) reads anywhere; ``surgeon.load`` rebuilds the
+model from it (`surgeon.arch` says which architectures a file may name).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgeon.errors import CheckpointError, SurgeonError, SurgeryError
+from surgeon.registry import Registry
+
+FORMAT = "surgeon.state_dict/1"
+
+
+def _steps(recipe: dict) -> list[dict]:
+    """The recipe and the ones before it, oldest first."""
+    steps, step = [], recipe
+    while isinstance(step, dict):
+        steps.append(step)
+        step = step.get("previous")
+        if len(steps) > 64:
+            raise SurgeryError("the recipe chains more than 64 surgeries")
+    return steps[::-1]
+
+
+def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None,
+           registry: Registry | None = None) -> nn.Module:
+    """Apply the surgery `recipe` records to `model`, a freshly built original; return the rewritten model.
+
+    Args:
+        model: The original architecture (not modified), e.g. ``torchvision.models.resnet18()`` or a model built
+            from the same YAML.
+        recipe: ``checkpoint["surgeon"]`` of a saved rewritten model (or an ``ApplyResult.recipe()``).
+        state_dict: Load these weights into the result, strictly (every key must fit).
+        registry: Where the rules' modules are declared (default: every declared one; import a user replacement's
+            module before replaying a recipe that uses it).
+
+    Raises:
+        SurgeryError: The recipe is malformed, or its rules select other blocks on `model` than they did.
+    """
+    from surgeon.api import apply
+    from surgeon.modules import builtin_replacements
+    from surgeon.rewrite import Inserted, Replaced
+    from surgeon.rules import parse_rule
+
+    registry = registry or builtin_replacements()
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("rules"), list):
+        raise SurgeryError("not a surgeon recipe (a dict with 'rules'; checkpoints keep it under 'surgeon')")
+    current = model
+    for number, step in enumerate(_steps(recipe), 1):
+        rules = [parse_rule(data, f"recipe step {number}: rule {data.get('name') if isinstance(data, dict) else ''}",
+                            registry) for data in step.get("rules", [])]
+        imgsz = step.get("imgsz", 640)
+        result = apply(current, rules, imgsz=imgsz, check_imgsz=min(imgsz, 256), registry=registry)
+        replaced = [r.conv for r in result.replaced if isinstance(r, Replaced)]
+        inserted = [{"path": r.path, "after" if r.position == "after" else "before": r.target}
+                    for r in result.replaced if isinstance(r, Inserted)]
+        if replaced != list(step.get("replaced", [])) or inserted != list(step.get("inserted", [])):
+            missing = sorted(set(step.get("replaced", [])) - set(replaced))
+            extra = sorted(set(replaced) - set(step.get("replaced", [])))
+            detail = f"; not selected now: {missing[:3]}" if missing else ""
+            detail += f"; selected now only: {extra[:3]}" if extra else ""
+            raise SurgeryError(f"recipe step {number} selects other blocks on this model than it did when it was "
+                               f"recorded (is it the same architecture?){detail}")
+        current = result.model
+    if state_dict is not None:
+        try:
+            current.load_state_dict(state_dict)
+        except RuntimeError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise SurgeryError(f"the state dict does not fit the replayed model: {lines[-1][:300]}") from None
+    return current.eval()
+
+
+def state_dict_file(model: nn.Module, recipe: dict, arch=None) -> dict:
+    """The portable form of a rewritten model: ``{"format", "state_dict", "recipe", "arch"}``."""
+    from surgeon.arch import describe
+
+    return {"format": FORMAT, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "recipe": recipe, "arch": describe(model, arch)}
+
+
+def is_state_dict_file(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("state_dict"), dict)
+
+
+def rebuild(obj: dict, path: Path, arch=None) -> nn.Module:
+    """The rewritten model a `state_dict_file` holds: its architecture built (from `arch` if given, else from what
+    the file names, safe forms only), its recipe replayed, its state dict loaded."""
+    from surgeon.arch import build
+
+    recipe, named = obj.get("recipe"), obj.get("arch")
+    if arch is None and named is None:
+        raise CheckpointError(f"{path}: records no architecture; load it with surgeon.load(path, arch=...) or "
+                              "--arch naming the original model")
+    original = build(arch, from_file=False) if arch is not None else build(named)
+    if not isinstance(recipe, dict) or not recipe.get("rules"):
+        raise CheckpointError(f"{path}: state-dict file without a surgery recipe")
+    try:
+        return replay(original, recipe, state_dict=obj["state_dict"])
+    except SurgeonError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def save_state_dict(model: nn.Module, recipe: dict, path: str | os.PathLike, arch=None) -> Path:
+    """Write `state_dict_file(...)` to `path` atomically."""
+    from surgeon.io import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state_dict_file(model, recipe, arch), tmp)
+    return Path(path)
