@@ -19,10 +19,12 @@ from surgeon.errors import (  # noqa: E402
     UnsafeCheckpointError,
 )
 from surgeon.io import load  # noqa: E402
+from surgeon.registry import insertion, replacement  # noqa: E402
+from surgeon.replay import replay  # noqa: E402
 
 install_when_ultralytics_loads()  # YOLO(rewritten).train() and `yolo train` keep the surgery
 
 __all__ = [
     "CheckpointError", "NoMatchError", "RuleError", "SurgeonError", "SurgeryError", "TraceError",
-    "UnsafeCheckpointError", "apply", "diff", "inspect", "load",
+    "UnsafeCheckpointError", "apply", "diff", "inspect", "insertion", "load", "replacement", "replay",
 ]

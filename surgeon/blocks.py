@@ -15,12 +15,14 @@ import networkx as nx
 import torch
 from networkx.algorithms import isomorphism
 from torch import fx, nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from surgeon.registry import is_replacement_op
 from surgeon.trace import Traced
 
-# LayerNorm: torchvision's LayerNorm2d (ConvNeXt) subclasses it to normalise over channels.
-NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
+# LayerNorm: torchvision's LayerNorm2d (ConvNeXt) subclasses it to normalise over channels; FrozenBatchNorm2d:
+# torchvision's detection backbones.
+NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, FrozenBatchNorm2d)
 ACT_TYPES = (
     nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.GELU, nn.Mish, nn.ELU, nn.PReLU,
     nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Identity,

@@ -25,9 +25,16 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="surgeon")
-def main():
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
+              help="Import your own replacements from FILE.py first (see surgeon.registry; repeatable).")
+def main(plugins):
     """Model surgery for trained YOLO detectors."""
     offline_ultralytics()
+    if plugins:
+        from surgeon.registry import load_plugin
+
+        for plugin in plugins:
+            load_plugin(plugin)
 
 
 class _CalibrationSource(click.ParamType):

@@ -164,9 +164,13 @@ def _torch_load(path: Path, reader):
         with _without_forced_weights_only():
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=reader)
     except RefusedPickle as error:
+        hint = ""
+        if "refused to load class" in str(error) and not str(error).split("class ", 1)[1].startswith(
+                ("torch.", "ultralytics.", "surgeon.", "models.", "numpy.", "builtins.", "collections.")):
+            hint = " (if it is a replacement of your own, import its file first: --plugin FILE.py)"
         raise UnsafeCheckpointError(
-            f"{path}: {error}; nothing in the file was run. Load it with --trust (trust=True) only if you trust "
-            "where the file came from") from None
+            f"{path}: {error}{hint}; nothing in the file was run. Load it with --trust (trust=True) only if you "
+            "trust where the file came from") from None
 
 
 @contextlib.contextmanager

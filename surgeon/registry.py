@@ -30,10 +30,14 @@ building instances of other classes) names those classes in ``builds``.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
 import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -223,6 +227,36 @@ def op_spec(module: nn.Module) -> OpClass | None:
 def is_replacement_op(module: nn.Module) -> bool:
     """Whether `module` is a declared replacement op (a leaf for tracing, skipped by rules)."""
     return op_spec(module) is not None
+
+
+def load_plugin(path: str | os.PathLike) -> types.ModuleType:
+    """Import a Python file of your own replacements (``--plugin FILE``) under its file name, as ``import NAME``
+    with its folder on ``sys.path`` would; its declarations register as it runs.
+
+    The file is code you chose to run; checkpoints never name one. A checkpoint pickles the classes as
+    ``NAME.Class``, so a later process reloads it after importing the same file (``--plugin`` again, or
+    ``import NAME``).
+    """
+    path = Path(path)
+    if path.suffix != ".py" or not path.is_file():
+        raise RuleError(f"{path}: a plugin is a Python file (.py) of replacements")
+    name = path.stem
+    if not name.isidentifier():
+        raise RuleError(f"{path}: a plugin's file name must be a Python identifier (it is imported as one)")
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
+            return loaded
+        raise RuleError(f"{path}: a module named {name!r} is already imported from elsewhere; rename the file")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def version() -> int:

@@ -1,0 +1,191 @@
+"""Any CNN through the API and the CLI: torchvision and timm classifiers and backbones, not only YOLO."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.testing import assert_close
+
+import surgeon
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.rewrite import Replaced
+from surgeon.zoo import calibrate_batchnorm
+
+timm = pytest.importorskip("timm")  # a test dependency (extra `test`); the API needs it only for timm models
+
+IMGSZ = 64
+
+
+def _calibrated(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm statistics of real activations (random init leaves the deep layers of some nets near zero)."""
+    torch.manual_seed(seed)
+    calibrate_batchnorm(model, torch.rand(8, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+def _conv_bn_pairs(model: nn.Module) -> int:
+    """Convolutions directly followed by a BatchNorm, counted from the module tree (the architectures' own
+    layout: torchvision's conv/bn attribute pairs and Conv2dNormActivation, timm's conv -> BatchNormAct2d)."""
+    count = 0
+    for module in model.modules():
+        children = list(module.named_children())
+        for (_, a), (_, b) in zip(children, children[1:]):
+            count += isinstance(a, nn.Conv2d) and isinstance(b, nn.modules.batchnorm._BatchNorm)
+    return count
+
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
+    "efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
+    "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dyn_all_preserves_the_output_and_trains_a_step(name):
+    model = _calibrated(MODELS[name]())
+    x = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(x)
+    assert reference.std() > 1e-2  # realistic activations, not a net of zeros
+
+    result = surgeon.apply(model, "dyn_all", imgsz=IMGSZ)
+    replaced = [r for r in result.replaced if isinstance(r, Replaced)]
+    assert len(replaced) == _conv_bn_pairs(model) > 10
+    assert {r.new_type for r in replaced} == {"DynamicConv2d"}
+    with torch.no_grad():
+        out = result.model.eval()(x)
+    assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert result.report.output_check["max_rel"] < 1e-4
+
+    rewritten = result.model.train()
+    optimiser = torch.optim.SGD(rewritten.parameters(), lr=0.01)
+    targets = torch.tensor([3, 7])
+    before = {n: p.detach().clone() for n, p in rewritten.named_parameters()}
+    loss = nn.functional.cross_entropy(rewritten(x), targets)
+    loss.backward()
+    optimiser.step()
+    assert torch.isfinite(loss)
+    ops = [result.model.get_submodule(r.conv) for r in replaced]
+    moved = [any(not torch.equal(p, before[f"{r.conv}.{n}"]) for n, p in op.named_parameters())
+             for r, op in zip(replaced, ops)]
+    assert sum(moved) >= 0.9 * len(moved)  # the loss reaches the rewritten layers (and routers) of the net
+
+
+def test_lossy_rules_select_the_equivalent_blocks_of_a_resnet():
+    model = _calibrated(torchvision.models.resnet18())
+    three_by_three = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    dwsep = surgeon.apply(model, "dwsep_all", imgsz=IMGSZ)
+    assert len(dwsep.replaced) == three_by_three == 16
+    ds4 = surgeon.apply(model, "ds4_all", imgsz=IMGSZ)
+    assert len(ds4.replaced) == sum(1 for m in model.modules() if isinstance(m, nn.Conv2d)) == 20
+
+
+def test_depthwise_conv_norm_chains_are_dwconv_blocks(tmp_path):
+    model = _calibrated(torchvision.models.mobilenet_v3_small())
+    rule = tmp_path / "dw.yaml"
+    rule.write_text("name: dw\nselect: {type: DWConv}\nreplace: {with: plain_conv}\n")
+    result = surgeon.apply(model, str(rule), imgsz=IMGSZ)
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(result.replaced) == len(depthwise) == 11
+
+
+def test_path_and_layer_selectors_use_module_paths(tmp_path):
+    model = _calibrated(torchvision.models.resnet18())
+    by_path = tmp_path / "p.yaml"
+    by_path.write_text("name: p\nselect: {path: 'layer2.*', kernel: 3}\nreplace: {with: dynamic_conv}\n")
+    result = surgeon.apply(model, str(by_path), imgsz=IMGSZ)
+    assert sorted(r.conv for r in result.replaced) == [
+        "layer2.0.conv1", "layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2"]
+    # layers: index of the top-level child (conv1, bn1, relu, maxpool, layer1 = 4, layer2 = 5, ...)
+    by_layer = tmp_path / "l.yaml"
+    by_layer.write_text("name: l\nselect: {layers: [4]}\nreplace: {with: dynamic_conv}\n")
+    result = surgeon.apply(model, str(by_layer), imgsz=IMGSZ)
+    assert {r.conv.split(".")[0] for r in result.replaced} == {"layer1"} and len(result.replaced) == 4
+
+
+@pytest.mark.parametrize("kind", ["timm_features", "fpn_dict"])
+def test_backbones_with_list_and_dict_outputs(kind):
+    if kind == "timm_features":
+        model = timm.create_model("resnet18", features_only=True, out_indices=(2, 3, 4))
+    else:
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        model = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    model = _calibrated(model)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        reference = model(x)
+    result = surgeon.apply(model, "dyn_all", imgsz=IMGSZ)
+    with torch.no_grad():
+        out = result.model.eval()(x)
+    pairs = list(zip(reference.values(), out.values())) if isinstance(reference, dict) else list(zip(reference, out))
+    assert len(pairs) == 3 if kind == "timm_features" else len(pairs) == 5
+    for a, b in pairs:
+        assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert result.report.output_check["max_rel"] < 1e-4
+
+
+def _surgeon(*args, cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("surgeon")
+    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_apply_a_torchvision_state_dict_with_arch(tmp_path):
+    model = _calibrated(torchvision.models.resnet18())
+    torch.save(model.state_dict(), tmp_path / "resnet18.pth")
+    done = _surgeon("apply", "resnet18.pth", "--arch", "torchvision.models.resnet18", "--rule", "dyn_all",
+                    "--imgsz", str(IMGSZ), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "resnet18-dyn_all.pt"
+    assert f"wrote {out.name}" in done.stdout or "wrote" in done.stdout
+    saved = torch.load(out, weights_only=True)  # plain data: torch's own restricted loader reads it
+    assert saved["arch"] == "torchvision.models.resnet18" and saved["recipe"]["rules"][0]["name"] == "dyn_all"
+    rebuilt = surgeon.load(out).model  # architecture from the file's name, recipe replayed, weights loaded
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        assert_close(rebuilt(x), model(x), rtol=1e-4, atol=1e-4)
+    inspected = _surgeon("inspect", out.name, "--imgsz", str(IMGSZ), cwd=tmp_path)
+    assert inspected.returncode == 0, inspected.stderr
+    assert inspected.stdout.count("DynamicConv2d") + inspected.stdout.count("rewritten") > 0
+
+
+def test_cli_timm_name_and_a_missing_arch(tmp_path):
+    model = _calibrated(timm.create_model("efficientnet_b0"))
+    torch.save(model.state_dict(), tmp_path / "effb0.pth")
+    missing = _surgeon("apply", "effb0.pth", "--rule", "dyn_all", "--imgsz", str(IMGSZ), cwd=tmp_path)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "state dict" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    done = _surgeon("apply", "effb0.pth", "--arch", "timm:efficientnet_b0", "--rule", "dwsep_all",
+                    "--imgsz", str(IMGSZ), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert torch.load(tmp_path / "effb0-dwsep_all.pt", weights_only=True)["arch"] == "timm:efficientnet_b0"
+
+
+@pytest.mark.parametrize("arch", ["os.system", "builtins.eval", "torchvision.models.resnet18.__globals__",
+                                  "timm:../../etc", {"ultralytics": {"backbone": [[-1, 1, "attempt_load_weights",
+                                                                                   ["x.pt"]]], "head": []}}])
+def test_a_file_never_chooses_the_code_that_builds_it(tmp_path, arch):
+    model = torchvision.models.resnet18()
+    result = surgeon.apply(model, "dyn_all", imgsz=IMGSZ, arch="torchvision.models.resnet18")
+    path = result.save(tmp_path / "ok.pt")
+    saved = torch.load(path, weights_only=True)
+    saved["arch"] = arch
+    torch.save(saved, tmp_path / "crafted.pt")
+    with pytest.raises(CheckpointError, match="builds only from|not an Ultralytics|no model named"):
+        surgeon.load(tmp_path / "crafted.pt")
+    done = _surgeon("inspect", "crafted.pt", "--imgsz", str(IMGSZ), cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr and done.stderr.startswith("error: ")
+
+
+def test_an_unknown_arch_from_the_user_is_one_line(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r.pth")
+    with pytest.raises(SurgeonError, match="not found"):
+        surgeon.load(tmp_path / "r.pth", arch="torchvision.models.no_such_net")
