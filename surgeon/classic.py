@@ -135,7 +135,7 @@ class ClassicDetectionModel(nn.Module):
         super().__setstate__(state)
         _update_legacy_state(self)  # pickle builds the layers before the model, so they are complete here
 
-    criterion = None  # Ultralytics' trainer looks for one; the classic loss is `loss`
+    criterion = None  # a run's own loss (``criterion(preds, batch)``, e.g. surgeon.distill's); None: the classic loss
 
     def forward(self, x: torch.Tensor | dict, *args, **kwargs) -> Any:
         """What the classic model returns: ``(predictions, maps)`` in eval, the per-level maps in training.
@@ -148,19 +148,27 @@ class ClassicDetectionModel(nn.Module):
         return self.predict(x)
 
     def loss(self, batch: dict, preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The classic anchor-based loss (`surgeon.classic_loss`) of an Ultralytics batch.
+        """The loss of an Ultralytics batch: the model's ``criterion`` where a run set one (as Ultralytics' models
+        use theirs), else the classic anchor-based loss (`supervised_loss`).
 
         Args:
             batch: ``img``, and the targets as ``batch_idx``, ``cls`` and normalised xywh ``bboxes``.
             preds: The model's output on ``batch["img"]`` if already computed (training or eval form).
 
         Returns:
-            The loss to back-propagate (times the batch size) and its box/obj/cls parts, as Ultralytics' losses do.
+            The loss to back-propagate (times the batch size) and its parts, as Ultralytics' losses do.
         """
-        from surgeon.classic_loss import ClassicHyp, classic_loss
-
         if preds is None:
             preds = self.predict(batch["img"])
+        if self.criterion is not None:
+            return self.criterion(preds, batch)
+        return self.supervised_loss(batch, preds)
+
+    def supervised_loss(self, batch: dict, preds: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The classic anchor-based loss (`surgeon.classic_loss`) of `preds` against the batch's targets, with the
+        gains in ``hyp``; returns the total (times the batch size) and its box/obj/cls parts."""
+        from surgeon.classic_loss import ClassicHyp, classic_loss
+
         maps = preds[1] if isinstance(preds, tuple) else preds
         head = self.model[-1]
         targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"].view(-1, 4)),

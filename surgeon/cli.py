@@ -324,21 +324,27 @@ def _train_args(options: dict, extra) -> dict:
               help="A labelled dataset YAML instead: adds the supervised loss.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Temperature of the box-distribution distillation.")
+@click.option("--features", is_flag=True, help="Also match the teacher's outputs at the rewritten layers.")
+@click.option("--feature-weight", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Weight of the feature term (with --features).")
 @_trainer_options
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the files).")
 @click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[KEY=VALUE]...")
-def distill_cmd(student: Path, teacher: Path, images, data, temperature, trust, quiet, extra, **options):
+def distill_cmd(student: Path, teacher: Path, images, data, temperature, features, feature_weight, trust, quiet, extra,
+                **options):
     """Train a rewritten STUDENT to reproduce its original (--teacher) on your images, without labels.
 
     The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints; one device); the loss is
     the teacher's class scores (soft labels) and box distributions (localisation distillation) on each
-    augmented batch. Prints how many of the teacher's detections the result reproduces on the images.
+    augmented batch; for classic YOLOv5 checkpoints its objectness, and its class scores and boxes weighted by it.
+    --features adds the teacher's outputs at the layers the surgery rewrote. Prints how many of the teacher's
+    detections the result reproduces on the images.
     """
     from surgeon.distill import distill
 
-    result = distill(student, teacher, images=images, data=data, temperature=temperature, trust=trust, quiet=quiet,
-                     **_train_args(options, extra))
+    result = distill(student, teacher, images=images, data=data, temperature=temperature, features=features,
+                     feature_weight=feature_weight, trust=trust, quiet=quiet, **_train_args(options, extra))
     click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))
     if result.agreement:
         a = result.agreement

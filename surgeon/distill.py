@@ -17,10 +17,30 @@ dense head outputs on the very augmented batch the student sees:
   that only boxes the teacher believes in matter. Heads without DFL bins (``reg_max == 1``) use the weighted L1
   distance of the box regressions instead.
 
+Classic YOLOv5 heads (`surgeon.classic.ClassicDetect`: per anchor and cell raw ``x, y, w, h``, objectness and class
+logits, decoded through sigmoids) get the objectness-scaled distillation of Mehta & Ozturk ("Object detection at 200
+Frames Per Second", ECCV Workshops 2018, https://arxiv.org/abs/1805.06361), written for exactly this kind of
+anchor-based head with objectness: there, matching the teacher's classes and boxes at every cell drowns the student
+in the teacher's noise on background, so
+
+* **objectness**: binary cross-entropy of the student's objectness logits against the teacher's objectness
+  probabilities at every anchor and cell (in KL form, the teacher's own entropy subtracted, so its minimum is 0);
+* **classes**: the same soft-label BCE (KL) on the class scores, per cell the mean over classes, weighted by the
+  teacher's objectness and normalised by its sum;
+* **boxes**: the squared distance of the sigmoid box outputs (the quantities the head decodes: ``xy = 2 s - 0.5``
+  cells, ``wh = (2 s)^2`` anchors) weighted by the teacher's objectness the same way. The paper takes L2 on the raw
+  YOLOv2 regressions; through the sigmoid a teacher's saturated logit does not dominate the term.
+
 Feature imitation at intermediate layers (Ultralytics' own ``distill_model`` option) needs labels for its
 supervised half and a projector per level; matching outputs needs neither, and a rewritten model has the same
-layers as its teacher, so output matching is the default here. With ``data`` (a labelled dataset YAML) the
-supervised loss is added, so a user with labels gets both. End-to-end heads distil both branches.
+layers as its teacher, so output matching is the default here. ``features`` adds imitation at exactly the layers
+the surgery rewrote (the recipe's ``replaced`` paths), where the student's and the teacher's modules compute the
+same quantity with the same shape, so no projector is needed: the mean squared difference of the two outputs with
+every channel standardised by the teacher's spread over the batch (hint learning, FitNets, Romero et al. ICLR 2015,
+https://arxiv.org/abs/1412.6550; feature imitation for detectors, Wang et al. CVPR 2019,
+https://arxiv.org/abs/1906.03609, taken here over the whole map since the teacher rather than labels says where
+objects are). With ``data`` (a labelled dataset YAML) the supervised loss (Ultralytics', or the classic one of
+`surgeon.classic_loss`) is added, so a user with labels gets both. End-to-end heads distil both branches.
 
 Without labels, Ultralytics' validation has nothing to score: every epoch counts as best, so ``best.pt`` is the last
 epoch, and the run reports the agreement of the result with the teacher on the images instead
@@ -48,17 +68,93 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from surgeon.classic import ClassicDetect
 from surgeon.errors import SurgeonError
 
 TEMPERATURE = 2.0
 """LD's temperature on the DFL bins."""
+FEATURE_WEIGHT = 1.0
+"""Weight of the feature term. Wang et al. (CVPR 2019) weight their imitation loss 0.01 as a sum over channels per
+imitated position halved, about 1.3 per element on their 256-channel maps; the term here is a per-element mean of
+standardised features (about 2 for unrelated maps, 0 for equal ones), so the default is 1.0. That is on the scale of
+the classic head's output terms (about 1 per image on the test yolov5n); Ultralytics heads' output terms are far
+larger (about 44 per image for ``dwsep_all`` on the generated-shapes yolov8n of the tests), where 1.0 barely counts:
+there, 6 epochs on 8 images took the held-out output loss from 44.1 to 49.5 without features, 38.6 with weight 10
+and 35.1 with weight 50 (feature distance 1.24 to 1.45, 1.29 and 1.20)."""
 BN_IMAGES = 256
 """Images the BatchNorm statistics of the result are re-estimated on."""
 
 
-def _raw(preds: Any) -> dict:
-    """The raw head outputs (``{"boxes", "scores", ...}``, or ``{"one2many", "one2one"}``) of a forward pass."""
-    return preds[1] if isinstance(preds, (tuple, list)) and len(preds) == 2 and isinstance(preds[1], dict) else preds
+def _raw(preds: Any) -> dict | list[Tensor]:
+    """The raw head outputs of a forward pass, in training or eval form: ``{"boxes", "scores", ...}`` (or
+    ``{"one2many", "one2one"}``) for Ultralytics heads, the per-level maps for classic heads."""
+    if isinstance(preds, tuple) and len(preds) == 2 and isinstance(preds[1], (dict, list)):
+        return preds[1]
+    return preds
+
+
+class FeatureTaps:
+    """Forward hooks keeping the latest outputs of the modules at `paths` of `model` until `take` hands them over.
+
+    Used as a context manager, or removed with `remove`; the hooks hold this object only, so nothing of a run is
+    left on the model afterwards.
+
+    Raises:
+        SurgeonError: A path names no module of `model`.
+    """
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = []
+        for path in paths:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                self.remove()
+                raise SurgeonError(f"{type(model).__name__} has no layer {path!r} (rewritten in the student); is the "
+                                   "teacher the checkpoint the student was rewritten from?") from None
+            self._handles.append(module.register_forward_hook(self._keeper(path)))
+
+    def _keeper(self, path: str):
+        def keep(module, args, output):
+            self.outputs[path] = output
+        return keep
+
+    def take(self) -> dict[str, Tensor]:
+        """The outputs kept since the last call (empty if the model has not run since)."""
+        outputs, self.outputs = self.outputs, {}
+        return outputs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.outputs = [], {}
+
+    def __enter__(self) -> FeatureTaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def feature_loss(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
+    """Mean over layers of the mean squared difference of the outputs, each channel standardised by the teacher's
+    standard deviation over the batch and positions (FitNets-style hint loss without a projector).
+
+    Raises:
+        SurgeonError: A layer's student and teacher outputs differ in shape.
+    """
+    terms = []
+    for path, t in teacher.items():
+        s = student[path]
+        if s.shape != t.shape:
+            raise SurgeonError(f"layer {path!r} gives {tuple(s.shape)} in the student, {tuple(t.shape)} in the teacher")
+        s, t = s.float(), t.float()
+        dims = [d for d in range(t.dim()) if d != 1] if t.dim() > 1 else [0]
+        var = t.var(dim=dims, keepdim=True, correction=0)
+        var = var + 1e-3 * var.mean() + 1e-12  # channels the teacher keeps constant do not blow up
+        terms.append(((s - t) ** 2 / var).mean())
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 class DistillLoss:
@@ -72,15 +168,23 @@ class DistillLoss:
         student: The model being trained (for its head geometry and its own supervised criterion).
         supervised: Whether the batch carries labels whose loss is added.
         temperature: LD temperature.
-        cls_gain, box_gain: Weights of the two distillation terms.
+        cls_gain, box_gain, obj_gain: Weights of the distillation terms (objectness: classic heads only).
+        feature_weight: Weight of the feature term (0: none).
+        taps: `FeatureTaps` on the student's rewritten layers, filled by the forward pass that gave `preds`; the
+            feature term is 0 for a forward pass without them (the EMA copy's validation).
+        feature_paths: The layers `taps` covers, tapped on the teacher for each batch.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, supervised: bool = False,
-                 temperature: float = TEMPERATURE, cls_gain: float = 1.0, box_gain: float = 1.0):
+                 temperature: float = TEMPERATURE, cls_gain: float = 1.0, box_gain: float = 1.0,
+                 obj_gain: float = 1.0, feature_weight: float = 0.0, taps: FeatureTaps | None = None,
+                 feature_paths: list[str] = ()):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.supervised = supervised
-        self.temperature, self.cls_gain, self.box_gain = temperature, cls_gain, box_gain
+        self.temperature, self.cls_gain, self.box_gain, self.obj_gain = temperature, cls_gain, box_gain, obj_gain
+        self.feature_weight, self.taps, self.feature_paths = feature_weight, taps, list(feature_paths)
+        self.classic = isinstance(student.model[-1], ClassicDetect)
         self.reg_max = int(getattr(student.model[-1], "reg_max", 16))
         self._base = None
 
@@ -95,25 +199,52 @@ class DistillLoss:
         parameter = next(teacher.parameters())
         if parameter.device != images.device:
             teacher.to(images.device)
-        with torch.no_grad():
+        tapped = self.taps.take() if self.taps is not None else {}
+        with torch.no_grad(), FeatureTaps(teacher, self.feature_paths if tapped else []) as teacher_taps:
             target = _raw(teacher(images.to(next(teacher.parameters()).dtype)))
+            taught = teacher_taps.take()
         student = _raw(preds)
-        branches = ("one2many", "one2one") if "one2many" in student else (None,)
-        cls_loss = box_loss = images.new_zeros(())
-        for branch in branches:
-            s, t = (student, target) if branch is None else (student[branch], target[branch])
-            c, b = self._terms(s, t)
-            cls_loss, box_loss = cls_loss + c, box_loss + b
-        total = self.cls_gain * cls_loss + self.box_gain * box_loss
-        items = {"kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
+        if self.classic:
+            obj_loss, cls_loss, box_loss = self._classic_terms(student, target)
+            total = self.obj_gain * obj_loss + self.cls_gain * cls_loss + self.box_gain * box_loss
+            items = {"kd_obj": obj_loss.detach(), "kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
+        else:
+            branches = ("one2many", "one2one") if "one2many" in student else (None,)
+            cls_loss = box_loss = images.new_zeros(())
+            for branch in branches:
+                s, t = (student, target) if branch is None else (student[branch], target[branch])
+                c, b = self._terms(s, t)
+                cls_loss, box_loss = cls_loss + c, box_loss + b
+            total = self.cls_gain * cls_loss + self.box_gain * box_loss
+            items = {"kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
+        if self.feature_weight:
+            feature = feature_loss(tapped, taught).to(images.device) if tapped else images.new_zeros(())
+            total = total + self.feature_weight * feature
+            items["kd_feat"] = feature.detach()
         loss = total * images.shape[0]
         if self.supervised:
             if self._base is None:
-                self._base = self.student.init_criterion()
+                self._base = ((lambda p, b: self.student.supervised_loss(b, p)) if self.classic
+                              else self.student.init_criterion())
             supervised, supervised_items = self._base(preds, batch)
             loss = loss + supervised.sum()
             items.update(supervised_items)
         return loss, items
+
+    def _classic_terms(self, student: list[Tensor], target: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Objectness KL everywhere; class KL and box L2 weighted by the teacher's objectness (module docstring)."""
+        obj_sum = cls_sum = box_sum = weight_sum = 0.0
+        cells = 0
+        for s, t in zip(student, target):
+            s, t = s.float(), t.float()
+            t_obj = t[..., 4].sigmoid()
+            obj_sum = obj_sum + _bernoulli_kl(s[..., 4], t[..., 4]).sum()
+            cells += t_obj.numel()
+            cls_sum = cls_sum + (_bernoulli_kl(s[..., 5:], t[..., 5:]).mean(-1) * t_obj).sum()
+            box_sum = box_sum + ((s[..., :4].sigmoid() - t[..., :4].sigmoid()) ** 2).sum(-1).mul(t_obj).sum()
+            weight_sum = weight_sum + t_obj.sum()
+        weight_sum = weight_sum.clamp_min(1e-9)
+        return obj_sum / max(cells, 1), cls_sum / weight_sum, box_sum / weight_sum
 
     def _terms(self, s: dict, t: dict) -> tuple[Tensor, Tensor]:
         s_scores, t_scores = s["scores"].float(), t["scores"].float()
@@ -132,25 +263,34 @@ class DistillLoss:
         return cls_loss, box_loss
 
 
+def _bernoulli_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Elementwise KL(teacher || student) of sigmoid probabilities: soft-label BCE minus the teacher's entropy."""
+    probs = teacher_logits.sigmoid()
+    return (F.binary_cross_entropy_with_logits(student_logits, probs, reduction="none")
+            - F.binary_cross_entropy_with_logits(teacher_logits, probs, reduction="none"))
+
+
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a teacher whose head does not produce what the student's does.
 
     Raises:
-        SurgeonError: Other head type, class count, DFL bins, strides or end-to-end branches.
+        SurgeonError: Other head type, class count, DFL bins or anchors, strides or end-to-end branches.
     """
     from ultralytics.nn.modules.head import Detect
 
-    from surgeon.classic import ClassicDetect
-
     s, t = (m.model[-1] if isinstance(getattr(m, "model", None), nn.Sequential) and len(m.model) else m
             for m in (student, teacher))
-    if isinstance(s, ClassicDetect) or isinstance(t, ClassicDetect):
-        raise SurgeonError("distill covers Ultralytics Detect-family heads (YOLOv5u/v8/v9/v10/11/12/26, segment, pose, "
-                           "obb); classic YOLOv5 checkpoints: fine-tune with labels (surgeon finetune)")
-    if not isinstance(s, Detect) or not isinstance(t, Detect):
-        raise SurgeonError(f"distill needs Detect-family heads, not {type(s).__name__} (student) and "
-                           f"{type(t).__name__} (teacher)")
-    for name in ("nc", "reg_max"):
+    if isinstance(s, ClassicDetect) != isinstance(t, ClassicDetect):
+        raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is a classic YOLOv5 "
+                           "head, the other is not: distil from the checkpoint the student was rewritten from")
+    if isinstance(s, ClassicDetect):
+        if (s.nc, s.nl, s.na) != (t.nc, t.nl, t.na) or not torch.equal(s.anchors.float(), t.anchors.float()):
+            raise SurgeonError(f"student and teacher heads differ in classes, levels or anchors: nc {s.nc} vs {t.nc}, "
+                               f"{s.nl} vs {t.nl} levels of {s.na} vs {t.na} anchors")
+    elif not isinstance(s, Detect) or not isinstance(t, Detect):
+        raise SurgeonError(f"distill needs Detect-family or classic YOLOv5 heads, not {type(s).__name__} (student) "
+                           f"and {type(t).__name__} (teacher)")
+    for name in ("nc", "reg_max") if isinstance(s, Detect) else ():
         if getattr(s, name, None) != getattr(t, name, None):
             raise SurgeonError(f"student and teacher heads differ in {name}: {getattr(s, name, None)} vs "
                                f"{getattr(t, name, None)}")
@@ -211,8 +351,9 @@ class DistillResult:
 
 
 def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: str | os.PathLike | None = None,
-            data: str | os.PathLike | None = None, temperature: float = TEMPERATURE, trust: bool = False,
-            quiet: bool = False, **train_args: Any) -> DistillResult:
+            data: str | os.PathLike | None = None, temperature: float = TEMPERATURE, features: bool = False,
+            feature_weight: float = FEATURE_WEIGHT, trust: bool = False, quiet: bool = False,
+            **train_args: Any) -> DistillResult:
     """Train the rewritten `student` to reproduce `teacher` (the original) on images, without labels.
 
     Args:
@@ -221,13 +362,16 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         images: Unlabelled images: a folder (recursive) or a dataset YAML whose val images are used.
         data: A labelled dataset YAML instead: the supervised loss is added to the distillation.
         temperature: LD temperature on the DFL bins.
+        features: Add feature imitation at the layers the surgery rewrote (the student's recipe names them).
+        feature_weight: Weight of the feature term (`FEATURE_WEIGHT`).
         trust: Read both checkpoints without surgeon's allow-list (only for files you trust).
         quiet: Hide the trainer's output.
         **train_args: Ultralytics training arguments (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ...).
 
     Raises:
         CheckpointError: A checkpoint cannot be read.
-        SurgeonError: Neither or both of `images` and `data`, or a teacher that does not fit the student.
+        SurgeonError: Neither or both of `images` and `data`, a teacher that does not fit the student, or
+            `features` for a student whose recipe names no rewritten layer.
     """
     from surgeon.finetune import finetune
     from surgeon.io import load
@@ -239,6 +383,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         raise SurgeonError(f"{data}: no such dataset YAML")
     if temperature <= 0:
         raise SurgeonError(f"temperature must be positive, not {temperature}")
+    if features and not feature_weight > 0:
+        raise SurgeonError(f"feature_weight must be positive, not {feature_weight}")
     for key in ("distill_model", "trainer", "pretrained"):
         if key in train_args:
             raise SurgeonError(f"distill sets {key!r} itself; leave it out")
@@ -247,10 +393,12 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         # Ultralytics' DDP workers rebuild the trainer from its arguments, without this run's criterion: they would
         # train on the empty labels alone.
         raise SurgeonError(f"distill runs on one device, not device={device!r}; use e.g. device=0")
-    student_model = load(student, trust=trust).model
+    loaded = load(student, trust=trust)
     original = load(teacher, trust=trust).model.float()
-    check_pair(student_model, original)
+    check_pair(loaded.model, original)
+    paths = _rewritten_layers(loaded, original) if features else []
     names = getattr(original, "names", None) or {i: str(i) for i in range(original.model[-1].nc)}
+    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
     if data is not None:
         try:
             spec = yaml.safe_load(Path(data).read_text())
@@ -262,30 +410,43 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
                                "matches the teacher's class scores, so the dataset must use its classes")
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-distill-"))
     try:
-        dataset = Path(data) if data is not None else unlabelled_dataset(images, workdir / "data", dict(names))
+        dataset = Path(data) if data is not None else unlabelled_dataset(images, workdir / "data", names)
+        taps: list[FeatureTaps] = []
 
         def attach(trainer):
             model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
             ema = getattr(getattr(trainer, "ema", None), "ema", None)
+            if paths:  # on the trained model only: the EMA copy and the checkpoints were copied before, hook-free
+                taps.append(FeatureTaps(model, paths))
             for m in (model, ema):
                 if m is not None:
-                    m.criterion = DistillLoss(original, model, supervised=data is not None, temperature=temperature)
+                    m.criterion = DistillLoss(original, model, supervised=data is not None, temperature=temperature,
+                                              feature_weight=feature_weight if paths else 0.0,
+                                              taps=taps[-1] if paths and m is model else None, feature_paths=paths)
+
+        def detach(trainer):
+            while taps:
+                taps.pop().remove()
 
         quiet_labels = _NoLabelWarnings() if data is None else None
         logger = logging.getLogger("ultralytics")
         if quiet_labels:
             logger.addFilter(quiet_labels)
         try:
-            run = finetune(student, dataset, callbacks={"on_train_start": [attach]}, trust=trust, quiet=quiet,
-                           **train_args)
+            run = finetune(student, dataset, callbacks={"on_train_start": [attach], "on_train_end": [detach]},
+                           trust=trust, quiet=quiet, **train_args)
         finally:
+            detach(None)
             if quiet_labels:
                 logger.removeFilter(quiet_labels)
+        classic = isinstance(original.model[-1], ClassicDetect)
         record = {"teacher": {"name": Path(teacher).name, "sha256": _sha256(teacher)},
                   "images": str(images) if images is not None else None, "data": str(data) if data else None,
                   "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),
-                  "losses": "soft-label BCE + LD (KL on DFL bins)" + (" + supervised" if data is not None else ""),
-                  "agreement_f1": None}
+                  "losses": ("objectness-scaled distillation (objectness, class and box terms)" if classic
+                             else "soft-label BCE + LD (KL on DFL bins)")
+                  + (" + feature imitation" if paths else "") + (" + supervised" if data is not None else ""),
+                  "features": None, "agreement_f1": None}
         source = images if images is not None else data
         batches = _batches(source, train_args)
         # BatchNorm re-estimation: kept where it brings the result closer to the teacher on the images, by the
@@ -293,10 +454,15 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         trained = load(run.last, trust=trust).model.float()
         reestimated = deepcopy(trained)
         reestimate_batchnorm(reestimated, batches)
-        kept, fresh = (_distill_loss(original, model, batches, temperature) for model in (trained, reestimated))
+        kept, fresh = (distill_loss(original, model, batches, temperature) for model in (trained, reestimated))
         use = fresh < kept
-        agreement = _agreement(original, reestimated if use else trained, source, train_args)
+        result = reestimated if use else trained
+        agreement = _agreement(original, result, source, train_args)
         record["batchnorm"] = {"reestimated": use, "loss_kept": kept, "loss_reestimated": fresh}
+        if paths:
+            record["features"] = {"weight": feature_weight, "layers": paths, "loss": "channel-standardised MSE",
+                                  "distance_before": feature_distance(original, loaded.model.float(), paths, batches),
+                                  "distance_after": feature_distance(original, result, paths, batches)}
         record["agreement_f1"] = agreement["f1"]
         for path in {run.last, run.best} - {None}:
             # last.pt's re-estimated model is the one measured above; best.pt (another epoch) gets its own pass.
@@ -307,15 +473,52 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _rewritten_layers(loaded, teacher: nn.Module) -> list[str]:
+    """The module paths the student's recipe records as rewritten, checked against the teacher.
+
+    Raises:
+        SurgeonError: The student records no rewritten layer, or one of them is missing from either model.
+    """
+    recipe = loaded.checkpoint.get("surgeon") if isinstance(loaded.checkpoint, dict) else None
+    paths = [p for p in (recipe or {}).get("replaced") or [] if isinstance(p, str)]
+    if not paths:
+        raise SurgeonError(f"{loaded.path.name if loaded.path else 'the student'}: its recipe records no rewritten "
+                           "layer to imitate features at (write it with surgeon apply); distil without features")
+    for model in (loaded.model, teacher):
+        FeatureTaps(model, paths).remove()  # raises for a missing layer
+    return paths
+
+
 @torch.no_grad()
-def _distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: float) -> float:
-    """The distillation loss (classification + localisation terms) of `student` in eval mode, per image."""
+def feature_distance(teacher: nn.Module, student: nn.Module, paths: list[str], batches, limit: int = 64) -> float:
+    """`feature_loss` of `student`'s outputs at `paths` against `teacher`'s, both in eval mode, averaged over the
+    batches of (up to `limit`) images."""
+    from surgeon.blocks import run_model
+
+    total, count = 0.0, 0
+    teacher.eval(), student.eval()
+    with FeatureTaps(teacher, paths) as t, FeatureTaps(student, paths) as s:
+        for batch in batches():
+            for model in (teacher, student):
+                parameter = next(model.parameters())
+                run_model(model, batch.to(parameter.device, parameter.dtype))
+            total += float(feature_loss(s.take(), t.take())) * len(batch)
+            count += len(batch)
+            if count >= limit:
+                break
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: float = TEMPERATURE) -> float:
+    """The output distillation loss of `student` (all its terms, no features) in eval mode, per image: how far it is
+    from `teacher` on `batches()` (a function returning image batches) by the measure distillation lowers."""
     criterion = DistillLoss(teacher, student, temperature=temperature)
     total, count = 0.0, 0
     student.eval()
     for batch in batches():
         _, items = criterion(student(batch), {"img": batch})
-        total += float(items["kd_cls"] + items["kd_box"]) * len(batch)
+        total += sum(float(v) for k, v in items.items() if k.startswith("kd_")) * len(batch)
         count += len(batch)
     return total / max(count, 1)
 

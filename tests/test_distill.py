@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import surgeon
 from surgeon.cli import main
 from surgeon.data import image_batch
-from surgeon.distill import DistillLoss, distill
+from surgeon.distill import DistillLoss, FeatureTaps, distill, distill_loss, feature_distance, feature_loss
 from surgeon.errors import SurgeonError
 
 IMGSZ = 64
@@ -124,7 +124,8 @@ def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoi
         (["distill", teacher, "--teacher", teacher, "--images", str(tmp_path / "none")], "no such folder"),
         (["distill", teacher, "--teacher", checkpoint_factory("yolov8n-cls.yaml"), "--images", str(photos)],
          "Detect-family"),
-        (["distill", classic_checkpoint, "--teacher", classic_checkpoint, "--images", str(photos)], "classic"),
+        (["distill", classic_checkpoint, "--teacher", teacher, "--images", str(photos)], "classic"),
+        (["distill", teacher, "--teacher", teacher, "--images", str(photos), "--features"], "records no rewritten"),
     ]
     for args, message in cases:
         result = runner.invoke(main, args)
@@ -134,3 +135,153 @@ def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoi
     for device in ("0,1", [0, 1]):
         with pytest.raises(SurgeonError, match="one device"):
             distill(teacher, teacher, images=photos, device=device)
+
+
+# --- classic YOLOv5 heads and feature imitation ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classic_teacher(tmp_path_factory):
+    """A classic yolov5n (3 classes) built by the classic code, BatchNorm calibrated, saved as train.py saves it."""
+    from surgeon.classic_factory import build_classic_model, load_config, undo_yolov5_import, write_classic_checkpoint
+    from surgeon.zoo import calibrate_batchnorm
+
+    with undo_yolov5_import():
+        pytest.importorskip("yolov5.models.yolo", reason="needs the PyPI `yolov5` package (extra `classic`)")
+    model = build_classic_model(load_config("yolov5n.yaml"), nc=3)
+    calibrate_batchnorm(model, image_batch(IMGSZ, 8, seed=5), randomise_affine=False)
+    path = tmp_path_factory.mktemp("classic") / "yolov5n.pt"
+    write_classic_checkpoint(path, model)
+    return str(path)
+
+
+def _held_out(n=16):
+    images = image_batch(IMGSZ, n, seed=12)  # other images than the photos (seed 11)
+    return lambda: iter(images.split(8))
+
+
+def _agreement_f1(original, path):
+    from surgeon.agreement import agreement
+
+    return agreement(original, surgeon.load(path).model.float(), _held_out()(), IMGSZ, conf=0.01).f1
+
+
+def _no_hooks(model):
+    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+
+
+def test_classic_loss_is_at_its_minimum_for_the_teacher_itself(classic_teacher):
+    model = surgeon.load(classic_teacher).model.float()
+    images = image_batch(IMGSZ, 2, seed=3)
+    loss = DistillLoss(model, model)
+    student = surgeon.load(classic_teacher).model.float().eval().requires_grad_(True)
+    value, items = loss(student(images), {"img": images})
+    assert set(items) == {"kd_obj", "kd_cls", "kd_box"}
+    assert all(float(v) == pytest.approx(0.0, abs=1e-5) for v in items.values())  # KL forms: 0 at the teacher
+    value.backward()
+    assert max(p.grad.abs().max() for p in student.parameters() if p.grad is not None) < 1e-4
+    with torch.no_grad():
+        student.model[-1].m[0].bias.view(student.model[-1].na, -1)[:, 4].add_(1.0)  # one level's objectness
+    _, moved = loss(student(images), {"img": images})
+    assert float(moved["kd_obj"]) > 1e-4 and float(moved["kd_cls"]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_feature_taps_measure_the_rewritten_layers_and_leave_nothing_behind(teacher, tmp_path):
+    student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
+    paths = surgeon.load(student).checkpoint["surgeon"]["replaced"]
+    original, rewritten = surgeon.load(teacher).model.float(), surgeon.load(student).model.float()
+    images = image_batch(IMGSZ, 2, seed=3)
+    assert feature_distance(original, surgeon.load(teacher).model.float(), paths, lambda: [images]) == 0.0
+    assert feature_distance(original, rewritten, paths, lambda: [images]) > 1e-3  # the rewrite is lossy
+    assert _no_hooks(original) and _no_hooks(rewritten)
+    with FeatureTaps(rewritten, paths[:2]) as taps:
+        rewritten.eval()(images)
+        taken = taps.take()
+        assert list(taken) == paths[:2] and taps.take() == {}
+    assert _no_hooks(rewritten)
+    with pytest.raises(SurgeonError, match="is the teacher the checkpoint"):
+        FeatureTaps(original, ["model.99.conv"])
+    with pytest.raises(SurgeonError, match="gives"):
+        feature_loss({"a": torch.zeros(1, 2, 3, 3)}, {"a": torch.zeros(1, 3, 3, 3)})
+
+
+@pytest.mark.slow
+def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic_teacher, photos, tmp_path):
+    from surgeon.classic import ClassicDetectionModel
+
+    student = surgeon.apply(classic_teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
+    original = surgeon.load(classic_teacher).model.float()
+    before = distill_loss(original, surgeon.load(student).model.float(), _held_out())
+    f1_before = _agreement_f1(original, student)
+
+    result = distill(student, classic_teacher, images=photos, epochs=6, imgsz=IMGSZ, batch=4, nbs=4,
+                     warmup_epochs=0, optimizer="AdamW", lr0=0.002, workers=0, device="cpu", plots=False,
+                     project=str(tmp_path / "runs"), name="kd", quiet=True)
+
+    after = distill_loss(original, surgeon.load(result.last).model.float(), _held_out())
+    f1_after = _agreement_f1(original, result.last)
+    assert after < 0.95 * before and f1_after > f1_before, (before, after, f1_before, f1_after)
+    loaded = surgeon.load(result.last)
+    assert loaded.format == "classic" and isinstance(loaded.model, ClassicDetectionModel)
+    record = loaded.checkpoint["surgeon"]["distill"]
+    assert record["losses"].startswith("objectness-scaled") and record["features"] is None
+    assert result.agreement["images"] == 8 and record["agreement_f1"] == result.agreement["f1"]
+    with open(result.save_dir / "results.csv") as f:
+        header = f.readline()
+    assert "kd_obj" in header and "kd_feat" not in header
+
+
+@pytest.mark.slow
+def test_cli_distills_features_at_the_rewritten_layers(teacher, photos, tmp_path):
+    import csv
+
+    student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
+    original = surgeon.load(teacher).model.float()
+    paths = surgeon.load(student).checkpoint["surgeon"]["replaced"]
+    held_out = _held_out()
+    before = distill_loss(original, surgeon.load(student).model.float(), held_out)
+    features_before = feature_distance(original, surgeon.load(student).model.float(), paths, held_out)
+
+    result = CliRunner().invoke(main, ["distill", str(student), "--teacher", teacher, "--images", str(photos),
+                                       "--features", "--feature-weight", "50", "--epochs", "6", "--imgsz",
+                                       str(IMGSZ), "--batch", "4",
+                                       "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
+                                       "--name", "kd", "--quiet", "plots=False", "nbs=4", "warmup_epochs=0",
+                                       "optimizer=AdamW", "lr0=0.002"])
+    assert result.exit_code == 0, result.output
+    assert "agreement with the teacher on 8 images" in result.output
+    last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
+    with open(last.parent.parent / "results.csv") as f:
+        assert all(float(row["train/kd_feat"]) > 0 for row in csv.DictReader(f))  # the term was trained on
+    trained = surgeon.load(last).model.float()
+    assert _no_hooks(trained)  # the run's hooks were not saved with the model
+    # The feature term itself, in eval mode on held-out images (in training it is noisy: augmented batches of 4,
+    # and the student's BatchNorm on batch statistics against the teacher's running ones).
+    features_after = feature_distance(original, trained, paths, held_out)
+    after = distill_loss(original, trained, held_out)
+    assert features_after < 0.98 * features_before and after < 0.9 * before, (features_before, features_after,
+                                                                              before, after)
+    record = surgeon.load(last).checkpoint["surgeon"]["distill"]
+    assert record["features"]["layers"] == paths and record["features"]["weight"] == 50.0
+    assert all(record["features"][key] > 0 for key in ("distance_before", "distance_after"))  # on the photos
+    assert "feature imitation" in record["losses"]
+
+
+@pytest.mark.slow
+def test_cli_distills_a_classic_checkpoint_with_labels_and_features(classic_teacher, tmp_path):
+    from surgeon.data import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=2, imgsz=IMGSZ)  # 3 classes, as the teacher
+    student = surgeon.apply(classic_teacher, "ds4_all", imgsz=IMGSZ).save(tmp_path / "ds4.pt")
+    result = CliRunner().invoke(main, ["distill", str(student), "--teacher", classic_teacher, "--data", str(data),
+                                       "--features", "--feature-weight", "0.5", "--epochs", "1", "--imgsz",
+                                       str(IMGSZ), "--batch", "2", "--workers", "0", "--device", "cpu", "--project",
+                                       str(tmp_path / "runs"), "--quiet", "plots=False"])
+    assert result.exit_code == 0, result.output
+    assert "trained: last" in result.output and "metrics/mAP50-95(B)" in result.output
+    with open(tmp_path / "runs" / "train" / "results.csv") as f:
+        header = f.readline()
+    assert all(name in header for name in ("kd_obj", "kd_feat", "obj_loss"))  # distillation, features, supervised
+    loaded = surgeon.load(tmp_path / "runs" / "train" / "weights" / "last.pt")
+    assert loaded.format == "classic" and _no_hooks(loaded.model)
+    assert loaded.checkpoint["surgeon"]["distill"]["features"]["weight"] == 0.5
