@@ -75,6 +75,11 @@ def workdir(tmp_path_factory) -> Path:
     data = make_dataset(folder / "shapes", n_train=8, n_val=4, imgsz=128)
     shutil.copy(data, folder / "data.yaml")  # the dataset YAML holds absolute paths
     shutil.copytree(folder / "shapes" / "images" / "val", folder / "photos")  # "your photos": any folder of images
+    shutil.copytree(README.parent / "examples", folder / "examples")  # the example replacement and its rule
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), folder / "resnet18.pth")  # a torchvision user's file
     return folder
 
 
