@@ -9,14 +9,16 @@ lossy rule it then reports, on the held-out val images:
 
 * **agreement** with the teacher (`surgeon.agreement`: F1 of matched detections at conf 0.25, IoU >= 0.5) and
   **mAP50-95** against the labels,
-* for (a) the rewrite as initialised, (b) ``--calibrate`` on the train images (labels unused), (c) ``surgeon
-  distill`` on the train images (labels unused) for ``--epochs``, (d) supervised fine-tuning with the labels for the
-  same epochs (``surgeon finetune``), both from the rewrite as initialised,
+* for (a) the rewrite as initialised, and on N images of a pool the teacher never saw (``--n``, default 32, 128,
+  512): (b) ``--calibrate`` (labels unused), (c) ``surgeon distill`` (labels unused) for ``--epochs``, (d)
+  supervised fine-tuning with those images' labels for the same epochs (``surgeon finetune``), and at ``--n-full``
+  only (e) the same rule with ``init=random`` distilled and (f) distillation with ``--features``,
 
 with the wall time of each step. Usage::
 
     ../shared/real-data/fetch_trees.sh /tmp/trees
-    python benchmarks/bench_calibrate.py                              # shapes teacher, ~15 min on 2 CPU cores
+    python benchmarks/bench_calibrate.py                              # shapes teacher, about an hour on 2 cores
+    python benchmarks/bench_calibrate.py --n 32 128 --variants b,c,d  # the sweep without (e), (f)
     python benchmarks/bench_calibrate.py --trees /tmp/trees --epochs-base 60
     python benchmarks/bench_calibrate.py --quick                      # plumbing check, numbers meaningless
 """
@@ -79,6 +81,52 @@ def evaluate(teacher: Path, student: Path, data: Path, val: Path, imgsz: int, wo
             "eval_seconds": round(time.perf_counter() - start, 1)}
 
 
+def subset(pool: Path, n: int, val: Path, folder: Path) -> tuple[Path, Path]:
+    """The first `n` images of the unlabelled pool (a folder of links) and a data YAML of them with their labels
+    (for the supervised step), validated on the teacher's val images."""
+    root = pool.parent
+    (folder / "images" / "train").mkdir(parents=True)
+    (folder / "labels" / "train").mkdir(parents=True)
+    for image in sorted((root / "images" / "train").iterdir())[:n]:
+        (folder / "images" / "train" / image.name).symlink_to(image.resolve())
+        label = root / "labels" / "train" / f"{image.stem}.txt"
+        (folder / "labels" / "train" / label.name).symlink_to(label.resolve())
+    spec = yaml.safe_load(pool.read_text())
+    spec.update(path=str(folder.resolve()), train="images/train", val=str(val.resolve()))
+    (folder / "data.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "images" / "train", folder / "data.yaml"
+
+
+def run_step(step: str, rule: str, teacher: Path, plain: Path, images: Path, labelled: Path, data: Path, val: Path,
+             imgsz: int, args: argparse.Namespace, out: Path) -> dict:
+    """One recovery step on N images, evaluated on the held-out val images: (b) calibrate, (c) distill, (d) supervised
+    fine-tune, (e) distill from init=random, (f) distill with feature imitation."""
+    t0 = time.perf_counter()
+    n = len(image_paths(images))
+    common = {"epochs": args.epochs, "imgsz": imgsz, "batch": 16, "project": str(out.parent), "quiet": True,
+              **TRAIN_ARGS}
+    try:
+        if step == "b":
+            path = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz).save(
+                out.with_suffix(".pt"))
+        elif step in "cef":
+            student = plain
+            if step == "e":
+                student = surgeon.apply(teacher, rule, imgsz=imgsz, init="random").save(out.with_suffix(".pt"))
+            path = distill(student, teacher, images=images, name=out.name, features=step == "f",
+                           feature_weight=args.feature_weight, **common).last
+        elif step == "d":
+            tuned = finetune(plain, labelled, name=out.name, **common)
+            path = tuned.best or tuned.last
+        else:
+            raise SystemExit(f"unknown step {step!r}")
+    except surgeon.SurgeonError as error:
+        return {"error": str(error), "images": n}
+    seconds = round(time.perf_counter() - t0, 1)
+    return {"seconds": seconds, "images": n, "epochs": args.epochs if step != "b" else None,
+            **evaluate(teacher, path, data, val, imgsz, out.parent, f"val-{out.name}")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trees", help="folder fetch_trees.sh wrote (default: the generated shapes set)")
@@ -88,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of (c) and (d) (default 10)")
     parser.add_argument("--imgsz", type=int, default=None, help="image size (default 416 trees, 128 shapes)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--n", type=int, nargs="+", default=[32, 128, 512],
+                        help="numbers of unlabelled images for (b)-(f) (default 32 128 512)")
+    parser.add_argument("--variants", default="b,c,d,e,f", help="steps to run (default b,c,d,e,f; e and f only at "
+                        "--n-full)")
+    parser.add_argument("--n-full", type=int, default=128, help="the N at which (e) and (f) also run (default 128)")
+    parser.add_argument("--feature-weight", type=float, default=50.0, help="weight of (f)'s feature term (default 50)")
     parser.add_argument("--quick", action="store_true", help="plumbing check: 2 + 1 epochs, one rule")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/calibrate.json"),
                         help="where to write the results (default benchmarks/results/calibrate.json)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs_base, args.epochs, args.rules = 2, 1, "dw_backbone"
+        args.epochs_base, args.epochs, args.rules, args.n, args.n_full = 2, 1, "dw_backbone", [8], 8
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-calibrate-"))
     payload = {"benchmark": "calibrate", "quick": args.quick, "model": args.model, "source":
@@ -115,32 +169,25 @@ def main(argv: list[str] | None = None) -> int:
                               **evaluate(teacher, teacher, data, val, imgsz, workdir, "val-teacher")}
         print(f"  teacher mAP50-95 {payload['teacher']['map']:.3f}, {payload['teacher']['teacher_detections']} "
               f"detections on val", flush=True)
+        pool = make_dataset(workdir / "pool", n_train=max(args.n), n_val=2, imgsz=imgsz, seed=1)
         for rule in [r for r in args.rules.split(",") if r]:
             t0 = time.perf_counter()
             plain = surgeon.apply(teacher, rule, imgsz=imgsz).save(workdir / f"{rule}.pt")
             row = {"rule": rule, "a": {"seconds": round(time.perf_counter() - t0, 1),
                                        **evaluate(teacher, plain, data, val, imgsz, workdir, f"val-{rule}")}}
-            t0 = time.perf_counter()
-            try:
-                calibrated = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=train, calibrate_imgsz=imgsz)
-                path = calibrated.save(workdir / f"{rule}-cal.pt")
-                row["b"] = {"seconds": round(time.perf_counter() - t0, 1), "images": len(image_paths(train)),
-                            **evaluate(teacher, path, data, val, imgsz, workdir, f"val-{rule}-cal")}
-            except surgeon.SurgeonError as error:
-                row["b"] = {"error": str(error)}
-            t0 = time.perf_counter()
-            distilled = distill(plain, teacher, images=train, epochs=args.epochs, imgsz=imgsz, batch=16,
-                                project=str(workdir), name=f"kd-{rule}", quiet=True, **TRAIN_ARGS)
-            row["c"] = {"seconds": round(time.perf_counter() - t0, 1), "epochs": args.epochs,
-                        **evaluate(teacher, distilled.last, data, val, imgsz, workdir, f"val-{rule}-kd")}
-            t0 = time.perf_counter()
-            tuned = finetune(plain, data, epochs=args.epochs, imgsz=imgsz, batch=16, project=str(workdir),
-                             name=f"ft-{rule}", quiet=True, **TRAIN_ARGS)
-            row["d"] = {"seconds": round(time.perf_counter() - t0, 1), "epochs": args.epochs,
-                        **evaluate(teacher, tuned.best or tuned.last, data, val, imgsz, workdir, f"val-{rule}-ft")}
+            print(f"  {rule} (a) F1 {row['a']['f1']:.3f} mAP {row['a']['map']:.3f}", flush=True)
+            for n in args.n:
+                images, labelled = subset(pool, n, val, workdir / f"n{n}")
+                cells = row.setdefault("by_n", {}).setdefault(str(n), {})
+                steps = [s for s in args.variants.split(",") if s and (s in "bcd" or n == args.n_full)]
+                for step in steps:
+                    cells[step] = run_step(step, rule, teacher, plain, images, labelled, data, val, imgsz, args,
+                                           workdir / f"{rule}-{n}-{step}")
+                    print(f"  {rule} N={n} ({step}) " + (cells[step].get("error") or
+                          f"F1 {cells[step]['f1']:.3f} mAP {cells[step]['map']:.3f} {cells[step]['seconds']:.0f} s"),
+                          flush=True)
+                    _write(args.json, payload)
             payload["rows"].append(row)
-            print(f"  {rule}: F1 (a) {row['a']['f1']:.3f}, (b) {row['b'].get('f1', float('nan')):.3f}, "
-                  f"(c) {row['c']['f1']:.3f}, (d) {row['d']['f1']:.3f}", flush=True)
             _write(args.json, payload)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -158,23 +205,25 @@ def _write(path: Path, payload: dict) -> None:
 def _table(payload: dict) -> None:
     t = payload["teacher"]
     print(f"\n{payload['model']} on {payload['source']} at {payload['imgsz']} px: teacher mAP50-95 {t['map']:.3f}, "
-          f"{t['teacher_detections']} detections on val")
-    header = f"{'rule':<12} {'step':<28} {'F1':>6} {'matched':>8} {'found':>6} {'mAP50-95':>8} {'s':>6}"
+          f"{t['teacher_detections']} detections on val; E = {payload['epochs_ft']} epochs")
+    header = f"{'rule':<12} {'N':>4} {'step':<34} {'F1':>6} {'matched':>8} {'found':>6} {'mAP50-95':>8} {'s':>6}"
     print(header)
     print("-" * len(header))
-    labels = {"a": "(a) as initialised", "b": "(b) --calibrate train images", "c": "(c) distill",
-              "d": "(d) supervised fine-tune"}
+    labels = {"b": "(b) --calibrate, no labels", "c": "(c) distill, no labels", "d": "(d) supervised fine-tune",
+              "e": "(e) init=random, distill", "f": "(f) distill + features"}
     for row in payload["rows"]:
-        for key, label in labels.items():
-            cell = row.get(key) or {}
-            if "error" in cell:
-                print(f"{row['rule']:<12} {label:<28} {cell['error']}")
-                continue
-            if key in ("c", "d"):
-                label = f"{label[:3]} {'distill, no labels' if key == 'c' else 'supervised'}, {cell['epochs']} ep"
-            print(f"{row['rule']:<12} {label:<28} {cell['f1']:>6.3f} {cell['matched']:>8} {cell['detections']:>6} "
-                  f"{cell['map']:>8.3f} {cell['seconds']:>6.0f}")
-    print(f"\ntotal {payload['seconds']:.0f} s; agreement: F1 of the teacher's val detections (conf 0.25, IoU 0.5)")
+        a = row["a"]
+        print(f"{row['rule']:<12} {'-':>4} {'(a) as initialised':<34} {a['f1']:>6.3f} {a['matched']:>8} "
+              f"{a['detections']:>6} {a['map']:>8.3f} {a['seconds']:>6.0f}")
+        for n, cells in row.get("by_n", {}).items():
+            for key, cell in cells.items():
+                if "error" in cell:
+                    print(f"{row['rule']:<12} {n:>4} {labels[key]:<34} {cell['error'][:60]}")
+                    continue
+                print(f"{row['rule']:<12} {n:>4} {labels[key]:<34} {cell['f1']:>6.3f} {cell['matched']:>8} "
+                      f"{cell['detections']:>6} {cell['map']:>8.3f} {cell['seconds']:>6.0f}")
+    print(f"\ntotal {payload['seconds']:.0f} s; agreement: F1 of the teacher's val detections (conf 0.25, IoU 0.5); "
+          "N images from a generated pool the teacher never saw")
 
 
 if __name__ == "__main__":

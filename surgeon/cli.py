@@ -325,8 +325,8 @@ def _train_args(options: dict, extra) -> dict:
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Temperature of the box-distribution distillation.")
 @click.option("--features", is_flag=True, help="Also match the teacher's outputs at the rewritten layers.")
-@click.option("--feature-weight", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Weight of the feature term (with --features).")
+@click.option("--feature-weight", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Weight of the feature term (with --features) [default: 50 for Ultralytics heads, 1 for classic].")
 @_trainer_options
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the files).")
 @click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")

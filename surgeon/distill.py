@@ -73,12 +73,14 @@ from surgeon.errors import SurgeonError
 
 TEMPERATURE = 2.0
 """LD's temperature on the DFL bins."""
-FEATURE_WEIGHT = 1.0
-"""Weight of the feature term. Wang et al. (CVPR 2019) weight their imitation loss 0.01 as a sum over channels per
-imitated position halved, about 1.3 per element on their 256-channel maps; the term here is a per-element mean of
-standardised features (about 2 for unrelated maps, 0 for equal ones), so the default is 1.0. That is on the scale of
-the classic head's output terms (about 1 per image on the test yolov5n); Ultralytics heads' output terms are far
-larger (about 44 per image for ``dwsep_all`` on the generated-shapes yolov8n of the tests), where 1.0 barely counts:
+CLASSIC_FEATURE_WEIGHT = 1.0
+"""Default weight of the feature term for classic heads. Wang et al. (CVPR 2019) weight their imitation loss 0.01 as a
+sum over channels per imitated position halved, about 1.3 per element on their 256-channel maps; the term here is a
+per-element mean of standardised features (about 2 for unrelated maps, 0 for equal ones), so 1.0 puts it on the scale
+of the classic head's output terms (about 1 per image on the test yolov5n)."""
+FEATURE_WEIGHT = 50.0
+"""Default weight of the feature term for Ultralytics heads, whose output terms are about 40x the classic ones (about
+44 per image for ``dwsep_all`` on the generated-shapes yolov8n of the tests), so the same balance needs about 50:
 there, 6 epochs on 8 images took the held-out output loss from 44.1 to 49.5 without features, 38.6 with weight 10
 and 35.1 with weight 50 (feature distance 1.24 to 1.45, 1.29 and 1.20)."""
 BN_IMAGES = 256
@@ -352,7 +354,7 @@ class DistillResult:
 
 def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: str | os.PathLike | None = None,
             data: str | os.PathLike | None = None, temperature: float = TEMPERATURE, features: bool = False,
-            feature_weight: float = FEATURE_WEIGHT, trust: bool = False, quiet: bool = False,
+            feature_weight: float | None = None, trust: bool = False, quiet: bool = False,
             **train_args: Any) -> DistillResult:
     """Train the rewritten `student` to reproduce `teacher` (the original) on images, without labels.
 
@@ -363,7 +365,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         data: A labelled dataset YAML instead: the supervised loss is added to the distillation.
         temperature: LD temperature on the DFL bins.
         features: Add feature imitation at the layers the surgery rewrote (the student's recipe names them).
-        feature_weight: Weight of the feature term (`FEATURE_WEIGHT`).
+        feature_weight: Weight of the feature term (default: `FEATURE_WEIGHT` for Ultralytics heads,
+            `CLASSIC_FEATURE_WEIGHT` for classic ones, which put it on the scale of their output terms).
         trust: Read both checkpoints without surgeon's allow-list (only for files you trust).
         quiet: Hide the trainer's output.
         **train_args: Ultralytics training arguments (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ...).
@@ -383,7 +386,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         raise SurgeonError(f"{data}: no such dataset YAML")
     if temperature <= 0:
         raise SurgeonError(f"temperature must be positive, not {temperature}")
-    if features and not feature_weight > 0:
+    if features and feature_weight is not None and not feature_weight > 0:
         raise SurgeonError(f"feature_weight must be positive, not {feature_weight}")
     for key in ("distill_model", "trainer", "pretrained"):
         if key in train_args:
@@ -396,6 +399,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     loaded = load(student, trust=trust)
     original = load(teacher, trust=trust).model.float()
     check_pair(loaded.model, original)
+    if feature_weight is None:
+        feature_weight = CLASSIC_FEATURE_WEIGHT if isinstance(original.model[-1], ClassicDetect) else FEATURE_WEIGHT
     paths = _rewritten_layers(loaded, original) if features else []
     names = getattr(original, "names", None) or {i: str(i) for i in range(original.model[-1].nc)}
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)

@@ -41,7 +41,7 @@ def test_replay_rebuilds_every_builtin_rule_on_ultralytics(rule, checkpoint_fact
         assert_close(replayed(x)[0], saved["model"].float().eval()(x)[0])
 
 
-@pytest.mark.parametrize("rule", ["dyn_head", "dw_backbone", "ds8_head", "cot_neck"])
+@pytest.mark.parametrize("rule", builtin_rule_names())
 def test_replay_on_classic_yolov5(rule, classic_checkpoint, tmp_path):
     from surgeon.classic_factory import build_classic_model
 
