@@ -412,6 +412,9 @@ def trainer_for(model: nn.Module | str) -> type:
         head = _head(model)
         if isinstance(head, RTDETRDecoder):
             return RewrittenRTDETRTrainer
+        refusal = getattr(type(head), "finetune_refusal", None)
+        if refusal:  # classic YOLOv7/YOLOv9 heads, whose repositories' losses are not implemented here
+            raise SurgeonError(refusal.format(head=type(head).__name__))
         if isinstance(head, ClassicDetect):
             return RewrittenClassicTrainer
         if not isinstance(head, (Detect, Classify)):
