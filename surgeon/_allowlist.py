@@ -2,9 +2,9 @@
 
 **Classes** (rebuilt as ``torch.save`` wrote them: ``cls.__new__(cls)`` then the pickled state, never
 ``__init__``): every ``nn.Module`` class of ``torch.nn.modules``, ``ultralytics.nn.modules``,
-``ultralytics.nn.tasks``, ``surgeon.modules``, ``surgeon.classic`` and ``surgeon.classic_v7v9`` (recurrent layers excepted: no
-detector holds one, and their ``__setstate__`` loops over a count the file sets), under each name they are
-importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
+``ultralytics.nn.tasks``, ``surgeon.modules``, ``surgeon.classic`` and ``surgeon.classic_v7v9`` (recurrent
+layers excepted: no detector holds one, and their ``__setstate__`` loops over a count the file sets), under each
+name they are importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
 versions do) and the classic YOLOv5/YOLOv7/YOLOv9 names mapped onto them; Ultralytics' loss and assigner objects
 (``ultralytics.utils.loss``/``tal``, pickled with the model by trainers); ``IterableSimpleNamespace``,
 ``argparse.Namespace`` and ``types.SimpleNamespace`` (training arguments); the torchvision

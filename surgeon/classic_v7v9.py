@@ -26,8 +26,8 @@ from ultralytics.nn.modules import (
     DFL,
     ELAN1,
     SPPELAN,
-    ADown,
     AConv,
+    ADown,
     Bottleneck,
     CBFuse,
     CBLinear,
@@ -363,7 +363,7 @@ def remove_aux(model: nn.Module) -> list[int]:
 def _renumbered(f: int | list, old: int, new: int, new_index: dict[int, int]) -> int | list:
     """A layer's ``f`` after renumbering: -1 stays where the previous layer is still the previous one."""
     def one(j: int) -> int:
-        if j == -1 and new_index.get(old - 1) == new - 1:
+        if j == -1 and (old == 0 or new_index.get(old - 1) == new - 1):  # the input, or still the previous layer
             return -1
         return new_index[old + j if j < 0 else j]
 
@@ -376,3 +376,62 @@ def _yaml_rows(model: nn.Module, count: int) -> list | None:
         return None
     rows = copy.deepcopy(yaml["backbone"] + yaml["head"])
     return rows if len(rows) == count and all(isinstance(r, list) and len(r) == 4 for r in rows) else None
+
+
+def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool = False, force: bool = False,
+           imgsz: int = 640) -> dict:
+    """Write the deployment form of a classic checkpoint: auxiliary branch removed, RepConv blocks fused.
+
+    What the repositories' re-parameterisation does before export, done on the checkpoint so that surgery
+    (``surgeon apply``) sees the model that will be deployed. The main predictions are checked to be unchanged.
+
+    Args:
+        source: A classic YOLOv7/YOLOv9 checkpoint (or any classic one, for `fuse` alone).
+        output: Where to write the result (never over the input; over an existing file only with `force`).
+        aux: Remove the auxiliary branch (`remove_aux`); a model without one is refused.
+        fuse: Fuse RepConv blocks (`fuse_repconv`).
+        trust: Read the file without surgeon's allow-list.
+        force: Overwrite an existing output file.
+        imgsz: Image size of the output check.
+
+    Returns:
+        ``path``, ``removed_layers``, ``fused_repconv`` and ``max_abs`` (largest change of the main predictions).
+
+    Raises:
+        SurgeonError: Not a classic model, nothing to do, or the result computes something else.
+    """
+    from pathlib import Path
+
+    from surgeon.api import check_output
+    from surgeon.blocks import run_model, sample_input
+    from surgeon.classic import ClassicDetectionModel
+    from surgeon.io import load, save_checkpoint
+
+    output = Path(output)
+    loaded = load(source, trust=trust)
+    check_output(output, loaded.path, force=force)
+    model = loaded.model
+    if not isinstance(model, ClassicDetectionModel):
+        raise SurgeonError(f"{source}: deploy works on classic YOLOv5/YOLOv7/YOLOv9 checkpoints, not {loaded.format}")
+    x = sample_input(model, imgsz, 2)
+    with torch.no_grad():
+        before = _main_prediction(model, run_model(model, x))
+    removed = remove_aux(model) if aux else []
+    fused = fuse_repconv(model) if fuse else 0
+    if not removed and not fused:
+        raise SurgeonError(f"{source}: nothing to deploy (no auxiliary branch removal or RepConv fusion asked for)")
+    with torch.no_grad():
+        after = run_model(model, x)[0]
+    if after.shape != before.shape or not torch.allclose(after, before, rtol=1e-3, atol=1e-3):
+        raise SurgeonError(f"{source}: the deployed model's predictions differ from the original's; nothing written")
+    max_abs = float((after - before).abs().max())
+    recipe = {"deploy": {"removed_layers": removed, "fused_repconv": fused, "max_abs": max_abs, "imgsz": imgsz},
+              "source": {"name": loaded.name, "sha256": loaded.sha256, "format": loaded.format}}
+    save_checkpoint(loaded, model, output, recipe)
+    return {"path": output, "removed_layers": removed, "fused_repconv": fused, "max_abs": max_abs}
+
+
+def _main_prediction(model: nn.Module, out) -> torch.Tensor:
+    """The predictions deployment keeps: the main branch's of a dual head, else the head's only ones."""
+    pred = out[0] if isinstance(out, tuple) else out
+    return pred[1] if isinstance(model.model[-1], ClassicDualDDetect) else pred
