@@ -242,28 +242,32 @@ def _make_pre_v6(model: nn.Module) -> None:
             del m.recompute_scale_factor
 
 
-def save_classic(obj: Any, path: str | os.PathLike, legacy_model_name: bool = False, package: str = "yolov5",
-                 **torch_save_kwargs: Any) -> None:
+def save_classic(obj: Any, path: str | os.PathLike, legacy_model_name: bool = False, **torch_save_kwargs: Any) -> None:
     """``torch.save`` that pickles ``yolov5.models.X`` as the repository's ``models.X``.
+
+    The PyPI packages of YOLOv7 and YOLOv9 (``yolov7.models``, ``yolov9.models``) repackage those
+    repositories the same way and are renamed the same way.
 
     Args:
         obj: What to save.
         path: Where to write it.
         legacy_model_name: Write ``models.yolo.DetectionModel`` as ``models.yolo.Model``.
-        package: The PyPI package whose ``models`` are renamed (``yolov7`` and ``yolov9`` repackage those
-            repositories the same way).
         **torch_save_kwargs: Passed on, e.g. ``pickle_protocol=4`` or ``_use_new_zipfile_serialization=False``.
     """
-    torch.save(obj, path, pickle_module=_renaming_pickle_module(legacy_model_name, f"{package}."), **torch_save_kwargs)
+    torch.save(obj, path, pickle_module=_renaming_pickle_module(legacy_model_name), **torch_save_kwargs)
 
 
-def _renaming_pickle_module(legacy_model_name: bool, prefix: str = _PACKAGE_PREFIX) -> types.ModuleType:
+_PACKAGE_PREFIXES = (_PACKAGE_PREFIX, "yolov7.", "yolov9.")
+
+
+def _renaming_pickle_module(legacy_model_name: bool) -> types.ModuleType:
     renames = {"models.yolo.DetectionModel": "models.yolo.Model"} if legacy_model_name else {}
 
     class Pickler(pickle._Pickler):  # the Python pickler: its save_global can be overridden
         def save_global(self, obj, name=None):
             module = getattr(obj, "__module__", None) or ""
-            if not module.startswith(prefix + "models."):
+            prefix = next((p for p in _PACKAGE_PREFIXES if module.startswith(p + "models.")), None)
+            if prefix is None:
                 return super().save_global(obj, name)
             full = f"{module.removeprefix(prefix)}.{name or obj.__qualname__}"
             module, _, name = renames.get(full, full).rpartition(".")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import evil
 from torch import nn
 from ultralytics.nn.modules import RepConv
 
@@ -242,7 +243,7 @@ def write_checkpoint(path, model: nn.Module, package: str) -> None:
                 "opt": {"weights": "", "cfg": "models/detect/yolov9-c.yaml", "imgsz": 640, "epochs": 500},
                 "git": {"remote": "https://github.com/WongKinYiu/yolov9", "branch": "main", "commit": "5b1ea9a"},
                 "date": "2024-02-21T00:00:00"}
-    save_classic(ckpt, path, package=package)
+    save_classic(ckpt, path)
 
 
 def assert_no_repository():
@@ -459,27 +460,13 @@ def test_finetune_refuses_with_one_line(case, tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
 
 
-class Evil:
-    """Unpickled by a plain pickle, this creates the file it names; written as ``models.common.Evil``."""
-
-    def __init__(self, marker):
-        with open(marker, "w") as f:
-            f.write("pwned")
-
-    def __reduce__(self):
-        return Evil, (self.marker,)
-
-
 @pytest.mark.parametrize("package", ["yolov7", "yolov9"])
 def test_a_class_outside_the_allow_list_is_refused(package, yolov7, yolov9, tmp_path):
     module = yolov7 if package == "yolov7" else yolov9
     half = build(module, YOLOV7 if package == "yolov7" else GELAN).half()
-    payload = Evil.__new__(Evil)
-    payload.marker = str(tmp_path / "pwned")
-    Evil.__module__ = f"{package}.models.common"  # what save_classic writes as the repository's models.common
-    half.model[3].evil = payload  # a stranger's attribute on an otherwise genuine checkpoint
+    half.model[3].evil = evil(tmp_path / "pwned")  # a stranger's attribute on an otherwise genuine checkpoint
     path = tmp_path / "evil.pt"
-    save_classic({"epoch": -1, "model": half, "optimizer": None}, path, package=package)
+    save_classic({"epoch": -1, "model": half, "optimizer": None}, path)
     assert "models.common.Evil" in pickled_globals(path)
 
     result = CliRunner().invoke(main, ["inspect", str(path)])
