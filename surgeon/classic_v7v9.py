@@ -413,6 +413,9 @@ def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool =
     model = loaded.model
     if not isinstance(model, ClassicDetectionModel):
         raise SurgeonError(f"{source}: deploy works on classic YOLOv5/YOLOv7/YOLOv9 checkpoints, not {loaded.format}")
+    if aux and not callable(getattr(model.model[-1], "without_aux", None)):
+        raise SurgeonError(f"{source}: its {type(model.model[-1]).__name__} head has no auxiliary branch to remove "
+                           "(use --keep-aux to fuse RepConv blocks only)")
     x = sample_input(model, imgsz, 2)
     with torch.no_grad():
         before = _main_prediction(model, run_model(model, x))

@@ -440,12 +440,21 @@ def test_remove_aux_keeps_the_main_predictions_as_the_deployed_repository_model(
     assert not [m for m in again.modules() if isinstance(m, ClassicRepConv) and not hasattr(m, "rbr_reparam")]
 
 
-def test_remove_aux_refuses_a_model_without_one(case):
+def test_remove_aux_refuses_a_model_without_one(case, tmp_path):
     name, _, path, _ = case
     if name in ("yolov7-aux", "yolov9"):
         pytest.skip("has an auxiliary branch")
     with pytest.raises(SurgeonError, match="no auxiliary branch"):
         remove_aux(surgeon.load(path).model)
+    result = CliRunner().invoke(main, ["deploy", str(path), "-o", str(tmp_path / "out.pt"), "--imgsz", str(IMGSZ)])
+    assert result.exit_code != 0 and "no auxiliary branch" in result.output and "--keep-aux" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out.pt").exists()
+    result = CliRunner().invoke(main, ["deploy", str(path), "-o", str(tmp_path / "out.pt"), "--keep-aux",
+                                       "--imgsz", str(IMGSZ)])  # RepConv fusion alone
+    assert result.exit_code == 0, result.output
+    fused = surgeon.load(tmp_path / "out.pt").model
+    assert not [m for m in fused.modules() if isinstance(m, RepConv) and hasattr(m, "conv1")]
+    assert not [m for m in fused.modules() if isinstance(m, ClassicRepConv) and not hasattr(m, "rbr_reparam")]
 
 
 def test_finetune_refuses_with_one_line(case, tmp_path):
