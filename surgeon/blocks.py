@@ -217,8 +217,9 @@ class LayerTarget:
 
 def layer_sources(layer: nn.Module, index: int) -> list[int]:
     """The absolute indices of the layers whose outputs layer `index` reads (its ``f``; -1 is the previous one)."""
-    f = layer.f if isinstance(layer.f, (list, tuple)) else [layer.f]
-    return [index + j if j < 0 else j for j in f]
+    f = getattr(layer, "f", -1)
+    f = f if isinstance(f, (list, tuple)) else [f]
+    return [index + j if j < 0 else j for j in f if type(j) is int]  # a damaged file's other entries fail in forward
 
 
 def needed_layers(layers: nn.Sequential | nn.ModuleList, outputs: list[int]) -> set[int]:
@@ -246,7 +247,7 @@ class LayerLayout:
         self.aux_layers: set[int] = set()
         self.aux_prefixes: tuple[str, ...] = ()
         head = self.layers[-1] if self.layers is not None else None
-        if callable(getattr(head, "split_inputs", None)):
+        if callable(getattr(head, "split_inputs", None)) and type(getattr(head, "nl", None)) is int:
             last = len(self.layers) - 1
             main, aux = head.split_inputs(layer_sources(head, last))
             self.aux_layers = needed_layers(self.layers, aux) - needed_layers(self.layers, main)
