@@ -167,7 +167,7 @@ class ClassicDetectionModel(nn.Module):
         return self.predict(x)
 
     def loss(self, batch: dict, preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The classic anchor-based loss (`surgeon.classic_loss`) of an Ultralytics batch.
+        """The classic anchor-based loss (`surgeon.classic_loss`) of an Ultralytics batch; YOLOv9's for its heads.
 
         Args:
             batch: ``img``, and the targets as ``batch_idx``, ``cls`` and normalised xywh ``bboxes``.
@@ -177,7 +177,10 @@ class ClassicDetectionModel(nn.Module):
             The loss to back-propagate (times the batch size) and its box/obj/cls parts, as Ultralytics' losses do.
         """
         from surgeon.classic_loss import ClassicHyp, classic_loss
+        from surgeon.classic_v7v9 import ClassicDDetect, yolov9_loss
 
+        if isinstance(self.model[-1], ClassicDDetect):
+            return yolov9_loss(self, batch, preds)
         if preds is None:
             preds = self.predict(batch["img"])
         maps = preds[1] if isinstance(preds, tuple) else preds

@@ -37,6 +37,7 @@ from ultralytics.nn.modules import (
 from ultralytics.nn.modules.block import RepBottleneck, RepCSP
 from ultralytics.utils.tal import dist2bbox, make_anchors
 
+from surgeon.blocks import is_conv, layer_sources, needed_layers
 from surgeon.classic import ClassicDetect
 from surgeon.errors import SurgeonError
 
@@ -195,9 +196,6 @@ class ClassicDDetect(nn.Module):
 
     dynamic = False
     export = False
-    finetune_refusal = ("surgeon finetune does not train YOLOv9 heads ({head}): the repository's TAL loss over two "
-                        "branches is not implemented here; train the model from Python (surgeon.load(path).model "
-                        "is an nn.Module)")
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor] | tuple:
         maps = self._maps(x, self.cv2, self.cv3, 0)
@@ -252,6 +250,42 @@ class ClassicDualDDetect(ClassicDDetect):
         return _retyped(self, ClassicDDetect, {"cv2": self.cv4, "cv3": self.cv5, "dfl": self.dfl2})
 
 
+def yolov9_loss(model: nn.Module, batch: dict, preds=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The YOLOv9 repository's loss (``utils/loss_tal.py``, ``loss_tal_dual.py``) of an Ultralytics batch.
+
+    Per branch it is Ultralytics' detection loss (task-aligned assignment, top 10, alpha 0.5, beta 6; CIoU and
+    DFL on the box bins, BCE on the classes; gains box 7.5, cls 0.5, dfl 1.5 from ``model.args``), which
+    computes what the repository's ComputeLoss does; a dual head adds its auxiliary branch at weight 0.25, part by
+    part, as ``loss_tal_dual.py`` does.
+
+    Args:
+        model: A classic model with a `ClassicDDetect` head, ``args`` holding the gains (the trainer sets them).
+        batch: ``img``, and the targets as ``batch_idx``, ``cls`` and normalised xywh ``bboxes``.
+        preds: The model's output on ``batch["img"]`` if already computed (training or eval form).
+
+    Returns:
+        The loss to back-propagate (box, cls and dfl parts, times the batch size; the trainer sums them) and the
+        detached parts by name, as Ultralytics' losses return them.
+    """
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    if preds is None:
+        preds = model.predict(batch["img"])
+    maps = preds[1] if isinstance(preds, tuple) else preds
+    head = model.model[-1]
+    if getattr(model, "criterion", None) is None:
+        model.criterion = v8DetectionLoss(model)
+    branches, weights = ((maps[1], maps[0]), (1.0, 0.25)) if isinstance(head, ClassicDualDDetect) else ((maps,), (1.0,))
+    total, parts = 0, {}
+    for branch, weight in zip(branches, weights):
+        flat = torch.cat([m.flatten(2) for m in branch], 2)
+        boxes, scores = flat.split((head.reg_max * 4, head.nc), 1)
+        loss, items = model.criterion({"boxes": boxes, "scores": scores, "feats": branch}, batch)
+        total = total + weight * loss
+        parts = {k: parts.get(k, 0) + weight * v for k, v in items.items()}
+    return total, parts
+
+
 def _retyped(head: nn.Module, cls: type, children: dict[str, nn.Module]) -> nn.Module:
     new = cls.__new__(cls)
     new.__dict__.update(head.__dict__)
@@ -298,10 +332,13 @@ def fuse_repconv(model: nn.Module) -> int:
     """Fold every RepConv (YOLOv7's, and YOLOv9's RepConvN) of `model` into one 3x3 convolution, in place.
 
     The model computes the same function (to float rounding) with one convolution per block, so rules see a
-    single Conv block there instead of the 3x3 and 1x1 branches. Returns how many blocks were fused.
+    single Conv block there instead of the 3x3 and 1x1 branches. Blocks a rule already rewrote a branch of keep
+    their branches (the folding needs plain kernels). Returns how many blocks were fused.
     """
     fused = 0
     for module in model.modules():
+        if any(is_conv(m) and type(m) is not nn.Conv2d for m in module.modules()):
+            continue
         if isinstance(module, ClassicRepConv) and not hasattr(module, "rbr_reparam"):
             module.fuse()
         elif isinstance(module, RepConv) and not hasattr(module, "conv"):
@@ -324,8 +361,6 @@ def remove_aux(model: nn.Module) -> list[int]:
     Raises:
         SurgeonError: The model's head has no auxiliary branch.
     """
-    from surgeon.blocks import layer_sources, needed_layers
-
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
     if not callable(getattr(head, "without_aux", None)):

@@ -55,6 +55,7 @@ from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.classic import ClassicDetect  # noqa: E402
 from surgeon.classic_loss import ClassicHyp  # noqa: E402
+from surgeon.classic_v7v9 import ClassicDDetect  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
 from surgeon.io import load, read_checkpoint  # noqa: E402
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "MixtureLogger",
     "ClassicDetectionValidator",
     "RewrittenClassicTrainer",
+    "RewrittenClassicV9Trainer",
     "RewrittenClassificationTrainer",
     "RewrittenDetectionTrainer",
     "RewrittenOBBTrainer",
@@ -417,6 +419,8 @@ def trainer_for(model: nn.Module | str) -> type:
             raise SurgeonError(refusal.format(head=type(head).__name__))
         if isinstance(head, ClassicDetect):
             return RewrittenClassicTrainer
+        if isinstance(head, ClassicDDetect):
+            return RewrittenClassicV9Trainer
         if not isinstance(head, (Detect, Classify)):
             raise SurgeonError(
                 f"cannot fine-tune a model whose last layer is {type(head).__name__} with the Ultralytics trainer; "
@@ -449,8 +453,8 @@ def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None
     current = getattr(head, "nc", None)
     if head is None or current == nc:
         return
-    if isinstance(head, Detect) and current is not None:
-        branches = [b for attr in ("cv3", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
+    if isinstance(head, (Detect, ClassicDDetect)) and current is not None:  # cv5: YOLOv9's dual heads
+        branches = [b for attr in ("cv3", "cv5", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
         if not branches or any(not (isinstance(b[-1], nn.Conv2d) and b[-1].out_channels == current) for b in branches):
             raise SurgeonError(
                 f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "
@@ -538,6 +542,33 @@ class RewrittenClassicTrainer(_KeepRewrittenModel, DetectionTrainer):
         self.loss_names = ("box_loss", "obj_loss", "cls_loss")
         return ClassicDetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
                                          _callbacks=self.callbacks)
+
+
+class ClassicV9DetectionValidator(DetectionValidator):
+    """DetectionValidator for YOLOv9 heads: the main branch's predictions (a dual head's second) go to NMS and mAP."""
+
+    def postprocess(self, preds):
+        pred = preds[0] if isinstance(preds, (list, tuple)) else preds  # (predictions, maps); AutoBackend: a list
+        pred = pred[1] if isinstance(pred, (list, tuple)) else pred  # a dual head's [auxiliary, main]
+        return super().postprocess(pred)  # (B, 4 + nc, anchors) as Detect's
+
+
+class RewrittenClassicV9Trainer(_KeepRewrittenModel, DetectionTrainer):
+    """Ultralytics' detection training for classic YOLOv9 models (DDetect, DualDDetect), with YOLOv9's loss.
+
+    The loss is the repository's (`surgeon.classic_v7v9.yolov9_loss`: task-aligned assignment, CIoU, DFL, BCE,
+    the auxiliary branch at 0.25), with its gains, which are Ultralytics' defaults (box 7.5, cls 0.5, dfl 1.5);
+    the repository's optimizer is SGD. Data loading, augmentation, EMA, AMP, checkpoints and DDP are Ultralytics'.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        overrides = {"optimizer": "SGD", **(overrides or {})}
+        super().__init__(cfg, overrides, _callbacks)
+
+    def get_validator(self):
+        self.loss_names = ("box_loss", "cls_loss", "dfl_loss")
+        return ClassicV9DetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
+                                           _callbacks=self.callbacks)
 
 
 # --- public entry point ---------------------------------------------------------------------------------------------
