@@ -155,11 +155,12 @@ class ClassicIDetect(ClassicDetect):
     """YOLOv7's ``models.yolo.IDetect``: the classic anchor-based head between ``ImplicitA`` and ``ImplicitM``.
 
     Pickled as YOLOv7 writes it: ``anchor_grid`` a buffer in pixels (made a per-level cache on load, as for
-    classic YOLOv5 before v6.0), ``ia``/``im`` one implicit module per level.
+    classic YOLOv5 before v6.0), ``ia``/``im`` one implicit module per level. Its training maps are classic
+    YOLOv5's, and so is the repository's ``ComputeLoss`` (what its train.py uses with ``loss_ota: 0``; the default
+    OTA assignment is not implemented here): fine-tuning uses `surgeon.classic_loss` with ``default_hyp``.
     """
 
-    finetune_refusal = ("surgeon finetune does not train YOLOv7 heads ({head}): the repository's OTA loss is not "
-                        "implemented here; train the model from Python (surgeon.load(path).model is an nn.Module)")
+    default_hyp = {"box": 0.05, "cls": 0.3, "obj": 0.7}  # the repository's data/hyp.scratch.p5.yaml
 
     def _map(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.im[i](self.m[i](self.ia[i](x)))
@@ -170,6 +171,9 @@ class ClassicIAuxDetect(ClassicIDetect):
     predictions ``m2`` on the other ``nl``, which only training uses (its maps follow the main ones)."""
 
     aux_children = ("m2",)
+    finetune_refusal = ("surgeon finetune does not train YOLOv7's {head} (the repository trains its auxiliary heads "
+                        "with the OTA loss, not implemented here); run `surgeon deploy` first, which gives the IDetect "
+                        "model the repository deploys, and fine-tune that")
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor] | tuple:
         out = super().forward(x[:self.nl])

@@ -492,7 +492,8 @@ def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None
 
 
 def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
-    """New class rows in each level's output convolution; the box and objectness rows keep their trained weights.
+    """New class rows in each level's output convolution (and YOLOv7's ImplicitM after it, at 1); the box and
+    objectness rows keep their trained weights.
 
     Class biases start as the classic ``_initialize_biases`` sets them: log(0.6 / (nc - 0.99)).
     """
@@ -505,6 +506,11 @@ def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
             bias[:, :5] = old.bias.view(head.na, head.no)[:, :5]
             bias[:, 5:] = math.log(0.6 / (nc - 0.99))
         head.m[i] = new
+        implicit = head.im[i] if isinstance(getattr(head, "im", None), nn.ModuleList) else None  # YOLOv7's IDetect
+        if implicit is not None:
+            scale = torch.ones(head.na, 5 + nc, dtype=implicit.implicit.dtype, device=implicit.implicit.device)
+            scale[:, :5] = implicit.implicit.detach().view(head.na, head.no)[:, :5]
+            implicit.implicit = nn.Parameter(scale.view(1, -1, 1, 1))
     head.nc, head.no = nc, nc + 5
 
 
@@ -536,7 +542,8 @@ class RewrittenClassicTrainer(_KeepRewrittenModel, DetectionTrainer):
         model = unwrap_model(self.model)
         head = model.model[-1]
         imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
-        model.hyp = dataclasses.asdict(ClassicHyp().scaled(head.nl, head.nc, imgsz))
+        hyp = ClassicHyp(**getattr(head, "default_hyp", {}))  # YOLOv7's recipe has its own gains
+        model.hyp = dataclasses.asdict(hyp.scaled(head.nl, head.nc, imgsz))
 
     def get_validator(self):
         self.loss_names = ("box_loss", "obj_loss", "cls_loss")

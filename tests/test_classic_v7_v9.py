@@ -10,6 +10,7 @@ BatchNorm calibrated on random images, and saved as their ``train.py`` saves the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import sys
 
@@ -457,19 +458,49 @@ def test_remove_aux_refuses_a_model_without_one(case, tmp_path):
     assert not [m for m in fused.modules() if isinstance(m, ClassicRepConv) and not hasattr(m, "rbr_reparam")]
 
 
-def test_finetune_refuses_yolov7_with_one_line_and_takes_yolov9(case, tmp_path):
-    from surgeon.finetune import RewrittenClassicV9Trainer, trainer_for
+def test_finetune_takes_the_deployed_forms_and_refuses_iauxdetect_in_one_line(case, tmp_path):
+    from surgeon.finetune import RewrittenClassicTrainer, RewrittenClassicV9Trainer, trainer_for
 
     name, _, path, _ = case
-    if not name.startswith("yolov7"):
-        assert trainer_for(surgeon.load(path).model) is RewrittenClassicV9Trainer
+    if name != "yolov7-aux":
+        expected = RewrittenClassicTrainer if name == "yolov7" else RewrittenClassicV9Trainer
+        assert trainer_for(surgeon.load(path).model) is expected
         return
     with pytest.raises(SurgeonError) as error:
         trainer_for(surgeon.load(path).model)
-    assert "\n" not in str(error.value) and "does not train YOLOv7" in str(error.value)
+    assert "\n" not in str(error.value) and "surgeon deploy" in str(error.value)
 
     result = CliRunner().invoke(main, ["finetune", str(path), "--data", str(tmp_path / "missing.yaml")])
     assert result.exit_code != 0 and "Traceback" not in result.output
+    deployed = tmp_path / "deployed.pt"
+    assert CliRunner().invoke(main, ["deploy", str(path), "-o", str(deployed), "--imgsz", str(IMGSZ)]).exit_code == 0
+    assert trainer_for(surgeon.load(deployed).model) is RewrittenClassicTrainer
+
+
+def test_yolov7_loss_is_the_repository_compute_loss(yolov7, tmp_path):
+    """IDetect's maps are classic YOLOv5's; the repository's (non-OTA) ComputeLoss is the classic loss."""
+    from surgeon.classic_loss import ClassicHyp
+
+    with undo_yolov5_import():
+        from yolov7.utils.loss import ComputeLoss
+    path = tmp_path / "v7.pt"
+    write_checkpoint(path, build(yolov7, YOLOV7), "yolov7")
+    model = surgeon.load(path).model.train()
+    model.hyp = dataclasses.asdict(ClassicHyp(**ClassicIDetect.default_hyp).scaled(3, 3, IMGSZ))
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [0, 2, 0.2, 0.3, 0.1, 0.1], [1, 0, 0.7, 0.6, 0.5, 0.2]])
+    batch = {"img": torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(3)),
+             "batch_idx": targets[:, 0], "cls": targets[:, 1:2], "bboxes": targets[:, 2:]}
+
+    preds = model(batch["img"])
+    total, parts = model.loss(batch, preds)
+    model.gr, model.hyp = 1.0, {**model.hyp, "fl_gamma": 0.0}  # what the repository's train.py sets
+    with undo_yolov5_import():
+        expected_total, expected = ComputeLoss(model)(preds, targets)
+
+    print(f"yolov7: loss {float(total.detach()):.6f}, repository {float(expected_total.detach()):.6f}")
+    torch.testing.assert_close(torch.stack(list(parts.values())), expected[:3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total.view(1), expected_total, rtol=1e-5, atol=1e-5)
+    assert float(expected[:3].min()) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["gelan-ddetect", "yolov9"])
@@ -493,7 +524,7 @@ def test_yolov9_loss_is_the_repository_loss(name, yolov9, tmp_path):
     with undo_yolov5_import():
         expected_total, expected = (loss_tal_dual if name == "yolov9" else loss_tal).ComputeLoss(model)(preds, targets)
 
-    print(f"{name}: loss {float(total.sum().detach()):.6f}, repository {float(expected_total):.6f}")
+    print(f"{name}: loss {float(total.sum().detach()):.6f}, repository {float(expected_total.detach()):.6f}")
     torch.testing.assert_close(torch.stack(list(parts.values())), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(total.sum(), expected_total, rtol=1e-5, atol=1e-5)
     assert float(expected.min()) > 0.1  # every part is a real term on this batch
@@ -502,30 +533,35 @@ def test_yolov9_loss_is_the_repository_loss(name, yolov9, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_a_rewritten_yolov9_keeps_the_surgery(yolov9, tmp_path):
+@pytest.mark.parametrize("name", ["yolov7", "yolov9"])
+def test_finetune_a_rewritten_model_keeps_the_surgery(name, yolov7, yolov9, tmp_path):
     from surgeon.data import make_dataset
     from surgeon.finetune import finetune
     from surgeon.modules.dynamic_conv import DynamicConv2d
 
-    path = tmp_path / "yolov9.pt"
-    write_checkpoint(path, build(yolov9, YOLOV9), "yolov9")
-    out = surgeon.apply(path, "dyn_head", imgsz=IMGSZ).save(tmp_path / "yolov9-dyn_head.pt")
+    package, cfg, head_type = CASES[name]
+    path = tmp_path / f"{name}.pt"
+    write_checkpoint(path, build(yolov7 if package == "yolov7" else yolov9, cfg), package)
+    out = surgeon.apply(path, "dyn_head", imgsz=IMGSZ).save(tmp_path / f"{name}-dyn_head.pt")
     data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=64, n_classes=2)  # 3 -> 2 classes
 
     result = finetune(out, data, epochs=1, imgsz=64, batch=4, workers=0, device="cpu", project=str(tmp_path / "runs"),
-                      name="v9", plots=False, quiet=True)
+                      name=name, plots=False, quiet=True)
 
     loaded = surgeon.load(result.last)
     head = loaded.model.model[-1]
-    assert loaded.format == "classic" and type(head) is ClassicDualDDetect and head.nc == 2
-    assert head.cv3[0][-1].out_channels == head.cv5[0][-1].out_channels == 2
+    assert loaded.format == "classic" and type(head) is head_type and head.nc == 2
+    if name == "yolov9":
+        assert head.cv3[0][-1].out_channels == head.cv5[0][-1].out_channels == 2
+    else:
+        assert head.m[0].out_channels == head.im[0].implicit.shape[1] == head.na * 7
     dynamic = [n for n, m in loaded.model.named_modules() if isinstance(m, DynamicConv2d)]
     before = [n for n, m in surgeon.load(out).model.named_modules() if isinstance(m, DynamicConv2d)]
     assert dynamic and dynamic == before
     assert "metrics/mAP50(B)" in result.metrics
     with torch.no_grad():
-        pred, _ = loaded.model(torch.rand(1, 3, 64, 64))
-    assert pred[1].shape[1] == 4 + 2 and torch.isfinite(pred[1]).all()
+        pred = tensors(loaded.model(torch.rand(1, 3, 64, 64)))
+    assert all(torch.isfinite(p).all() for p in pred)
 
 
 @pytest.mark.parametrize("package", ["yolov7", "yolov9"])
