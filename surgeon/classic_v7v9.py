@@ -445,6 +445,7 @@ def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool =
     from surgeon.blocks import run_model, sample_input
     from surgeon.classic import ClassicDetectionModel
     from surgeon.io import load, save_checkpoint
+    from surgeon.outputs import prediction_tensor
 
     output = Path(output)
     loaded = load(source, trust=trust)
@@ -457,13 +458,13 @@ def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool =
                            "(use --keep-aux to fuse RepConv blocks only)")
     x = sample_input(model, imgsz, 2)
     with torch.no_grad():
-        before = _main_prediction(model, run_model(model, x))
+        before = prediction_tensor(run_model(model, x))
     removed = remove_aux(model) if aux else []
     fused = fuse_repconv(model) if fuse else 0
     if not removed and not fused:
         raise SurgeonError(f"{source}: nothing to deploy (no auxiliary branch removal or RepConv fusion asked for)")
     with torch.no_grad():
-        after = run_model(model, x)[0]
+        after = prediction_tensor(run_model(model, x))
     if after.shape != before.shape or not torch.allclose(after, before, rtol=1e-3, atol=1e-3):
         raise SurgeonError(f"{source}: the deployed model's predictions differ from the original's; nothing written")
     max_abs = float((after - before).abs().max())
@@ -471,9 +472,3 @@ def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool =
               "source": {"name": loaded.name, "sha256": loaded.sha256, "format": loaded.format}}
     save_checkpoint(loaded, model, output, recipe)
     return {"path": output, "removed_layers": removed, "fused_repconv": fused, "max_abs": max_abs}
-
-
-def _main_prediction(model: nn.Module, out) -> torch.Tensor:
-    """The predictions deployment keeps: the main branch's of a dual head, else the head's only ones."""
-    pred = out[0] if isinstance(out, tuple) else out
-    return pred[1] if isinstance(model.model[-1], ClassicDualDDetect) else pred

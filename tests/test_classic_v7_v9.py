@@ -411,6 +411,7 @@ def test_remove_aux_keeps_the_main_predictions_as_the_deployed_repository_model(
     with torch.no_grad():
         pred, maps = model(x)
     main_pred, main_maps = (pred[1], maps[1]) if name == "yolov9" else (pred, maps)
+    original = copy.deepcopy(model)
 
     removed = remove_aux(model)
 
@@ -432,6 +433,13 @@ def test_remove_aux_keeps_the_main_predictions_as_the_deployed_repository_model(
     with torch.no_grad():
         theirs, _ = deployed(x)
     torch.testing.assert_close(deployed_pred, theirs, rtol=1e-5, atol=1e-4)
+    # What surgeon reports of the model (output check, agreement) is the main branch's, before and after.
+    from surgeon.agreement import detections
+
+    found, found_deployed = detections(original, x, IMGSZ, conf=0.01), detections(model, x, IMGSZ, conf=0.01)
+    assert sum(map(len, found)) > 0
+    for a, b in zip(found, found_deployed):
+        torch.testing.assert_close(a, b)
 
     out = tmp_path / "deployed.pt"
     result = CliRunner().invoke(main, ["deploy", str(path), "-o", str(out), "--imgsz", str(IMGSZ)])
