@@ -24,7 +24,13 @@ from ultralytics.nn.modules import RepConv
 
 import surgeon
 from surgeon.blocks import LayerLayout
-from surgeon.classic import REBUILD_REFUSAL, ClassicDetectionModel, is_classic_checkpoint, pickled_globals
+from surgeon.classic import (
+    REBUILD_REFUSAL,
+    ClassicDetect,
+    ClassicDetectionModel,
+    is_classic_checkpoint,
+    pickled_globals,
+)
 from surgeon.classic_factory import save_classic, undo_yolov5_import
 from surgeon.classic_v7v9 import (
     ClassicDDetect,
@@ -310,6 +316,24 @@ def test_loads_without_the_repository_and_matches_it(case):
     train_diff = max_difference(loaded.model, reference, training=True)
     print(f"{name}: max |ours - repository| eval {eval_diff:.2e}, train {train_diff:.2e}")
     assert_no_repository()
+
+
+@pytest.mark.parametrize("package, cfg, head", [
+    pytest.param("yolov7", {**YOLOV7, "head": [*YOLOV7["head"][:-1], [[31, 32, 33], 1, "Detect", ["nc", "anchors"]]]},
+                 ClassicDetect, id="yolov7-detect"),
+    pytest.param("yolov9", {**YOLOV9, "head": [*YOLOV9["head"][:-1], [[31, 34, 37, 16, 19, 22], 1, "DualDetect",
+                                                                       ["nc"]]]}, ClassicDualDDetect, id="dualdetect"),
+])
+def test_other_heads_match(package, cfg, head, yolov7, yolov9, tmp_path):
+    reference = build(yolov7 if package == "yolov7" else yolov9, cfg)
+    path = tmp_path / "head.pt"
+    write_checkpoint(path, reference, package)
+
+    model = surgeon.load(path).model
+
+    assert type(model.model[-1]) is head
+    max_difference(model, copy.deepcopy(reference).half().float())
+    max_difference(model, copy.deepcopy(reference).half().float(), training=True)
 
 
 def test_every_conv_is_a_block_and_regions_follow_the_layout(case):
