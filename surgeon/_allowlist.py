@@ -44,7 +44,8 @@ Module, parameter and buffer names must be identifiers or indices: torch.fx past
 Python source it generates for a traced model.
 
 **__setstate__** (called by BUILD) only where listed in `AUDITED_SETSTATE`: each fills in defaults for
-attributes older versions did not pickle and then updates ``__dict__``; none imports, opens or evaluates.
+attributes older versions did not pickle and then updates ``__dict__`` (``ClassicDetect``'s may instead make the
+object surgeon's YOLOv9 head class, pickled under the same name); none imports what a file names, opens or evaluates.
 numpy arrays and dtypes use their C ``__setstate__`` (number copying), object dtypes refused.
 """
 

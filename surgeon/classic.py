@@ -113,7 +113,7 @@ class ClassicDetect(nn.Module):
         return grid, anchor_grid
 
     def __setstate__(self, state: dict) -> None:
-        if "dfl" in state.get("_modules", {}):
+        if isinstance(state, dict) and isinstance(state.get("_modules"), dict) and "dfl" in state["_modules"]:
             # YOLOv9 pickles its anchor-free head under the same name, models.yolo.Detect. The class is ours and
             # already imported: building the checkpoint policy imported it (classic_class_names).
             from surgeon.classic_v7v9 import ClassicDDetect
