@@ -23,6 +23,7 @@ from torch import nn
 from ultralytics.nn.modules import RepConv
 
 import surgeon
+import surgeon.io
 from surgeon.blocks import LayerLayout
 from surgeon.classic import (
     REBUILD_REFUSAL,
@@ -334,6 +335,37 @@ def test_other_heads_match(package, cfg, head, yolov7, yolov9, tmp_path):
     assert type(model.model[-1]) is head
     max_difference(model, copy.deepcopy(reference).half().float())
     max_difference(model, copy.deepcopy(reference).half().float(), training=True)
+
+
+@pytest.mark.parametrize("make, channels", [
+    pytest.param(lambda c: c.RepConv(8, 8, deploy=True), 8, id="RepConv-deploy"),
+    pytest.param(lambda c: c.RepConv(8, 16, s=2, act=nn.LeakyReLU(0.1)), 8, id="RepConv-stride2-leaky"),
+    pytest.param(lambda c: c.RepConv(8, 8, g=2), 8, id="RepConv-groups"),
+])
+def test_yolov7_repconv_forms_match_and_fuse_as_the_repository_does(make, channels, yolov7, tmp_path):
+    with undo_yolov5_import():
+        from yolov7.models import common
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = make(common)
+        calibrate_batchnorm(block, torch.rand(4, channels, 16, 16))
+    path = tmp_path / "block.pt"
+    save_classic({"block": block}, path)
+    loaded = surgeon.io.read_checkpoint(path)["block"]
+    x = torch.rand(2, channels, 16, 16)
+
+    assert type(loaded) is ClassicRepConv
+    with torch.no_grad():
+        expected = block(x)
+        torch.testing.assert_close(loaded(x), expected)
+        loaded.fuse()
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+        block.fuse_repvgg_block()
+        if block.groups == 1:  # the repository's fill_diagonal_ misses the identity of later groups
+            torch.testing.assert_close(loaded(x), block(x), rtol=1e-5, atol=1e-5)
+        else:
+            assert not torch.allclose(block(x), expected, rtol=1e-3, atol=1e-3)
+    assert sum(isinstance(m, nn.Conv2d) for m in loaded.modules()) == 1
 
 
 def test_every_conv_is_a_block_and_regions_follow_the_layout(case):
