@@ -12,7 +12,11 @@ heads; YOLOv9's anchor-free heads).
 Heads with an auxiliary branch (YOLOv7's ``IAuxDetect``, YOLOv9's ``DualDDetect``) say which of their
 inputs and children are auxiliary; `surgeon.blocks.LayerLayout` puts the layers feeding only those in
 the ``aux`` region, and `remove_aux` drops them for deployment as the repositories' re-parameterisation
-does (``IAuxDetect`` -> ``IDetect``, ``DualDDetect`` -> ``DDetect`` on the main branch).
+does (``IAuxDetect`` -> ``IDetect``, ``DualDDetect`` -> ``DDetect`` on the main branch); `fuse_repconv` folds
+RepConv blocks, and `deploy` (``surgeon deploy``) writes both to a checkpoint.
+
+Fine-tuning uses each repository's loss: `yolov9_loss` for YOLOv9's heads, the classic anchor loss
+(`surgeon.classic_loss`, which YOLOv7's non-OTA ``ComputeLoss`` is) with YOLOv7's gains for ``IDetect``.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ __all__ = [
     "ClassicImplicitM",
     "ClassicRepConv",
     "ClassicSPPCSPC",
+    "V7V9_CLASSES",
+    "deploy",
     "fuse_repconv",
     "remove_aux",
+    "yolov9_loss",
 ]
 
 
