@@ -246,11 +246,14 @@ class LayerLayout:
             self.layers = None
         self.aux_layers: set[int] = set()
         self.aux_prefixes: tuple[str, ...] = ()
-        head = self.layers[-1] if self.layers is not None else None
+        self.head_sources: list[int] = []  # the head's (main) inputs
+        if self.layers is None:
+            return
+        head, last = self.layers[-1], len(self.layers) - 1
+        self.head_sources = layer_sources(head, last)
         if callable(getattr(head, "split_inputs", None)) and type(getattr(head, "nl", None)) is int:
-            last = len(self.layers) - 1
-            main, aux = head.split_inputs(layer_sources(head, last))
-            self.aux_layers = needed_layers(self.layers, aux) - needed_layers(self.layers, main)
+            self.head_sources, aux = head.split_inputs(self.head_sources)
+            self.aux_layers = needed_layers(self.layers, aux) - needed_layers(self.layers, self.head_sources)
             self.aux_prefixes = tuple(f"model.{last}.{name}." for name in getattr(head, "aux_children", ()))
 
     def layer(self, path: str) -> int | None:
@@ -273,10 +276,7 @@ class LayerLayout:
         """Layer index -> detection level name (``P3``, ...) for each (main) input of the last layer (the head)."""
         if self.layers is None:
             return {}
-        head, last = self.layers[-1], len(self.layers) - 1
-        sources = layer_sources(head, last)
-        if callable(getattr(head, "split_inputs", None)):
-            sources = head.split_inputs(sources)[0]
+        sources = self.head_sources
         strides = getattr(model, "stride", None)
         levels = []
         if isinstance(strides, torch.Tensor) and strides.numel() == len(sources):

@@ -41,7 +41,7 @@ from ultralytics.nn.modules import (
 from ultralytics.nn.modules.block import RepBottleneck, RepCSP
 from ultralytics.utils.tal import dist2bbox, make_anchors
 
-from surgeon.blocks import is_conv, layer_sources, needed_layers
+from surgeon.blocks import LayerLayout, is_conv, needed_layers
 from surgeon.classic import ClassicDetect
 from surgeon.errors import SurgeonError
 
@@ -378,7 +378,7 @@ def remove_aux(model: nn.Module) -> list[int]:
         raise SurgeonError(f"{type(head).__name__ if head is not None else type(model).__name__} has no auxiliary "
                            "branch to remove (only YOLOv7 IAuxDetect and YOLOv9 DualDDetect/DualDetect heads have one)")
     last = len(layers) - 1
-    main, _ = head.split_inputs(layer_sources(head, last))
+    main = LayerLayout(model).head_sources
     keep = sorted(needed_layers(layers, main) | {last})
     new_index = {old: new for new, old in enumerate(keep)}
     deployed = head.without_aux()
