@@ -381,9 +381,7 @@ def remove_aux(model: nn.Module) -> list[int]:
     main = LayerLayout(model).head_sources
     keep = sorted(needed_layers(layers, main) | {last})
     new_index = {old: new for new, old in enumerate(keep)}
-    deployed = head.without_aux()
-    for attr in ("i", "f", "type", "np"):
-        setattr(deployed, attr, getattr(head, attr))
+    deployed = head.without_aux()  # keeps the layer attributes (i, f, type, np) but f, type and np change
     deployed.f = main
     deployed.type = {ClassicIDetect: "models.yolo.IDetect", ClassicDDetect: "models.yolo.DDetect"}[type(deployed)]
     deployed.np = sum(p.numel() for p in deployed.parameters())
