@@ -2,11 +2,11 @@
 
 **Classes** (rebuilt as ``torch.save`` wrote them: ``cls.__new__(cls)`` then the pickled state, never
 ``__init__``): every ``nn.Module`` class of ``torch.nn.modules``, ``ultralytics.nn.modules``,
-``ultralytics.nn.tasks`` and ``surgeon.classic``, and every declared replacement op with the module
-classes defined beside it (`surgeon.registry`: the built-ins and any a user imported) (recurrent layers excepted: no
-detector holds one, and their ``__setstate__`` loops over a count the file sets), under each name they are
-importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
-versions do) and the classic YOLOv5 names mapped onto them; Ultralytics' loss and assigner objects
+``ultralytics.nn.tasks``, ``surgeon.classic`` and ``surgeon.classic_v7v9``, and every declared replacement op
+with the module classes defined beside it (`surgeon.registry`: the built-ins and any a user imported) (recurrent
+layers excepted: no detector holds one, and their ``__setstate__`` loops over a count the file sets), under each
+name they are importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
+versions do) and the classic YOLOv5/YOLOv7/YOLOv9 names mapped onto them; Ultralytics' loss and assigner objects
 (``ultralytics.utils.loss``/``tal``, pickled with the model by trainers); ``IterableSimpleNamespace``,
 ``argparse.Namespace`` and ``types.SimpleNamespace`` (training arguments); the torchvision
 transforms Ultralytics classification models carry; ``numpy.ndarray``. Legacy names Ultralytics
@@ -45,7 +45,8 @@ Module, parameter and buffer names must be identifiers or indices: torch.fx past
 Python source it generates for a traced model.
 
 **__setstate__** (called by BUILD) only where listed in `AUDITED_SETSTATE`: each fills in defaults for
-attributes older versions did not pickle and then updates ``__dict__``; none imports, opens or evaluates.
+attributes older versions did not pickle and then updates ``__dict__`` (``ClassicDetect``'s may instead make the
+object surgeon's YOLOv9 head class, pickled under the same name); none imports what a file names, opens or evaluates.
 numpy arrays and dtypes use their C ``__setstate__`` (number copying), object dtypes refused.
 """
 
@@ -72,7 +73,7 @@ from surgeon._unpickler import Global, Policy, RefusedPickle, budget, plain_key
 _MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules")
 # Left out: recurrent layers (no detector holds one, and RNNBase.__setstate__ loops over a file-chosen count).
 _EXCLUDED_MODULES = ("torch.nn.modules.rnn",)
-_MODULE_MODULES = ("ultralytics.nn.tasks", "surgeon.classic")
+_MODULE_MODULES = ("ultralytics.nn.tasks", "surgeon.classic", "surgeon.classic_v7v9")
 _OBJECT_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal")
 
 # Every __setstate__ BUILD may call, by qualified name; test_io checks this equals what the allowed classes define.
@@ -89,7 +90,7 @@ AUDITED_SETSTATE = frozenset({
     "torch.nn.modules.upsampling.Upsample.__setstate__",  # default recompute_scale_factor
     "ultralytics.nn.modules.block.AAttn.__setstate__",  # default all_head_dim
     "surgeon.modules.ds_conv.DSConv2d.__setstate__",  # default kernel_unit buffer
-    "surgeon.classic.ClassicDetect.__setstate__",  # pre-v6 grid caches reset
+    "surgeon.classic.ClassicDetect.__setstate__",  # pre-v6/YOLOv7 grid caches reset; YOLOv9's layout -> ClassicDDetect
     "surgeon.classic.ClassicDetectionModel.__setstate__",  # fills stride/nc/names as attempt_load does
 })
 

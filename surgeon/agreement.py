@@ -107,11 +107,11 @@ def detections(model: nn.Module, images: Tensor, imgsz: int, *, conf: float = CO
     from torchvision.ops import batched_nms
 
     from surgeon.blocks import run_model
+    from surgeon.outputs import prediction_tensor
 
     parameter = next(model.parameters())
     output = run_model(model.eval(), images.to(parameter.device, parameter.dtype))
-    first = output[0] if isinstance(output, (tuple, list)) else output
-    boxes, scores, classes, final = _candidates(model, first.float(), imgsz)
+    boxes, scores, classes, final = _candidates(model, prediction_tensor(output).float(), imgsz)
     out = []
     for i in range(len(boxes)):
         if classes is None:

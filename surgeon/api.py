@@ -20,7 +20,7 @@ from surgeon.match import match_rules
 from surgeon.measure import Measurement, measure
 from surgeon.mixtures import MixtureStats, mixture_layers, mixture_stats
 from surgeon.modules import builtin_replacements
-from surgeon.outputs import compare
+from surgeon.outputs import compare, prediction_tensor
 from surgeon.registry import Registry
 from surgeon.report import Change, Report
 from surgeon.rewrite import Inserted, Replaced, rewrite
@@ -207,9 +207,11 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
     """
     x = sample_input(original, imgsz, batch)
     with torch.no_grad():
-        reference = _flat_tensors(run_model(original.eval(), x))
+        reference_out = run_model(original.eval(), x)
+        reference = _flat_tensors(reference_out)
         try:
-            result = _flat_tensors(run_model(rewritten.eval(), x))
+            result_out = run_model(rewritten.eval(), x)
+            result = _flat_tensors(result_out)
         except Exception as error:  # noqa: BLE001 - any failure means the rewrite is unusable
             raise SurgeryError(f"the rewritten model fails on a test batch: {type(error).__name__}: {error}") from error
     if [t.shape for t in reference] != [t.shape for t in result]:
@@ -218,7 +220,12 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
         raise SurgeryError("the rewritten model produces non-finite outputs on a test batch")
     max_abs = max((float((a - b).abs().max()) for a, b in zip(reference, result) if a.numel()), default=0.0)
     scale = max((float(a.abs().max()) for a in reference if a.numel()), default=0.0)
-    parts = compare(original, reference[0], result[0], imgsz) if reference else {}
+    parts = {}
+    if reference:  # boxes and scores of the predictions (a YOLOv9 dual head's main ones), else of the first output
+        first = prediction_tensor(reference_out), prediction_tensor(result_out)
+        if not all(isinstance(t, torch.Tensor) for t in first):
+            first = reference[0], result[0]
+        parts = compare(original, *first, imgsz)
     return {"batch": batch, "imgsz": imgsz, "max_abs": max_abs, "max_rel": max_abs / scale if scale else max_abs,
             "max_abs_original": scale, **parts}
 

@@ -28,7 +28,9 @@ ACT_TYPES = (
     nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Identity,
 )
 ACT_FUNCTIONS = {torch.nn.functional.relu, torch.nn.functional.silu, torch.relu, torch.sigmoid}
-REGIONS = ("backbone", "neck", "head")
+# aux: the training-only branch of heads that have one (YOLOv7 IAuxDetect, YOLOv9 DualDDetect), which
+# deployment removes (`surgeon.classic_v7v9.remove_aux`).
+REGIONS = ("backbone", "neck", "head", "aux")
 
 # Longest first: a conv is claimed by the fullest block it belongs to.
 _PATTERNS = (("conv", "norm", "act"), ("conv", "norm"), ("conv", "act"), ("conv",))
@@ -47,7 +49,7 @@ class ConvBlock:
         act: Path of the activation module, if any.
         act_type: Activation class or function name, if any.
         layer: Index of the top-level layer (``model.N``) in Ultralytics-style models.
-        region: ``backbone``, ``neck`` or ``head`` where the model says; None otherwise.
+        region: ``backbone``, ``neck``, ``head`` or ``aux`` where the model says; None otherwise.
         source: ``graph`` when found in the traced graph, ``leaf`` when found by walking a leaf module.
         in_channels, out_channels, kernel, stride, groups, dilation, bias: The convolution's geometry.
         params: Parameters of the convolution and norm.
@@ -205,7 +207,7 @@ class LayerTarget:
         path: ``model.N``.
         type: Class name of the layer.
         layer: N.
-        region: backbone, neck or head.
+        region: backbone, neck, head or aux.
         feeds: Detection levels (``P3``, ...) whose head input this layer's output is.
         out_shape: Output shape at the inspected image size (batch 1), where it is one tensor.
     """
@@ -222,8 +224,28 @@ class LayerTarget:
         return self.out_shape[1] if self.out_shape and len(self.out_shape) == 4 else None
 
 
+def layer_sources(layer: nn.Module, index: int) -> list[int]:
+    """The absolute indices of the layers whose outputs layer `index` reads (its ``f``; -1 is the previous one)."""
+    f = getattr(layer, "f", -1)
+    f = f if isinstance(f, (list, tuple)) else [f]
+    return [index + j if j < 0 else j for j in f if type(j) is int]  # a damaged file's other entries fail in forward
+
+
+def needed_layers(layers: nn.Sequential | nn.ModuleList, outputs: list[int]) -> set[int]:
+    """The layers whose outputs `outputs` depend on, themselves included (the first layer reads the input)."""
+    needed = set(outputs)
+    for index in range(len(layers) - 1, 0, -1):
+        if index in needed:
+            needed.update(layer_sources(layers[index], index))
+    return needed
+
+
 class LayerLayout:
-    """Where a module path sits in an Ultralytics-style layer list (``model.N``) and which region that is."""
+    """Where a module path sits in an Ultralytics-style layer list (``model.N``) and which region that is.
+
+    A head with an auxiliary branch says which of its inputs (``split_inputs``) and children (``aux_children``)
+    are auxiliary; the layers only those inputs need, and those children, are the ``aux`` region.
+    """
 
     def __init__(self, model: nn.Module):
         self.layers = getattr(model, "model", None)
@@ -232,6 +254,17 @@ class LayerLayout:
         if not isinstance(self.layers, (nn.Sequential, nn.ModuleList)) or not hasattr(self.layers[-1], "f"):
             self.layers = None
         self.children = {name: i for i, (name, _) in enumerate(model.named_children())}
+        self.aux_layers: set[int] = set()
+        self.aux_prefixes: tuple[str, ...] = ()
+        self.head_sources: list[int] = []  # the head's (main) inputs
+        if self.layers is None:
+            return
+        head, last = self.layers[-1], len(self.layers) - 1
+        self.head_sources = layer_sources(head, last)
+        if callable(getattr(head, "split_inputs", None)) and type(getattr(head, "nl", None)) is int:
+            self.head_sources, aux = head.split_inputs(self.head_sources)
+            self.aux_layers = needed_layers(self.layers, aux) - needed_layers(self.layers, self.head_sources)
+            self.aux_prefixes = tuple(f"model.{last}.{name}." for name in getattr(head, "aux_children", ()))
 
     def layer(self, path: str) -> int | None:
         """``N`` of ``model.N`` in Ultralytics-style models; elsewhere the index of the top-level child holding
@@ -243,20 +276,21 @@ class LayerLayout:
             return None
         return int(parts[1])
 
-    def region(self, layer: int | None) -> str | None:
+    def region(self, layer: int | None, path: str | None = None) -> str | None:
+        """The region of top-level layer `layer`, or of the module at `path` inside it (a head's aux children)."""
         if layer is None or self.n_backbone is None:
             return None
+        if layer in self.aux_layers or (path is not None and path.startswith(self.aux_prefixes)):
+            return "aux"
         if layer < self.n_backbone:
             return "backbone"
         return "head" if layer == len(self.layers) - 1 else "neck"
 
     def head_inputs(self, model: nn.Module) -> dict[int, str]:
-        """Layer index -> detection level name (``P3``, ...) for each input of the last layer (the head)."""
+        """Layer index -> detection level name (``P3``, ...) for each (main) input of the last layer (the head)."""
         if self.layers is None:
             return {}
-        sources = self.layers[-1].f if isinstance(self.layers[-1].f, list) else [self.layers[-1].f]
-        last = len(self.layers) - 1
-        sources = [last + s if s < 0 else s for s in sources]
+        sources = self.head_sources
         strides = getattr(model, "stride", None)
         levels = []
         if isinstance(strides, torch.Tensor) and strides.numel() == len(sources):
@@ -342,7 +376,7 @@ def find_blocks(traced: Traced, shapes: dict[str, tuple] | None = None) -> list[
             aliases = ("Conv", "DWConv") if depthwise else ("Conv",)
         blocks.append(ConvBlock(
             path=path, type=type(modules[path]).__name__, conv=conv_path, norm=norm, act=act, act_type=act_type,
-            layer=layer, region=layout.region(layer), source=source, in_channels=conv.in_channels,
+            layer=layer, region=layout.region(layer, conv_path), source=source, in_channels=conv.in_channels,
             out_channels=conv.out_channels, kernel=tuple(conv.kernel_size), stride=tuple(conv.stride),
             groups=conv.groups, dilation=tuple(conv.dilation), bias=conv.bias is not None, params=params,
             trainable=not _fixed(model, conv_path), rewritten=is_surgeon_module(conv),

@@ -8,7 +8,9 @@ namesake where it computes the same thing from the same pickled attributes, a sm
 module where it does not (the model's layer loop, the anchor-based ``Detect`` head, and a few
 blocks Ultralytics dropped). Any other name is refused before anything is built.
 
-Checkpoints written by the PyPI ``yolov5`` package (the same classes under ``yolov5.models``) load too.
+Checkpoints written by the PyPI ``yolov5`` package (the same classes under ``yolov5.models``) load too, and so do
+those of YOLOv7 and YOLOv9 (github.com/WongKinYiu), which pickle the same model class and layout plus blocks and
+heads of their own (`surgeon.classic_v7v9`).
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ __all__ = [
     "REBUILD_REFUSAL",
     "classic_class_names",
     "is_classic_checkpoint",
+    "is_classic_head",
     "pickled_globals",
     "refuse_classic_rebuild",
 ]
 
-# Checkpoints of the repository name `models.*`; those of the PyPI package `yolov5.models.*`.
-CLASSIC_PREFIXES = ("models.", "yolov5.models.")
+# Checkpoints of the repositories name `models.*`; those of the PyPI packages `yolov5.models.*` (and the YOLOv7 and
+# YOLOv9 repackagings `yolov7.models.*`, `yolov9.models.*`).
+CLASSIC_PREFIXES = ("models.", "yolov5.models.", "yolov7.models.", "yolov9.models.")
 
 
 class ClassicDetect(nn.Module):
@@ -77,8 +81,7 @@ class ClassicDetect(nn.Module):
         """
         z, maps = [], []
         for i in range(self.nl):
-            # unflatten, not view(bs, na, no, ny, nx): no shape read, so torch.fx traces training mode.
-            xi = self.m[i](x[i]).unflatten(1, (self.na, self.no)).permute(0, 1, 3, 4, 2).contiguous()
+            xi = self._unflatten(self._map(i, x[i]))
             maps.append(xi)
             if not self.training:
                 bs, _, ny, nx, _ = xi.shape
@@ -92,6 +95,14 @@ class ClassicDetect(nn.Module):
             return maps
         return (torch.cat(z, 1),) if self.export else (torch.cat(z, 1), maps)
 
+    def _map(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The raw prediction map of level `i` (bs, na * no, ny, nx)."""
+        return self.m[i](x)
+
+    def _unflatten(self, x: torch.Tensor) -> torch.Tensor:
+        # unflatten, not view(bs, na, no, ny, nx): no shape read, so torch.fx traces training mode.
+        return x.unflatten(1, (self.na, self.no)).permute(0, 1, 3, 4, 2).contiguous()
+
     def _make_grid(self, nx: int = 20, ny: int = 20, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         d, t = self.anchors[i].device, self.anchors[i].dtype
         shape = 1, self.na, ny, nx, 2
@@ -102,10 +113,18 @@ class ClassicDetect(nn.Module):
         return grid, anchor_grid
 
     def __setstate__(self, state: dict) -> None:
+        if isinstance(state, dict) and isinstance(state.get("_modules"), dict) and "dfl" in state["_modules"]:
+            # YOLOv9 pickles its anchor-free head under the same name, models.yolo.Detect. The class is ours and
+            # already imported: building the checkpoint policy imported it (classic_class_names).
+            from surgeon.classic_v7v9 import ClassicDDetect
+
+            self.__class__ = ClassicDDetect
+            nn.Module.__setstate__(self, state)
+            return
         super().__setstate__(state)
         if not isinstance(getattr(self, "anchor_grid", None), list):
-            # Releases before v6.0 kept anchor_grid as a buffer in pixels, and cached grids without the -0.5
-            # offset that _make_grid now includes; both are per-level caches now, rebuilt on the next call.
+            # Releases before v6.0 (and YOLOv7) kept anchor_grid as a buffer in pixels, and cached grids without the
+            # -0.5 offset that _make_grid now includes; both are per-level caches now, rebuilt on the next call.
             self._buffers.pop("anchor_grid", None)
             self.anchor_grid = [torch.zeros(1)] * self.nl
             self.grid = [torch.zeros(1)] * self.nl
@@ -149,7 +168,7 @@ class ClassicDetectionModel(nn.Module):
 
     def loss(self, batch: dict, preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of an Ultralytics batch: the model's ``criterion`` where a run set one (as Ultralytics' models
-        use theirs), else the classic anchor-based loss (`supervised_loss`).
+        use theirs), else the classic anchor-based loss (`supervised_loss`; YOLOv9's for its heads).
 
         Args:
             batch: ``img``, and the targets as ``batch_idx``, ``cls`` and normalised xywh ``bboxes``.
@@ -166,8 +185,13 @@ class ClassicDetectionModel(nn.Module):
 
     def supervised_loss(self, batch: dict, preds: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The classic anchor-based loss (`surgeon.classic_loss`) of `preds` against the batch's targets, with the
-        gains in ``hyp``; returns the total (times the batch size) and its box/obj/cls parts."""
+        gains in ``hyp``; returns the total (times the batch size) and its box/obj/cls parts. YOLOv9 heads get their
+        repository's loss (`surgeon.classic_v7v9.yolov9_loss`)."""
         from surgeon.classic_loss import ClassicHyp, classic_loss
+        from surgeon.classic_v7v9 import ClassicDDetect, yolov9_loss
+
+        if isinstance(self.model[-1], ClassicDDetect):
+            return yolov9_loss(self, batch, preds)
 
         maps = preds[1] if isinstance(preds, tuple) else preds
         head = self.model[-1]
@@ -195,13 +219,17 @@ class ClassicDetectionModel(nn.Module):
         return x
 
     def fuse(self, verbose: bool = False, **kwargs) -> ClassicDetectionModel:
-        """Fold each Conv block's BatchNorm into its convolution, as the classic model's ``fuse()`` does.
+        """Fold each Conv block's BatchNorm into its convolution, and each RepConv's branches into one convolution
+        (`surgeon.classic_v7v9.fuse_repconv`), as the classic models' ``fuse()`` does.
 
         Uses Ultralytics' folding, so replacement ops that follow surgeon's op contract fold too. `verbose` (and
         the keywords Ultralytics' exporter passes) are accepted for the signature of Ultralytics' ``fuse()``.
         """
         from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
+        from surgeon.classic_v7v9 import fuse_repconv
+
+        fuse_repconv(self)
         for m in self.modules():
             if isinstance(m, (Conv, DWConv)) and hasattr(m, "bn"):
                 m.conv = fuse_conv_and_bn(m.conv, m.bn)
@@ -264,10 +292,21 @@ _CLASSIC_CLASSES: dict[str, type] = {
 def classic_class_names() -> dict[str, type]:
     """Classic names (``models.common.Conv``, ``yolov5.models.yolo.Detect``, ...) -> the classes that load them.
 
-    The non-module objects classic checkpoints hold (``opt`` as an ``argparse.Namespace`` in some releases,
-    numpy's ``best_fitness``) are on surgeon's general allow-list (`surgeon._allowlist`).
+    Covers classic YOLOv5 and the YOLOv7/YOLOv9 additions (`surgeon.classic_v7v9`). The non-module objects
+    classic checkpoints hold (``opt`` as an ``argparse.Namespace`` in some releases, numpy's ``best_fitness``)
+    are on surgeon's general allow-list (`surgeon._allowlist`).
     """
-    return {f"{prefix}{name}": cls for name, cls in _CLASSIC_CLASSES.items() for prefix in CLASSIC_PREFIXES}
+    from surgeon.classic_v7v9 import V7V9_CLASSES
+
+    names = {**_CLASSIC_CLASSES, **V7V9_CLASSES}
+    return {f"{prefix}{name}": cls for name, cls in names.items() for prefix in CLASSIC_PREFIXES}
+
+
+def is_classic_head(module: nn.Module | None) -> bool:
+    """Whether `module` is the head of a classic model: YOLOv5/YOLOv7's anchor-based Detect family or YOLOv9's."""
+    from surgeon.classic_v7v9 import ClassicDDetect
+
+    return isinstance(module, (ClassicDetect, ClassicDDetect))
 
 
 # What a rewritten classic checkpoint's YAML says its activation is. The classic repository's train.py
@@ -278,12 +317,21 @@ REBUILD_REFUSAL = "surgeon_rewrote_this_model_fine_tune_it_with_surgeon_finetune
 
 
 def refuse_classic_rebuild(model: ClassicDetectionModel) -> None:
-    """Make the saved YAML of a rewritten classic model stop the classic ``train.py`` from rebuilding it."""
+    """Make the saved YAML of a rewritten classic model stop the classic ``train.py`` from rebuilding it.
+
+    YOLOv5's and YOLOv9's parse_model evaluate ``activation``. YOLOv7's never reads it (its models carry the
+    ``traced`` flag its Model sets); it evaluates each layer's module name, so the first one says it instead.
+    """
     if isinstance(getattr(model, "yaml", None), dict):
         yaml = dict(model.yaml)
         if yaml.get("activation") != REBUILD_REFUSAL:
             yaml["surgeon_original_activation"] = yaml.get("activation")
         yaml["activation"] = REBUILD_REFUSAL
+        backbone = yaml.get("backbone")
+        if hasattr(model, "traced") and isinstance(backbone, list) and backbone and isinstance(backbone[0], list) \
+                and len(backbone[0]) == 4 and backbone[0][2] != REBUILD_REFUSAL:
+            yaml["surgeon_original_first_module"] = backbone[0][2]
+            yaml["backbone"] = [[*backbone[0][:2], REBUILD_REFUSAL, backbone[0][3]], *backbone[1:]]
         model.yaml = yaml
 
 
@@ -291,7 +339,7 @@ def _update_legacy_state(model: ClassicDetectionModel) -> None:
     """Fill in what older releases (or older torch) did not pickle, as the repository's attempt_load does."""
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
-    if not isinstance(head, ClassicDetect):
+    if not is_classic_head(head):
         return  # not a detection model; load_classic says so
     if not hasattr(model, "stride"):
         model.stride = head.stride if isinstance(head.stride, torch.Tensor) else torch.tensor([32.0])

@@ -245,6 +245,9 @@ def _make_pre_v6(model: nn.Module) -> None:
 def save_classic(obj: Any, path: str | os.PathLike, legacy_model_name: bool = False, **torch_save_kwargs: Any) -> None:
     """``torch.save`` that pickles ``yolov5.models.X`` as the repository's ``models.X``.
 
+    The PyPI packages of YOLOv7 and YOLOv9 (``yolov7.models``, ``yolov9.models``) repackage those
+    repositories the same way and are renamed the same way.
+
     Args:
         obj: What to save.
         path: Where to write it.
@@ -254,15 +257,19 @@ def save_classic(obj: Any, path: str | os.PathLike, legacy_model_name: bool = Fa
     torch.save(obj, path, pickle_module=_renaming_pickle_module(legacy_model_name), **torch_save_kwargs)
 
 
+_PACKAGE_PREFIXES = (_PACKAGE_PREFIX, "yolov7.", "yolov9.")
+
+
 def _renaming_pickle_module(legacy_model_name: bool) -> types.ModuleType:
     renames = {"models.yolo.DetectionModel": "models.yolo.Model"} if legacy_model_name else {}
 
     class Pickler(pickle._Pickler):  # the Python pickler: its save_global can be overridden
         def save_global(self, obj, name=None):
             module = getattr(obj, "__module__", None) or ""
-            if not module.startswith(_PACKAGE_PREFIX + "models."):
+            prefix = next((p for p in _PACKAGE_PREFIXES if module.startswith(p + "models.")), None)
+            if prefix is None:
                 return super().save_global(obj, name)
-            full = f"{module.removeprefix(_PACKAGE_PREFIX)}.{name or obj.__qualname__}"
+            full = f"{module.removeprefix(prefix)}.{name or obj.__qualname__}"
             module, _, name = renames.get(full, full).rpartition(".")
             if self.proto >= 4:
                 self.save(module)

@@ -369,6 +369,28 @@ def dataset_cmd(root: Path, n_train: int, n_val: int, imgsz: int, n_classes: int
     click.echo(f"wrote {path}")
 
 
+@main.command("deploy")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output checkpoint [default: MODEL-deploy.pt].")
+@click.option("--keep-aux", is_flag=True, help="Keep the auxiliary branch (only fuse RepConv blocks).")
+@click.option("--no-fuse", is_flag=True, help="Keep RepConv blocks in their training form.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--imgsz", default=640, show_default=True, help="Image size of the output check.")
+@click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
+def deploy_cmd(model: Path, output, keep_aux: bool, no_fuse: bool, force: bool, imgsz: int, trust: bool):
+    """Write the deployment form of a classic YOLOv7/YOLOv9 MODEL: auxiliary branch removed, RepConv fused.
+
+    The repositories train with an auxiliary branch (YOLOv7 IAuxDetect, YOLOv9 DualDDetect) and re-parameterise
+    before export; run this before `surgeon apply` to operate on the model that will be deployed.
+    """
+    from surgeon.classic_v7v9 import deploy
+
+    done = deploy(model, output or model.with_name(f"{model.stem}-deploy.pt"), aux=not keep_aux, fuse=not no_fuse,
+                  trust=trust, force=force, imgsz=imgsz)
+    click.echo(f"removed {len(done['removed_layers'])} auxiliary layers, fused {done['fused_repconv']} RepConv "
+               f"blocks (main predictions within {done['max_abs']:.1e}); wrote {done['path']}")
+
+
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="onnx", show_default=True, help="Ultralytics export format.")

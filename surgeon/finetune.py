@@ -55,6 +55,7 @@ from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.classic import ClassicDetect  # noqa: E402
 from surgeon.classic_loss import ClassicHyp  # noqa: E402
+from surgeon.classic_v7v9 import ClassicDDetect  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
 from surgeon.io import load, read_checkpoint  # noqa: E402
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "MixtureLogger",
     "ClassicDetectionValidator",
     "RewrittenClassicTrainer",
+    "RewrittenClassicV9Trainer",
     "RewrittenClassificationTrainer",
     "RewrittenDetectionTrainer",
     "RewrittenOBBTrainer",
@@ -412,8 +414,13 @@ def trainer_for(model: nn.Module | str) -> type:
         head = _head(model)
         if isinstance(head, RTDETRDecoder):
             return RewrittenRTDETRTrainer
+        refusal = getattr(type(head), "finetune_refusal", None)
+        if refusal:  # classic YOLOv7/YOLOv9 heads, whose repositories' losses are not implemented here
+            raise SurgeonError(refusal.format(head=type(head).__name__))
         if isinstance(head, ClassicDetect):
             return RewrittenClassicTrainer
+        if isinstance(head, ClassicDDetect):
+            return RewrittenClassicV9Trainer
         if not isinstance(head, (Detect, Classify)):
             raise SurgeonError(
                 f"cannot fine-tune a model whose last layer is {type(head).__name__} with the Ultralytics trainer; "
@@ -446,8 +453,8 @@ def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None
     current = getattr(head, "nc", None)
     if head is None or current == nc:
         return
-    if isinstance(head, Detect) and current is not None:
-        branches = [b for attr in ("cv3", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
+    if isinstance(head, (Detect, ClassicDDetect)) and current is not None:  # cv5: YOLOv9's dual heads
+        branches = [b for attr in ("cv3", "cv5", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
         if not branches or any(not (isinstance(b[-1], nn.Conv2d) and b[-1].out_channels == current) for b in branches):
             raise SurgeonError(
                 f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "
@@ -485,7 +492,8 @@ def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None
 
 
 def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
-    """New class rows in each level's output convolution; the box and objectness rows keep their trained weights.
+    """New class rows in each level's output convolution (and YOLOv7's ImplicitM after it, at 1); the box and
+    objectness rows keep their trained weights.
 
     Class biases start as the classic ``_initialize_biases`` sets them: log(0.6 / (nc - 0.99)).
     """
@@ -498,6 +506,11 @@ def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
             bias[:, :5] = old.bias.view(head.na, head.no)[:, :5]
             bias[:, 5:] = math.log(0.6 / (nc - 0.99))
         head.m[i] = new
+        implicit = head.im[i] if isinstance(getattr(head, "im", None), nn.ModuleList) else None  # YOLOv7's IDetect
+        if implicit is not None:
+            scale = torch.ones(head.na, 5 + nc, dtype=implicit.implicit.dtype, device=implicit.implicit.device)
+            scale[:, :5] = implicit.implicit.detach().view(head.na, head.no)[:, :5]
+            implicit.implicit = nn.Parameter(scale.view(1, -1, 1, 1))
     head.nc, head.no = nc, nc + 5
 
 
@@ -529,12 +542,40 @@ class RewrittenClassicTrainer(_KeepRewrittenModel, DetectionTrainer):
         model = unwrap_model(self.model)
         head = model.model[-1]
         imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
-        model.hyp = dataclasses.asdict(ClassicHyp().scaled(head.nl, head.nc, imgsz))
+        hyp = ClassicHyp(**getattr(head, "default_hyp", {}))  # YOLOv7's recipe has its own gains
+        model.hyp = dataclasses.asdict(hyp.scaled(head.nl, head.nc, imgsz))
 
     def get_validator(self):
         self.loss_names = ("box_loss", "obj_loss", "cls_loss")
         return ClassicDetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
                                          _callbacks=self.callbacks)
+
+
+class ClassicV9DetectionValidator(DetectionValidator):
+    """DetectionValidator for YOLOv9 heads: the main branch's predictions (a dual head's second) go to NMS and mAP."""
+
+    def postprocess(self, preds):
+        pred = preds[0] if isinstance(preds, (list, tuple)) else preds  # (predictions, maps); AutoBackend: a list
+        pred = pred[1] if isinstance(pred, (list, tuple)) else pred  # a dual head's [auxiliary, main]
+        return super().postprocess(pred)  # (B, 4 + nc, anchors) as Detect's
+
+
+class RewrittenClassicV9Trainer(_KeepRewrittenModel, DetectionTrainer):
+    """Ultralytics' detection training for classic YOLOv9 models (DDetect, DualDDetect), with YOLOv9's loss.
+
+    The loss is the repository's (`surgeon.classic_v7v9.yolov9_loss`: task-aligned assignment, CIoU, DFL, BCE,
+    the auxiliary branch at 0.25), with its gains, which are Ultralytics' defaults (box 7.5, cls 0.5, dfl 1.5);
+    the repository's optimizer is SGD. Data loading, augmentation, EMA, AMP, checkpoints and DDP are Ultralytics'.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        overrides = {"optimizer": "SGD", **(overrides or {})}
+        super().__init__(cfg, overrides, _callbacks)
+
+    def get_validator(self):
+        self.loss_names = ("box_loss", "cls_loss", "dfl_loss")
+        return ClassicV9DetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
+                                           _callbacks=self.callbacks)
 
 
 # --- public entry point ---------------------------------------------------------------------------------------------

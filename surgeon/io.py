@@ -1,4 +1,4 @@
-"""Checkpoints in and out: Ultralytics package checkpoints, classic YOLOv5 checkpoints, plain modules.
+"""Checkpoints in and out: Ultralytics package checkpoints, classic YOLOv5/YOLOv7/YOLOv9 checkpoints, plain modules.
 
 Loading never runs code from the file. The archive is checked to be what ``torch.save`` writes
 (stored records, sizes that fit, no TorchScript, no extra members), then its pickle is read by
@@ -333,10 +333,10 @@ def _check_model(path: Path, model: nn.Module) -> None:
                                                  and bool((stride > 0).all())):
         raise CheckpointError(f"{path}: malformed checkpoint (strides {stride.tolist()})")
     layers = getattr(model, "model", None)
-    from surgeon.classic import ClassicDetect, ClassicDetectionModel
+    from surgeon.classic import ClassicDetectionModel, is_classic_head
 
     if isinstance(model, ClassicDetectionModel) and not (
-            isinstance(layers, nn.Sequential) and len(layers) and isinstance(layers[-1], ClassicDetect)):
+            isinstance(layers, nn.Sequential) and len(layers) and is_classic_head(layers[-1])):
         raise CheckpointError(f"{path}: its classic model has no layer list ending in a Detect head")
 
 

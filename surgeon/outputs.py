@@ -28,23 +28,34 @@ class Parts:
     box_scale: float
 
 
+def prediction_tensor(output) -> torch.Tensor:
+    """The predictions of a detector's eval output: the first element of ``(predictions, maps)``, and of a YOLOv9
+    dual head's ``[auxiliary, main]`` predictions the main ones (what the repository deploys)."""
+    first = output[0] if isinstance(output, (tuple, list)) else output
+    return first[-1] if isinstance(first, (tuple, list)) else first
+
+
 def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | None:
     """Boxes and scores of `first`, the first output tensor of `model` in eval mode; None for unknown heads.
 
     Layouts: Ultralytics Detect family ``(B, 4 + nc + extra, anchors)`` (xywh pixels, class
     probabilities, then masks/keypoints/angles) or end-to-end ``(B, max_det, 6)`` (xyxy, score,
     class); RT-DETR ``(B, queries, 4 + nc)`` (normalised boxes); classic YOLOv5 ``(B, anchors, 5 + nc)``
-    (xywh pixels, objectness, class probabilities); classifiers ``(B, nc)`` probabilities.
+    (xywh pixels, objectness, class probabilities; YOLOv7 too); YOLOv9 as Ultralytics Detect (of a dual
+    head, the main branch's: `prediction_tensor`); classifiers ``(B, nc)`` probabilities.
     """
     from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder
 
     from surgeon.classic import ClassicDetect
+    from surgeon.classic_v7v9 import ClassicDDetect
 
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
     nc = getattr(head, "nc", None)
     if isinstance(head, ClassicDetect) and first.dim() == 3 and first.shape[-1] == 5 + head.nc:
         return Parts(first[..., :4], first[..., 4:], float(imgsz))
+    if isinstance(head, ClassicDDetect) and first.dim() == 3 and first.shape[1] == 4 + nc:  # YOLOv9, as Detect
+        return Parts(first[:, :4].transpose(1, 2), first[:, 4:], float(imgsz))
     if isinstance(head, Detect) and first.dim() == 3:
         if getattr(head, "end2end", False):  # its detections count can equal 4 + nc: ask the head, not the shape
             return Parts(first[..., :4], first[..., 4:5], float(imgsz)) if first.shape[-1] == 6 else None

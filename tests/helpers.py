@@ -44,3 +44,24 @@ def fit_teacher(op: nn.Module, teacher: nn.Module, x: torch.Tensor, steps: int =
         losses.append(loss.item())
         optimiser.step()
     return losses
+
+
+class Evil:
+    """Unpickled by a plain pickle, this creates the file it names; written as ``models.common.Evil``."""
+
+    def __init__(self, marker):
+        with open(marker, "w") as f:
+            f.write("pwned")
+
+    def __reduce__(self):
+        return Evil, (self.marker,)
+
+
+Evil.__module__ = "yolov5.models.common"  # what save_classic renames to the repository's models.common
+
+
+def evil(marker):
+    """An Evil whose unpickling would create `marker` (made without running __init__)."""
+    payload = Evil.__new__(Evil)
+    payload.marker = str(marker)
+    return payload

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import Evil, evil
 from torch import fx, nn
 from ultralytics.nn.modules import Conv
 
@@ -250,27 +251,6 @@ def test_fx_traces_predict(yolov5n, tmp_path):
             torch.testing.assert_close(traced(x), model(x))
         convs = {n.target for n in traced.graph.nodes if n.op == "call_module" and n.target.endswith(".conv")}
         assert len(convs) == sum(isinstance(m, Conv) for m in model.modules())
-
-
-class Evil:
-    """Unpickled by a plain pickle, this creates the file it names; written as `models.common.Evil`."""
-
-    def __init__(self, marker):
-        with open(marker, "w") as f:
-            f.write("pwned")
-
-    def __reduce__(self):
-        return Evil, (self.marker,)
-
-
-Evil.__module__ = "yolov5.models.common"  # what save_classic renames to the repository's models.common
-
-
-def evil(marker):
-    """An Evil whose unpickling would create `marker` (made without running __init__)."""
-    payload = Evil.__new__(Evil)
-    payload.marker = str(marker)
-    return payload
 
 
 class System:

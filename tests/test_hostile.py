@@ -349,7 +349,7 @@ def test_python_api_refuses(name, corpus):
     assert not sentinel.exists()
 
 
-@pytest.mark.parametrize("command", ["inspect", "apply", "diff-a", "diff-b", "finetune"])
+@pytest.mark.parametrize("command", ["inspect", "apply", "diff-a", "diff-b", "finetune", "deploy"])
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_cli_refuses(name, command, corpus, runner, checkpoint_factory, data_yaml, tmp_path):
     path, sentinel, digest = corpus[name]
@@ -361,6 +361,7 @@ def test_cli_refuses(name, command, corpus, runner, checkpoint_factory, data_yam
         "diff-a": ["diff", str(path), good, "--imgsz", "64"],
         "diff-b": ["diff", good, str(path), "--imgsz", "64"],
         "finetune": ["finetune", str(path), "--data", str(data_yaml), "--epochs", "1", "--project", str(tmp_path)],
+        "deploy": ["deploy", str(path), "-o", str(output), "--imgsz", "64"],
     }[command]
 
     result = runner.invoke(main, args)
