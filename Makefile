@@ -20,6 +20,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,classic]'
+	$(BIN)/pip install -q --no-deps yolov7detect==1.0.1  # reference code of the YOLOv7 tests (see setup.cfg)
 	touch $@
 
 demo: $(VENV)/.installed
