@@ -18,7 +18,7 @@ with the wall time of each step. Usage::
 
     ../shared/real-data/fetch_trees.sh /tmp/trees
     python benchmarks/bench_calibrate.py                              # shapes teacher, about an hour on 2 cores
-    python benchmarks/bench_calibrate.py --n 32 128 --variants b,c,d  # the sweep without (e), (f)
+    python benchmarks/bench_calibrate.py --sweep b,c                  # (d), (e), (f) at N = 128 only
     python benchmarks/bench_calibrate.py --trees /tmp/trees --epochs-base 60
     python benchmarks/bench_calibrate.py --quick                      # plumbing check, numbers meaningless
 """
@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--n", type=int, nargs="+", default=[32, 128, 512],
                         help="numbers of unlabelled images for (b)-(f) (default 32 128 512)")
-    parser.add_argument("--variants", default="b,c,d,e,f", help="steps to run (default b,c,d,e,f; e and f only at "
-                        "--n-full)")
-    parser.add_argument("--n-full", type=int, default=128, help="the N at which (e) and (f) also run (default 128)")
+    parser.add_argument("--variants", default="b,c,d,e,f", help="steps to run (default b,c,d,e,f)")
+    parser.add_argument("--sweep", default="b,c,d", help="steps run at every N (default b,c,d); the others run at "
+                        "--n-full only")
+    parser.add_argument("--n-full", type=int, default=128, help="the N at which every step runs (default 128)")
     parser.add_argument("--feature-weight", type=float, default=50.0, help="weight of (f)'s feature term (default 50)")
     parser.add_argument("--quick", action="store_true", help="plumbing check: 2 + 1 epochs, one rule")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/calibrate.json"),
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.n:
                 images, labelled = subset(pool, n, val, workdir / f"n{n}")
                 cells = row.setdefault("by_n", {}).setdefault(str(n), {})
-                steps = [s for s in args.variants.split(",") if s and (s in "bcd" or n == args.n_full)]
+                steps = [s for s in args.variants.split(",") if s and (s in args.sweep.split(",") or n == args.n_full)]
                 for step in steps:
                     cells[step] = run_step(step, rule, teacher, plain, images, labelled, data, val, imgsz, args,
                                            workdir / f"{rule}-{n}-{step}")
