@@ -418,6 +418,12 @@ def test_builtin_rules_apply_save_and_reload(case, rule, tmp_path):
         for a, b in zip(tensors(again.model(x)), expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
     assert again.model.yaml["activation"] == REBUILD_REFUSAL
+    # the recipe rebuilds it from the original file: surgeon.replay, key for key
+    saved = surgeon.io.read_checkpoint(out)
+    expected = saved["model"].float().state_dict()
+    replayed = surgeon.replay(surgeon.load(path).model, saved["surgeon"], state_dict=expected)
+    assert list(replayed.state_dict()) == list(expected)
+    assert all(torch.equal(a, b) for a, b in zip(replayed.state_dict().values(), expected.values()))
 
 
 def test_rebuilding_a_rewritten_checkpoint_from_its_yaml_fails_loudly(case, tmp_path, yolov7, yolov9):
