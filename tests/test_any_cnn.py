@@ -189,3 +189,21 @@ def test_an_unknown_arch_from_the_user_is_one_line(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r.pth")
     with pytest.raises(SurgeonError, match="not found"):
         surgeon.load(tmp_path / "r.pth", arch="torchvision.models.no_such_net")
+
+
+def test_convnext_blocks_are_bare_convs_and_path_rules_reach_them(tmp_path):
+    """ConvNeXt normalises after a permute (channels-last LayerNorm), so its depthwise 7x7 convs are blocks without a
+    norm: `dyn_all` (blocks with a norm) takes only the stem, a rule by geometry takes the rest."""
+    model = torchvision.models.convnext_tiny().eval()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(x)
+    stem = surgeon.apply(model, "dyn_all", imgsz=IMGSZ)
+    assert [r.conv for r in stem.replaced] == ["features.0.0"]
+    rule = tmp_path / "dw7.yaml"
+    rule.write_text("name: dw7\nselect: {kernel: 7, depthwise: true}\nreplace: {with: dynamic_conv}\n")
+    result = surgeon.apply(model, str(rule), imgsz=IMGSZ)
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (7, 7)]
+    assert sorted(r.conv for r in result.replaced) == sorted(depthwise) and len(depthwise) == 18
+    with torch.no_grad():
+        assert_close(result.model.eval()(x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
