@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  teacher mAP50-95 {payload['teacher']['map']:.3f}, {payload['teacher']['teacher_detections']} "
               f"detections on val", flush=True)
         pool = make_dataset(workdir / "pool", n_train=max(args.n), n_val=2, imgsz=imgsz, seed=1)
+        subsets: dict[int, tuple[Path, Path]] = {}
         for rule in [r for r in args.rules.split(",") if r]:
             t0 = time.perf_counter()
             plain = surgeon.apply(teacher, rule, imgsz=imgsz).save(workdir / f"{rule}.pt")
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                                        **evaluate(teacher, plain, data, val, imgsz, workdir, f"val-{rule}")}}
             print(f"  {rule} (a) F1 {row['a']['f1']:.3f} mAP {row['a']['map']:.3f}", flush=True)
             for n in args.n:
-                images, labelled = subset(pool, n, val, workdir / f"n{n}")
+                if n not in subsets:
+                    subsets[n] = subset(pool, n, val, workdir / f"n{n}")
+                images, labelled = subsets[n]
                 cells = row.setdefault("by_n", {}).setdefault(str(n), {})
                 steps = [s for s in args.variants.split(",") if s and (s in args.sweep.split(",") or n == args.n_full)]
                 for step in steps:
