@@ -177,6 +177,10 @@ class ClassicDetectionModel(nn.Module):
         Returns:
             The loss to back-propagate (times the batch size) and its parts, as Ultralytics' losses do.
         """
+        from surgeon.classic_v7v9 import ClassicDDetect, yolov9_loss
+
+        if isinstance(self.model[-1], ClassicDDetect):  # its repository's loss (distill does not take these heads)
+            return yolov9_loss(self, batch, preds)
         if preds is None:
             preds = self.predict(batch["img"])
         if self.criterion is not None:
@@ -185,13 +189,8 @@ class ClassicDetectionModel(nn.Module):
 
     def supervised_loss(self, batch: dict, preds: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The classic anchor-based loss (`surgeon.classic_loss`) of `preds` against the batch's targets, with the
-        gains in ``hyp``; returns the total (times the batch size) and its box/obj/cls parts. YOLOv9 heads get their
-        repository's loss (`surgeon.classic_v7v9.yolov9_loss`)."""
+        gains in ``hyp``; returns the total (times the batch size) and its box/obj/cls parts."""
         from surgeon.classic_loss import ClassicHyp, classic_loss
-        from surgeon.classic_v7v9 import ClassicDDetect, yolov9_loss
-
-        if isinstance(self.model[-1], ClassicDDetect):
-            return yolov9_loss(self, batch, preds)
 
         maps = preds[1] if isinstance(preds, tuple) else preds
         head = self.model[-1]

@@ -269,6 +269,9 @@ def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
         if not trust:
             _check_model(path, model)
         meta = {k: v for k, v in obj.items() if k not in ("model", "ema", "optimizer")}
+        carried = getattr(model, "surgeon_recipe", None)
+        if not isinstance(meta.get("surgeon"), dict) and isinstance(carried, dict):  # a trainer's last.pt/best.pt
+            meta["surgeon"] = carried
         return Loaded(model.float().eval(), fmt, path, digest, meta)
     state = obj.get("state_dict", obj.get("model", obj))
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -397,6 +400,8 @@ def checkpoint_dict(loaded: Loaded, model: nn.Module, recipe: dict) -> dict:
 
     if isinstance(saved, ClassicDetectionModel):
         refuse_classic_rebuild(saved)
+    if recipe:  # the model carries its recipe too: trainers and model.save() write only the module's own state
+        saved.surgeon_recipe = recipe
     checkpoint.update({
         "epoch": -1,
         "model": saved,

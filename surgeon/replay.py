@@ -36,7 +36,7 @@ def _steps(recipe: dict) -> list[dict]:
     return steps[::-1]
 
 
-def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None,
+def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None, nc: int | None = None,
            registry: Registry | None = None) -> nn.Module:
     """Apply the surgery `recipe` records to `model`, a freshly built original; return the rewritten model.
 
@@ -45,6 +45,8 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None,
             from the same YAML.
         recipe: ``checkpoint["surgeon"]`` of a saved rewritten model (or an ``ApplyResult.recipe()``).
         state_dict: Load these weights into the result, strictly (every key must fit).
+        nc: The class count the weights were fine-tuned to, where it is not `model`'s: the head's class outputs are
+            resized first, as `surgeon finetune` (and Ultralytics' trainer) resize them.
         registry: Where the rules' modules are declared (default: every declared one; import a user replacement's
             module before replaying a recipe that uses it).
 
@@ -76,6 +78,10 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None,
             raise SurgeryError(f"recipe step {number} selects other blocks on this model than it did when it was "
                                f"recorded (is it the same architecture?){detail}")
         current = result.model
+    if nc is not None:
+        from surgeon.finetune import _match_class_count
+
+        _match_class_count(current, nc)
     if state_dict is not None:
         try:
             current.load_state_dict(state_dict)

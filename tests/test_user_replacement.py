@@ -90,17 +90,16 @@ print(json.dumps({{"ops": ops, "leaves": leaves, "fuse_diff": float((before - af
     last = tmp_path / "runs" / "ghost" / "weights" / "last.pt"
     tuned = _python(f"""
 import json, torch, surgeon
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics import YOLO
 before = surgeon.load({str(out)!r}).model
 loaded = surgeon.load({str(last)!r})
 after = loaded.model
 ops = [n for n, m in after.named_modules() if isinstance(m, ghost_conv.GhostConv2d)]
 moved = [n for n in ops if not torch.equal(before.get_submodule(n).primary.weight.float(),
                                            after.get_submodule(n).primary.weight.float())]
-# the trainer's checkpoint keeps the recipe: the original built for the dataset's 2 classes replays it exactly
+# the trainer's checkpoint keeps the recipe: replayed on the original, class outputs resized to the dataset's 2
 expected = after.state_dict()
-replayed = surgeon.replay(DetectionModel("yolov8n.yaml", nc=2, verbose=False), loaded.checkpoint["surgeon"],
-                          state_dict=expected)
+replayed = surgeon.replay(YOLO("yolov8n.yaml").model, loaded.checkpoint["surgeon"], state_dict=expected, nc=2)
 same = list(replayed.state_dict()) == list(expected) and all(
     torch.equal(a, b) for a, b in zip(replayed.state_dict().values(), expected.values()))
 print(json.dumps({{"ops": ops, "moved": moved, "replay_same": same}}))
