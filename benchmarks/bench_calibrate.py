@@ -17,7 +17,7 @@ lossy rule it then reports, on the held-out val images:
 with the wall time of each step. Usage::
 
     ../shared/real-data/fetch_trees.sh /tmp/trees
-    python benchmarks/bench_calibrate.py                              # shapes teacher, about an hour on 2 cores
+    python benchmarks/bench_calibrate.py                              # shapes teacher, ~35 min on 2 cores
     python benchmarks/bench_calibrate.py --sweep b,c                  # (d), (e), (f) at N = 128 only
     python benchmarks/bench_calibrate.py --trees /tmp/trees --epochs-base 60
     python benchmarks/bench_calibrate.py --quick                      # plumbing check, numbers meaningless
