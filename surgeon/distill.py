@@ -282,6 +282,11 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
 
     s, t = (m.model[-1] if isinstance(getattr(m, "model", None), nn.Sequential) and len(m.model) else m
             for m in (student, teacher))
+    for head in (s, t):
+        other_classic = isinstance(head, ClassicDetect) and type(head) is not ClassicDetect
+        if other_classic or type(head).__module__ == "surgeon.classic_v7v9":
+            raise SurgeonError(f"distill covers Ultralytics Detect-family and classic YOLOv5 heads, not "
+                               f"{type(head).__name__} (YOLOv7/YOLOv9): fine-tune it with labels (surgeon finetune)")
     if isinstance(s, ClassicDetect) != isinstance(t, ClassicDetect):
         raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is a classic YOLOv5 "
                            "head, the other is not: distil from the checkpoint the student was rewritten from")

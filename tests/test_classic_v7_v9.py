@@ -651,3 +651,11 @@ def test_a_class_outside_the_allow_list_is_refused(package, yolov7, yolov9, tmp_
     with pytest.raises(UnsafeCheckpointError, match=r"models\.common\.Evil"):
         surgeon.load(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_distill_refuses_their_heads_in_one_line(case, tmp_path):
+    from surgeon.distill import distill
+
+    _, _, path, _ = case
+    with pytest.raises(SurgeonError, match="YOLOv7/YOLOv9"):
+        distill(path, path, images=tmp_path, epochs=1)
