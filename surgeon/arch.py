@@ -5,8 +5,10 @@ A file must never choose code to run, so the architecture a file names is built 
 - ``torchvision.models.NAME``: a builder torchvision lists (``torchvision.models.list_models()``), called
   with no weights;
 - ``timm:NAME``: a model timm lists (``timm.list_models()``), created with ``pretrained=False``;
-- ``{"ultralytics": YAML, "task": CLASS}``: an Ultralytics model config (the model's ``yaml`` dict) whose
-  layers are Ultralytics or ``torch.nn`` modules with literal arguments, built by the task's model class.
+- ``{"ultralytics": NAME, "task": CLASS, "nc": N, "channels": C}``: a model config *shipped in the Ultralytics
+  package* (``yolov8n.yaml``, scale letter included), built by the task's model class. Never a config dict from
+  the file: Ultralytics' ``parse_model`` evaluates the config's ``activation`` string and its ``TorchVision``
+  layer downloads weights, so only the package's own configs are built.
 
 Anything else (a dotted path to your own builder) is accepted from *you*, on the command line
 (``--arch pkg.module.builder``) or as a Python callable, never from a file.
@@ -15,7 +17,9 @@ Anything else (a dotted path to your own builder) is accepted from *you*, on the
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -26,7 +30,8 @@ _TIMM = "timm:"
 # Ultralytics task model classes a config may be built by.
 _TASKS = ("DetectionModel", "SegmentationModel", "PoseModel", "OBBModel", "ClassificationModel",
           "RTDETRDetectionModel")
-_LITERALS = (int, float, str, bool, type(None))
+_MAX_CLASSES = 100_000
+_MAX_CHANNELS = 16
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
@@ -44,34 +49,24 @@ def _timm_names() -> set[str]:
     return set(timm.list_models())
 
 
-def _literal(value, depth: int = 0) -> bool:
-    if isinstance(value, _LITERALS):
-        return True
-    if isinstance(value, (list, tuple)) and depth < 8:
-        return all(_literal(v, depth + 1) for v in value)
-    if isinstance(value, dict) and depth < 8:
-        return all(isinstance(k, str) and _literal(v, depth + 1) for k, v in value.items())
-    return False
+def _packaged_config(name) -> Path | None:
+    """The path Ultralytics resolves config `name` to inside its package (``yolov8n.yaml`` -> its ``yolov8.yaml``
+    with scale n), or None when `name` is not a plain file name of a config the package ships."""
+    import ultralytics
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}\.yaml", name):
+        return None
+    root = Path(ultralytics.__file__).parent / "cfg" / "models"
+    shipped = {f.name: f for f in root.rglob("*.yaml")}
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", name[:-5]) + ".yaml"
+    found = shipped.get(name) or shipped.get(unified)
+    return found.with_name(name) if found is not None else None
 
 
-def _check_ultralytics_config(config: dict) -> None:
-    """Refuse a config naming anything but Ultralytics' and torch.nn's modules, or with non-literal values."""
-    import ultralytics.nn.tasks as tasks
-    from torch import nn as torch_nn
-
-    if not isinstance(config, dict) or not _literal(config):
-        raise CheckpointError("the recorded Ultralytics config is not plain data")
-    for section in ("backbone", "head"):
-        for row in config.get(section) or []:
-            if not (isinstance(row, list) and len(row) == 4 and isinstance(row[2], str)):
-                raise CheckpointError(f"the recorded Ultralytics config has a malformed {section} row: {row!r}")
-            name = row[2]
-            module = getattr(torch_nn, name[3:], None) if name.startswith("nn.") else getattr(tasks, name, None)
-            home = getattr(module, "__module__", "") or ""
-            if not (isinstance(module, type) and issubclass(module, nn.Module)
-                    and (home.startswith("ultralytics.nn.modules") or home.startswith("torch.nn"))):
-                raise CheckpointError(f"the recorded Ultralytics config names {name!r}, which is not an Ultralytics "
-                                      "or torch.nn module")
+def _count(value, low: int, high: int, what: str) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise CheckpointError(f"the recorded {what} must be an integer from {low} to {high}, not {value!r}")
+    return value
 
 
 def build(spec, *, from_file: bool = True) -> nn.Module:
@@ -89,11 +84,17 @@ def build(spec, *, from_file: bool = True) -> nn.Module:
     if isinstance(spec, dict) and "ultralytics" in spec:
         import ultralytics.nn.tasks as tasks
 
-        config, task = spec.get("ultralytics"), spec.get("task", "DetectionModel")
+        config, task = _packaged_config(spec.get("ultralytics")), spec.get("task", "DetectionModel")
+        if config is None:
+            shown = spec["ultralytics"] if isinstance(spec["ultralytics"], str) else type(spec["ultralytics"]).__name__
+            raise CheckpointError(f"the file names Ultralytics config {str(shown)[:80]!r}, and surgeon builds only "
+                                  "from torchvision.models and timm names and the configs the Ultralytics package "
+                                  "ships; pass the architecture yourself (arch=, --arch)")
         if task not in _TASKS:
             raise CheckpointError(f"the recorded task model {task!r} is not one of {', '.join(_TASKS)}")
-        _check_ultralytics_config(config)
-        return _call(lambda: getattr(tasks, task)(cfg=config, ch=config.get("channels", 3), verbose=False), task)
+        nc = _count(spec.get("nc", 80), 1, _MAX_CLASSES, "class count")
+        channels = _count(spec.get("channels", 3), 1, _MAX_CHANNELS, "input channel count")
+        return _call(lambda: getattr(tasks, task)(cfg=str(config), ch=channels, nc=nc, verbose=False), task)
     if isinstance(spec, str) and spec.startswith(_TIMM):
         name = spec[len(_TIMM):]
         if name not in _timm_names():
@@ -119,12 +120,17 @@ def build(spec, *, from_file: bool = True) -> nn.Module:
 
 
 def _call(builder: Callable[[], nn.Module], name: str) -> nn.Module:
+    from ultralytics.nn.modules import Conv
+
+    default_act = Conv.default_act  # parse_model sets it from a config and restores it only when it returns
     try:
         model = builder()
     except CheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - a builder failing is one line, not a traceback
         raise CheckpointError(f"building architecture {name} failed ({type(error).__name__}: {error})") from None
+    finally:
+        Conv.default_act = default_act
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"architecture {name} built a {type(model).__name__}, not an nn.Module")
     return model
@@ -136,6 +142,17 @@ def describe(model: nn.Module, given=None):
     if isinstance(given, str):
         return given
     config = getattr(model, "yaml", None)
-    if type(model).__name__ in _TASKS and type(model).__module__ == "ultralytics.nn.tasks" and isinstance(config, dict):
-        return {"ultralytics": config, "task": type(model).__name__}
-    return None
+    if not (type(model).__name__ in _TASKS and type(model).__module__ == "ultralytics.nn.tasks"
+            and isinstance(config, dict)):
+        return None
+    name = Path(str(config.get("yaml_file", ""))).name
+    packaged = _packaged_config(name)
+    if packaged is None:
+        return None
+    from ultralytics.nn.tasks import yaml_model_load
+
+    shipped = yaml_model_load(packaged)
+    if any(shipped.get(key) != config.get(key) for key in ("backbone", "head", "scale")):
+        return None  # a config of the user's own under a packaged name: the file cannot name it
+    return {"ultralytics": name, "task": type(model).__name__, "nc": config.get("nc", 80),
+            "channels": config.get("channels", 3)}

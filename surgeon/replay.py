@@ -23,6 +23,34 @@ from surgeon.errors import CheckpointError, SurgeonError, SurgeryError
 from surgeon.registry import Registry
 
 FORMAT = "surgeon.state_dict/1"
+_MAX_STEPS = 16
+_MAX_IMGSZ = 2048
+
+
+def _check_step(step, number: int) -> None:
+    """Refuse a recorded step that is not data apply can take (types, image size)."""
+    if not isinstance(step, dict) or not isinstance(step.get("rules"), list) or not step["rules"]:
+        raise SurgeryError(f"recipe step {number} is not a surgeon recipe (a dict with a list of rules)")
+    imgsz = step.get("imgsz", 640)
+    if type(imgsz) is not int or not 32 <= imgsz <= _MAX_IMGSZ:
+        raise SurgeryError(f"recipe step {number}: image size must be an integer from 32 to {_MAX_IMGSZ}, not "
+                           f"{imgsz!r}")
+    for key in ("replaced", "inserted"):
+        if not isinstance(step.get(key, []), list):
+            raise SurgeryError(f"recipe step {number}: {key} must be a list")
+
+
+def _patterns(value):
+    """Every path pattern in a rule's data (select and exclude selectors)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "path":
+                yield from (item if isinstance(item, list) else [item])
+            else:
+                yield from _patterns(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _patterns(item)
 
 
 def _steps(recipe: dict) -> list[dict]:
@@ -31,8 +59,8 @@ def _steps(recipe: dict) -> list[dict]:
     while isinstance(step, dict):
         steps.append(step)
         step = step.get("previous")
-        if len(steps) > 64:
-            raise SurgeryError("the recipe chains more than 64 surgeries")
+        if len(steps) > _MAX_STEPS:
+            raise SurgeryError(f"the recipe chains more than {_MAX_STEPS} surgeries")
     return steps[::-1]
 
 
@@ -61,8 +89,11 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None, nc
     registry = registry or builtin_replacements()
     if not isinstance(recipe, dict) or not isinstance(recipe.get("rules"), list):
         raise SurgeryError("not a surgeon recipe (a dict with 'rules'; checkpoints keep it under 'surgeon')")
+    steps = _steps(recipe)
+    for number, step in enumerate(steps, 1):
+        _check_step(step, number)
     current = model
-    for number, step in enumerate(_steps(recipe), 1):
+    for number, step in enumerate(steps, 1):
         rules = [parse_rule(data, f"recipe step {number}: rule {data.get('name') if isinstance(data, dict) else ''}",
                             registry) for data in step.get("rules", [])]
         imgsz = step.get("imgsz", 640)
@@ -109,12 +140,22 @@ def rebuild(obj: dict, path: Path, arch=None) -> nn.Module:
     from surgeon.arch import build
 
     recipe, named = obj.get("recipe"), obj.get("arch")
+    if not isinstance(recipe, dict) or not recipe.get("rules"):
+        raise CheckpointError(f"{path}: state-dict file without a surgery recipe")
+    try:  # the recipe is checked before anything is built from the file
+        steps = _steps(recipe)
+        for number, step in enumerate(steps, 1):
+            _check_step(step, number)
+    except SurgeryError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if any(isinstance(p, str) and p.startswith("re:") for step in steps for p in _patterns(step["rules"])):
+        # Python's regular expressions have no time limit, and a file chooses these: globs only from files.
+        raise CheckpointError(f"{path}: its recipe selects by regular expression, which surgeon does not run from "
+                              "a file; replay it yourself (surgeon.replay) if you trust the file")
     if arch is None and named is None:
         raise CheckpointError(f"{path}: records no architecture; load it with surgeon.load(path, arch=...) or "
                               "--arch naming the original model")
     original = build(arch, from_file=False) if arch is not None else build(named)
-    if not isinstance(recipe, dict) or not recipe.get("rules"):
-        raise CheckpointError(f"{path}: state-dict file without a surgery recipe")
     try:
         return replay(original, recipe, state_dict=obj["state_dict"])
     except SurgeonError as error:

@@ -169,18 +169,37 @@ def test_cli_timm_name_and_a_missing_arch(tmp_path):
     assert torch.load(tmp_path / "effb0-dwsep_all.pt", weights_only=True)["arch"] == "timm:efficientnet_b0"
 
 
-@pytest.mark.parametrize("arch", ["os.system", "builtins.eval", "torchvision.models.resnet18.__globals__",
-                                  "timm:../../etc", {"ultralytics": {"backbone": [[-1, 1, "attempt_load_weights",
-                                                                                   ["x.pt"]]], "head": []}}])
-def test_a_file_never_chooses_the_code_that_builds_it(tmp_path, arch):
-    model = torchvision.models.resnet18()
-    result = surgeon.apply(model, "dyn_all", imgsz=IMGSZ, arch="torchvision.models.resnet18")
-    path = result.save(tmp_path / "ok.pt")
-    saved = torch.load(path, weights_only=True)
+MARKER = "/tmp/surgeon-test-pwned"
+CRAFTED_ARCHS = [
+    "os.system", "builtins.eval", "torchvision.models.resnet18.__globals__", "timm:../../etc",
+    {"ultralytics": {"backbone": [[-1, 1, "attempt_load_weights", ["x.pt"]]], "head": []}},
+    # parse_model evaluates `activation`; a config dict from a file is never built
+    {"ultralytics": {"activation": f"__import__('os').system('touch {MARKER}')",
+                     "backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": []}, "task": "DetectionModel"},
+    # Ultralytics' TorchVision layer downloads weights
+    {"ultralytics": {"nc": 1, "backbone": [[-1, 1, "TorchVision", [512, "squeezenet1_0", "DEFAULT", True, 2]]],
+                     "head": []}},
+    {"ultralytics": "../../../etc/passwd.yaml"}, {"ultralytics": "yolov8n.yaml", "nc": 10**9},
+    {"ultralytics": "yolov8n.yaml", "channels": 10**8},
+]
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory) -> Path:
+    """A state-dict file of a rewritten resnet18, as `apply` writes it."""
+    result = surgeon.apply(torchvision.models.resnet18(), "dyn_all", imgsz=IMGSZ, arch="torchvision.models.resnet18",
+                           experts=2)
+    return result.save(tmp_path_factory.mktemp("resnet") / "ok.pt")
+
+
+@pytest.mark.parametrize("arch", CRAFTED_ARCHS)
+def test_a_file_never_chooses_the_code_that_builds_it(tmp_path, arch, resnet_file):
+    saved = torch.load(resnet_file, weights_only=True)
     saved["arch"] = arch
     torch.save(saved, tmp_path / "crafted.pt")
-    with pytest.raises(CheckpointError, match="builds only from|not an Ultralytics|no model named"):
+    with pytest.raises(CheckpointError, match="builds only from|no model named|must be an integer"):
         surgeon.load(tmp_path / "crafted.pt")
+    assert not Path(MARKER).exists()
     done = _surgeon("inspect", "crafted.pt", "--imgsz", str(IMGSZ), cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr and done.stderr.startswith("error: ")
 
@@ -207,3 +226,22 @@ def test_convnext_blocks_are_bare_convs_and_path_rules_reach_them(tmp_path):
     assert sorted(r.conv for r in result.replaced) == sorted(depthwise) and len(depthwise) == 18
     with torch.no_grad():
         assert_close(result.model.eval()(x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("change", ["regex", "imgsz", "experts", "chain"])
+def test_a_files_recipe_is_checked_before_anything_runs(tmp_path, change, resnet_file):
+    saved = torch.load(resnet_file, weights_only=True)
+    rule = saved["recipe"]["rules"][0]
+    if change == "regex":  # no time limit on Python's regular expressions: globs only from a file
+        rule["select"]["path"] = ["re:(?:.*.*)*!"]
+    elif change == "imgsz":
+        saved["recipe"]["imgsz"] = 32768
+    elif change == "experts":
+        rule["replace"]["args"]["experts"] = 10**6
+    else:
+        step = saved["recipe"]
+        for _ in range(20):
+            step = step.setdefault("previous", {"rules": [rule], "imgsz": IMGSZ, "replaced": []})
+    torch.save(saved, tmp_path / "crafted.pt")
+    with pytest.raises(SurgeonError, match="regular expression|image size|at most 64|more than 16"):
+        surgeon.load(tmp_path / "crafted.pt")

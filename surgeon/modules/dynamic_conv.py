@@ -395,6 +395,10 @@ def _check_positive(**values: float) -> None:
 _INITS = ("upcycle", "copies", "random")
 
 
+MAX_EXPERTS = 64
+"""Most experts a mixture op takes (the papers use 4 to 16)."""
+
+
 def _build(cls: type[MixtureConv2d], conv: nn.Conv2d, init: str, noise: float, seed: int, **args) -> MixtureConv2d:
     """A `cls` op with `conv`'s geometry, randomly initialised from `seed` (the from-scratch baseline)."""
     if not isinstance(conv, nn.Conv2d):
@@ -407,6 +411,9 @@ def _build(cls: type[MixtureConv2d], conv: nn.Conv2d, init: str, noise: float, s
         raise ValueError(f"noise must be non-negative, not {noise}")
     if noise > 0 and init != "upcycle":
         raise ValueError(f"noise applies to init='upcycle' only, not init={init!r}")
+    experts = args.get("experts")
+    if isinstance(experts, int) and experts > MAX_EXPERTS:  # K copies of the kernel: memory grows with it
+        raise ValueError(f"experts must be at most {MAX_EXPERTS}, not {experts}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         op = cls(
