@@ -245,10 +245,10 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
         overlap: Two rules selecting one block: ``error``, or the ``first``/``last`` rule wins.
         trust: Allow classes outside the checkpoint allow-list.
         registry: Replacement registry (default: the built-ins).
-        calibrate: Refit the replacements that can be refitted (``dwsep``, ``dwconv``) layer by layer towards the
-            original's activations (`surgeon.calibrate`), on your images (a folder, recursive, or a dataset YAML
-            whose val images are used and labels ignored) or on this many generated images; 0 (the default) keeps
-            the data-free init.
+        calibrate: Refit the replacements that can be refitted (``dwsep``, ``dwconv``, ``dsconv``) layer by layer
+            towards the original's activations (`surgeon.calibrate`), on your images (a folder, recursive, or a
+            dataset YAML whose val images are used and labels ignored) or on this many generated images; 0 (the
+            default) keeps the data-free init.
         calibrate_imgsz: Size the calibration images are letterboxed to (default: the size the model was trained
             at, from its checkpoint, else 640; 320 for generated images).
         arch: The original architecture, for a state-dict file (a callable, ``torchvision.models.NAME``,
@@ -309,8 +309,8 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
     key = _path_key(original, model)
     ops = {key(path): module for path, module in model.named_modules() if path}
     if not refittable(model, replaced, ops):
-        raise RuleError("calibrate refits replacements that declare a refit (built in: dwsep, dwconv), and these "
-                        "rules make none")
+        raise RuleError("calibrate refits replacements that declare a refit (built in: dwsep, dwconv, dsconv), "
+                        "and these rules make none")
     if isinstance(source, int):
         if source < 2:
             raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping), not {source}")

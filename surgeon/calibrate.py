@@ -5,17 +5,19 @@ layer by layer, but the errors of many layers compound. Here every refittable re
 order, on the inputs it receives in the *rewritten* model, towards the outputs its original convolution produced in
 the *original* model, so each layer also corrects what the layers before it got wrong (the reconstruction of He et
 al., "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, https://arxiv.org/abs/1707.06168).
-Generated images are enough; no labels are used.
+No labels are used.
 
 Refittable: ops declared with a ``refit`` (`surgeon.registry`). Built in: ``dwsep`` ops (their pointwise weights,
-by least squares; `surgeon.modules.dw_conv.refine_pointwise`) and
-``dwconv`` ops (their grouped weights, group by group on sampled patches; `surgeon.modules.dw_conv.refine_grouped`).
+by least squares; `surgeon.modules.dw_conv.refine_pointwise`), ``dwconv`` ops (their grouped weights, group by group
+on sampled patches; `surgeon.modules.dw_conv.refine_grouped`) and ``dsconv`` ops (their kernel distribution shifts,
+channel by channel on sampled patches, the integers kept; `surgeon.modules.ds_conv.refine_shifts`).
 Images stream through in chunks (each layer's statistics add up over them), so hundreds of images at 640 px fit in
 memory; the cost is two partial forward passes per chunk and refitted layer. Real images (a folder, letterboxed at
-the model's size) calibrate for the images a model will see; generated ones are a fallback.
-DSConv ops are not: refitting their channel scale and bias (bias correction) on a few generated images lowered the
-error on those images but tripled it on others (yolov5s ds8_head, 4 images at 192 px: 1.7% -> 1.3% vs 1.8% -> 6.0%
-at the detect head's inputs), because what rounding changes in a channel's mean differs from image to image.
+the model's size) calibrate for the images a model will see; generated ones are a fallback. Every fit is damped
+towards the current weights with the damping chosen on half the images and checked on the other half, and a layer
+whose refit does not beat its current weights there keeps them: a per-channel bias correction of DSConv alone, fitted
+on 4 generated images, had lowered the error on those images and tripled it on others (yolov5s ds8_head at 192 px:
+1.7% -> 1.3% vs 1.8% -> 6.0% at the detect head's inputs).
 """
 
 from __future__ import annotations

@@ -122,8 +122,8 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--imgsz", default=640, show_default=True, help="Image size for FLOPs, shapes and the output check.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 @click.option("--calibrate", type=_CalibrationSource(), default="0", metavar="DIR|N",
-              help="Refit dwsep/dwconv replacements layer by layer on your images (a folder, or a dataset YAML's "
-                   "val images, labels unused) or on N >= 2 generated ones (data-aware init; 0: off).")
+              help="Refit dwsep/dwconv/dsconv replacements layer by layer on your images (a folder, or a dataset "
+                   "YAML's val images, labels unused) or on N >= 2 generated ones (data-aware init; 0: off).")
 @click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=None,
               help="Size calibration images are letterboxed to [default: the model's training size, else 640; "
                    "320 for generated images].")

@@ -300,3 +300,58 @@ def test_shifts_saved_before_the_unit_existed_load_unchanged():
     unpickled = DSConv2d.__new__(DSConv2d)
     unpickled.__setstate__(state)
     assert_close(unpickled.kernel(), op.kernel())
+
+
+@pytest.mark.parametrize(("groups", "shift_bias", "bias", "stride"),
+                         [(1, False, False, 1), (2, True, True, 2), (1, False, True, 1)])
+def test_shift_refit_recovers_a_dsconv_teacher_with_the_same_integers(groups, shift_bias, bias, stride):
+    """The refit is exact where the target is reachable: a teacher sharing the integers, with other shifts."""
+    from surgeon.modules.ds_conv import refine_shifts
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(40, 12, 3, stride=stride, padding=1, groups=groups, bias=bias)
+    student = dsconv(conv, bits=4, block_size=16, kernel_shift_bias=shift_bias)  # 40 / groups: a short last block
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher.weight.mul_(1.5)  # the channel scale stays the student's; the per-block shifts absorb it
+        teacher.kernel_scale.mul_(1 + 0.3 * torch.randn_like(teacher.kernel_scale))
+        if shift_bias:
+            teacher.kernel_bias.add_(0.1 * torch.randn_like(teacher.kernel_bias))
+        if bias:
+            teacher.bias.add_(0.5)
+    x = torch.randn(4, 40, 12, 12)
+    with torch.no_grad():
+        before = relative_error(student(x), teacher(x))
+        error = refine_shifts(student, [(x[:2], teacher(x[:2])), (x[2:], teacher(x[2:]))], conv, ridge=1e-9)
+        assert before > 0.1 and error < 1e-5
+        assert relative_error(student(x), teacher(x)) < 1e-5
+        assert_close(student.kernel(), teacher.kernel(), rtol=1e-4, atol=1e-6)
+        assert torch.equal(student.integers(), teacher.integers())
+        assert student.init_error == pytest.approx(relative_error(student.kernel(), conv.weight), rel=1e-5)
+
+
+def test_shift_refit_on_correlated_inputs_lowers_held_out_error():
+    """On correlated activations (real ones span few directions) the kernel-optimal shifts are not output-optimal."""
+    from surgeon.modules.ds_conv import refine_shifts
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, 3, padding=1, bias=False)
+    mixing = torch.randn(32, 8)  # 32 channels spanning 8 directions
+    fit, held_out = (torch.einsum("dc,nchw->ndhw", mixing, torch.randn(n, 8, 16, 16)) for n in (8, 4))
+    op = dsconv(conv, bits=3, block_size=8)
+    with torch.no_grad():
+        before = relative_error(op(held_out), conv(held_out))
+        refine_shifts(op, [(fit, conv(fit))], conv)
+        after = relative_error(op(held_out), conv(held_out))
+    assert after < 0.85 * before, (before, after)  # measured 0.113 -> 0.081
+
+
+def test_shift_refit_refuses_other_ops_and_one_image():
+    from surgeon.modules.ds_conv import refine_shifts
+
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    with pytest.raises(TypeError, match="DSConv"):
+        refine_shifts(nn.Conv2d(8, 8, 3), [], conv)
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="two images"):
+        refine_shifts(dsconv(conv), [(x, conv(x))], conv)

@@ -15,8 +15,10 @@ depthwise kernel ``(in_channels * r, 1, kh, kw)`` (run with ``groups=in_channels
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -195,3 +197,105 @@ def residual_energy(pointwise: Tensor, gram: Tensor, cross: Tensor, target_energ
     """``||P Z - Y||^2`` from the statistics of `normal_equations`, without the activations."""
     pointwise = pointwise.double()
     return (pointwise @ gram * pointwise).sum() - 2 * (pointwise * cross).sum() + target_energy
+
+
+# Dampings tried when a refit chooses its own (relative to the mean feature energy, see solve_pointwise).
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def validated_ridge(current: Tensor, fit: list[Tensor], check: list[Tensor], solve: Callable,
+                    residual: Callable) -> float | None:
+    """The damping of `RIDGES` whose fit on the `fit` statistics leaves the least residual on the `check` ones, or
+    None where keeping the `current` weights does better.
+
+    Args:
+        current: The weights in use, the fallback and the prior every fit is damped towards.
+        fit: ``(gram, cross, energy)`` of the images fitted on (the even ones).
+        check: The same statistics of the images checked on (the odd ones).
+        solve: ``solve(gram, cross, ridge, prior) -> weights``.
+        residual: ``residual(weights, gram, cross, energy) -> squared error``.
+    """
+    best, best_error = None, residual(current, *check)
+    for candidate in RIDGES:
+        error = residual(solve(fit[0], fit[1], candidate, current), *check)
+        if error < best_error:
+            best, best_error = candidate, error
+    return best
+
+
+def solve_grouped(gram: Tensor, cross: Tensor, ridge: float, prior: Tensor) -> Tensor:
+    """`solve_pointwise` for G independent problems at once: ``gram (G, d, d)``, ``cross``/``prior (G, o, d)``."""
+    damping = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(gram.dtype).tiny)
+    eye = torch.eye(gram.shape[1], dtype=gram.dtype)
+    system = gram + damping[:, None, None] * eye
+    return torch.linalg.solve(system, (cross + damping[:, None, None] * prior).transpose(1, 2)).transpose(1, 2)
+
+
+def grouped_residual(weights: Tensor, gram: Tensor, cross: Tensor, energy: Tensor) -> Tensor:
+    """`residual_energy` summed over the G problems of `solve_grouped`."""
+    return torch.einsum("god,gde,goe->", weights, gram, weights) - 2 * (weights * cross).sum() + energy
+
+
+def sampled_patches(pairs: Iterable[tuple[Tensor, Tensor]], conv, pixels: int, seed: int = 0
+                    ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per image of `pairs`, its ``k x k`` input patches and the targets at up to `pixels` random positions.
+
+    Args:
+        pairs: ``(inputs, targets)`` batches of a convolution's inputs and the outputs wanted from it.
+        conv: The convolution whose geometry (``kernel_size``, ``dilation``, ``padding``, ``stride``, numeric
+            zero padding) cuts the patches.
+        pixels: Positions kept per image (all of them where there are fewer), which bounds memory at 640 px.
+        seed: Seed of the sampling.
+
+    Yields:
+        ``F.unfold`` columns ``(c_in * kh * kw, positions)`` and targets ``(c_out, positions)``, float64 on the CPU.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for inputs, targets in pairs:
+        for x, target in zip(inputs, targets):
+            columns = F.unfold(x[None].double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)[0]
+            y = target.double().reshape(target.shape[0], -1)
+            if columns.shape[1] > pixels:
+                keep = torch.randperm(columns.shape[1], generator=generator)[:pixels].to(columns.device)
+                columns, y = columns[:, keep], y[:, keep]
+            yield columns.cpu(), y.cpu()
+
+
+def add_to_half(halves: list[list[Tensor] | None], index: int, stats: list[Tensor]) -> None:
+    """Add one image's statistics to the even (`index` even) or the odd half."""
+    half = index % 2
+    halves[half] = stats if halves[half] is None else [a + b for a, b in zip(halves[half], stats)]
+
+
+def damped_grouped_fit(current: Tensor, halves: list[list[Tensor] | None], ridge: float | None, name: str
+                       ) -> tuple[Tensor | None, float]:
+    """Solve the `solve_grouped` problems of the two halves' statistics, damped towards `current`.
+
+    Args:
+        current: ``(G, o, d)`` weights in use.
+        halves: ``(gram, cross, energy)`` of the even and of the odd images (None for a half without images).
+        ridge: Relative damping; None chooses it by `validated_ridge` (both halves needed).
+        name: The refit's name, for errors.
+
+    Returns:
+        The new weights (None where keeping `current` does better on all images) and the relative residual
+        ``sqrt(residual / energy)`` of the weights that win.
+
+    Raises:
+        ValueError: If the targets are all zero, or the damping is to be chosen from one image.
+    """
+    present = [h for h in halves if h is not None]
+    if not present or float(sum(h[2] for h in present)) <= 0:
+        raise ValueError(f"{name} needs inputs on which the original convolution is not all zero")
+    gram, cross, energy = (sum(parts) for parts in zip(*present))
+    if ridge is None:
+        if len(present) < 2:
+            raise ValueError(f"{name} needs two images at least to choose its damping; or pass a ridge")
+        ridge = validated_ridge(current, *halves, solve_grouped, grouped_residual)
+    best, solved = grouped_residual(current, gram, cross, energy), None
+    if ridge is not None:
+        candidate = solve_grouped(gram, cross, ridge, current)
+        error = grouped_residual(candidate, gram, cross, energy)
+        if error < best:
+            best, solved = error, candidate
+    return solved, math.sqrt(max(float(best), 0.0) / float(energy))

@@ -13,12 +13,13 @@ checkpoint; `DSConv2d.fold` turns the op back into an ordinary convolution for e
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgeon.init.factorise import relative_error
+from surgeon.init.factorise import add_to_half, damped_grouped_fit, relative_error, sampled_patches
 from surgeon.init.quantise import dequantise, integer_range, pack_nibbles, quantise_kernel, unpack_nibbles
 from surgeon.modules.plain_conv import stock_conv
 from surgeon.registry import replacement
@@ -107,6 +108,11 @@ class DSConv2d(nn.Module):
         # State dicts from before the unit existed hold absolute shifts: a unit of 1 computes the same kernel.
         state_dict.setdefault(prefix + "kernel_unit", torch.ones_like(self.kernel_unit))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def refittable(self) -> bool:
+        """Whether calibration can refit it (its patches are zero-padded unfolds)."""
+        return not isinstance(self.padding, str) and self.padding_mode == "zeros"
 
     @property
     def packed(self) -> bool:
@@ -224,8 +230,82 @@ def dsconv(
     return op
 
 
+@torch.no_grad()
+def refine_shifts(op: DSConv2d, pairs: Iterable[tuple[Tensor, Tensor]], original: nn.Conv2d,
+                  ridge: float | None = None, pixels: int = 1024, seed: int = 0) -> float:
+    """Refit the Kernel Distribution Shift of `op` (and its bias) by least squares on real activations.
+
+    With the integers and the channel scale fixed, output channel ``o`` is linear in its own shifts:
+    ``y_o = sum_j kernel_scale[o, j] * u_o * f_oj + bias_o``, where ``j`` runs over (block, kernel
+    position), ``u_o`` is ``weight[o] * kernel_unit[o]`` and ``f_oj`` is the block's input channels at
+    that position weighted by the integers (with ``kernel_bias``, also their plain sum). So every output
+    channel is a small least-squares problem (``ceil(c_in / block_size) * kh * kw`` unknowns, twice with
+    a kernel bias), solved on at most `pixels` sampled positions per image (``F.unfold``), damped
+    towards the current shifts, with the damping chosen on the even images and checked on the odd ones
+    as `surgeon.modules.dw_conv.refine_grouped` does. This is the data-aware step the post-training
+    quantisation literature takes after rounding (output reconstruction of each quantised layer, as in
+    AdaRound, Nagel et al. 2020, https://arxiv.org/abs/2004.10568, with the rounding kept and only the
+    continuous scales refitted), so the shifts correct what rounding and the layers before got wrong on
+    the images the model sees. The channel scale ``weight`` and a following BatchNorm scale all of a
+    channel's shifts at once, which the per-channel fit already covers; they stay as they are.
+
+    Args:
+        op: A ``dsconv`` op.
+        pairs: ``(inputs, targets)`` batches: the op's inputs and the original convolution's outputs.
+        original: The trained convolution the op replaces (for ``init_error``).
+        ridge: Relative damping; None chooses it by validation (two images at least).
+        pixels: Positions sampled per image.
+        seed: Seed of the sampling.
+
+    Returns:
+        Relative output error over the sampled positions after the refit.
+
+    Raises:
+        TypeError: If `op` is not a DSConv op with numeric zero padding.
+        ValueError: If the original's outputs are all zero, or the damping is to be chosen from one image.
+    """
+    if not isinstance(op, DSConv2d) or not op.refittable:
+        raise TypeError(f"refine_shifts needs a DSConv op with numeric zero padding, not {op}")
+    groups, taps = op.groups, op.kernel_size[0] * op.kernel_size[1]
+    per_group, blocks = op.kernel_shape[1], op.kernel_scale.shape[1]
+    out_g, pad = op.out_channels // groups, blocks * op.block_size - per_group
+    unit = (op.weight * op.kernel_unit).detach().double().reshape(groups, out_g, 1, 1).cpu()
+    integers = F.pad(op.integers().double().cpu(), (0, 0, 0, 0, 0, pad))
+    integers = integers.reshape(groups, out_g, blocks, op.block_size, taps)
+    halves: list[list[Tensor] | None] = [None, None]
+    for index, (columns, y) in enumerate(sampled_patches(pairs, op, pixels, seed)):
+        z = F.pad(columns.reshape(groups, per_group, taps, -1), (0, 0, 0, 0, 0, pad))
+        z = z.reshape(groups, blocks, op.block_size, taps, -1)
+        # (groups, out per group, unknowns, positions): every output channel's own features.
+        parts = [unit * torch.einsum("gbctl,gobct->gobtl", z, integers).flatten(2, 3)]
+        if op.kernel_bias is not None:
+            parts.append(unit * z.sum(2).flatten(1, 2)[:, None].expand(-1, out_g, -1, -1))
+        if op.bias is not None:
+            parts.append(torch.ones(groups, out_g, 1, z.shape[-1], dtype=z.dtype))
+        features = torch.cat(parts, 2).flatten(0, 1)
+        add_to_half(halves, index, [features @ features.transpose(1, 2),
+                                    (features @ y[:, :, None]).transpose(1, 2), y.pow(2).sum()])
+    current = [op.kernel_scale.flatten(1)]
+    if op.kernel_bias is not None:
+        current.append(op.kernel_bias.flatten(1))
+    if op.bias is not None:
+        current.append(op.bias[:, None])
+    current = torch.cat(current, 1).detach().double().cpu()[:, None]
+    solved, error = damped_grouped_fit(current, halves, ridge, "refine_shifts")
+    if solved is not None:
+        solved = solved[:, 0].to(op.kernel_scale)
+        shifts = op.kernel_scale.shape[1:].numel()
+        op.kernel_scale.copy_(solved[:, :shifts].reshape(op.kernel_scale.shape))
+        if op.kernel_bias is not None:
+            op.kernel_bias.copy_(solved[:, shifts:2 * shifts].reshape(op.kernel_bias.shape))
+        if op.bias is not None:
+            op.bias.copy_(solved[:, -1])
+        op.init_error = relative_error(op.kernel(), original.weight)
+    return error
+
+
 # export_fold: the integer kernel and its shifts are one ordinary convolution at inference; setstate: fills in
-# the kernel_unit buffer of checkpoints written before it existed.
-replacement("dsconv", builds=DSConv2d, export_fold=True, setstate=True,
+# the kernel_unit buffer of checkpoints written before it existed; refit: the shifts are linear in the output.
+replacement("dsconv", builds=DSConv2d, export_fold=True, setstate=True, refit=refine_shifts,
             description="DSConv: b-bit integer kernel with trainable kernel and channel distribution shifts")(
     dsconv)

@@ -19,15 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgeon.init.factorise import (
+    add_to_half,
     block_diagonal,
+    damped_grouped_fit,
     dense_kernel,
     normal_equations,
     relative_error,
     residual_energy,
+    sampled_patches,
     separable_kernel,
     solve_pointwise,
     svd_factors,
     tap_factors,
+    validated_ridge,
 )
 from surgeon.modules.plain_conv import stock_conv
 from surgeon.registry import replacement
@@ -231,26 +235,11 @@ def dwsep(
     return op
 
 
-def _validated_ridge(current: Tensor, fit: list[Tensor], check: list[Tensor], solve, residual) -> float | None:
-    """The damping of `RIDGES` whose fit on the `fit` statistics leaves the least residual on the `check` ones, or
-    None where keeping the `current` weights does better."""
-    best, best_error = None, residual(current, *check)
-    for candidate in RIDGES:
-        error = residual(solve(fit[0], fit[1], candidate, current), *check)
-        if error < best_error:
-            best, best_error = candidate, error
-    return best
-
-
 def _chunk_pairs(batches: Iterable[Tensor], targets: Tensor | None, chunk_size: int):
     for batch in batches:
         chunks = batch.split(chunk_size)
         wanted = [None] * len(chunks) if targets is None else targets.split(chunk_size)
         yield from zip(chunks, wanted)
-
-
-# Dampings tried when refine_pointwise chooses its own (relative to the mean feature energy, see solve_pointwise).
-RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 @torch.no_grad()
@@ -270,9 +259,9 @@ def refine_pointwise(
     the current weights (the kernel-optimal SVD init is not output-optimal once real activations are
     correlated). Deep layers see few pixels per pointwise weight, where an undamped fit follows the
     calibration images and fails on others; so by default the damping is chosen by validation: fitted
-    on the even images, measured on the odd ones, for each of `RIDGES` and for keeping the current
-    weights, and the winner is refitted on all images (or the weights are kept). ``op.init_error`` is
-    updated to the new kernel's error, which may rise while the output error falls.
+    on the even images, measured on the odd ones, for each of `surgeon.init.factorise.RIDGES` and for
+    keeping the current weights, and the winner is refitted on all images (or the weights are kept).
+    ``op.init_error`` is updated to the new kernel's error, which may rise while the output error falls.
 
     Args:
         op: A ``dwsep`` op built from `original`.
@@ -339,7 +328,7 @@ def refine_pointwise(
     if ridge is None:
         if len(present) < 2:
             raise ValueError("refine_pointwise needs two images at least to choose its damping; or pass a ridge")
-        ridge = _validated_ridge(current, *halves, lambda g, c, r, prior: solve_pointwise(g, c, r, prior=prior),
+        ridge = validated_ridge(current, *halves, lambda g, c, r, prior: solve_pointwise(g, c, r, prior=prior),
                                  residual_energy)
     best = residual_energy(current, gram, cross, energy)
     if ridge is not None:
@@ -351,18 +340,6 @@ def refine_pointwise(
             if op.linear:
                 op.init_error = relative_error(op.kernel(), original.weight)
     return math.sqrt(max(best.item(), 0.0) / energy.item())
-
-
-def _solve_grouped(gram: Tensor, cross: Tensor, ridge: float, prior: Tensor) -> Tensor:
-    """`solve_pointwise` for G independent groups at once: ``gram (G, d, d)``, ``cross``/``prior (G, o, d)``."""
-    damping = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(gram.dtype).tiny)
-    eye = torch.eye(gram.shape[1], dtype=gram.dtype)
-    system = gram + damping[:, None, None] * eye
-    return torch.linalg.solve(system, (cross + damping[:, None, None] * prior).transpose(1, 2)).transpose(1, 2)
-
-
-def _grouped_residual(weights: Tensor, gram: Tensor, cross: Tensor, energy: Tensor) -> Tensor:
-    return torch.einsum("god,gde,goe->", weights, gram, weights) - 2 * (weights * cross).sum() + energy
 
 
 @torch.no_grad()
@@ -390,42 +367,18 @@ def refine_grouped(op: GroupedConv2d, pairs: Iterable[tuple[Tensor, Tensor]], or
         raise TypeError(f"refine_grouped needs a dwconv op with numeric zero padding, not {op}")
     groups, (kh, kw) = op.groups, op.kernel_size
     out_g, dim = op.out_channels // groups, op.in_channels // groups * kh * kw
-    generator = torch.Generator().manual_seed(seed)
     halves: list[list[Tensor] | None] = [None, None]
-    seen = 0
-    for inputs, targets in pairs:
-        for x, target in zip(inputs, targets):
-            columns = F.unfold(x[None].double(), op.kernel_size, op.dilation, op.padding, op.stride)[0]
-            y = target.double().reshape(op.out_channels, -1)
-            if op.bias is not None:
-                y = y - op.bias.double()[:, None]
-            if columns.shape[1] > pixels:
-                keep = torch.randperm(columns.shape[1], generator=generator)[:pixels].to(columns.device)
-                columns, y = columns[:, keep], y[:, keep]
-            z, y = columns.reshape(groups, dim, -1).cpu(), y.reshape(groups, out_g, -1).cpu()
-            stats = [z @ z.transpose(1, 2), y @ z.transpose(1, 2), y.pow(2).sum()]
-            half = seen % 2
-            halves[half] = stats if halves[half] is None else [a + b for a, b in zip(halves[half], stats)]
-            seen += 1
-    if halves[0] is None or float(sum(h[2] for h in halves if h is not None)) <= 0:
-        raise ValueError("refine_grouped needs inputs on which the original convolution is not all zero")
-    present = [h for h in halves if h is not None]
-    gram, cross, energy = (sum(parts) for parts in zip(*present))
+    for index, (columns, y) in enumerate(sampled_patches(pairs, op, pixels, seed)):
+        if op.bias is not None:
+            y = y - op.bias.detach().double().cpu()[:, None]
+        z, y = columns.reshape(groups, dim, -1), y.reshape(groups, out_g, -1)
+        add_to_half(halves, index, [z @ z.transpose(1, 2), y @ z.transpose(1, 2), y.pow(2).sum()])
     current = op.weight.detach().double().cpu().reshape(groups, out_g, dim)
-    if ridge is None:
-        if len(present) < 2:
-            raise ValueError("refine_grouped needs two images at least to choose its damping; or pass a ridge")
-        ridge = _validated_ridge(current, *halves, _solve_grouped, _grouped_residual)
-    best = _grouped_residual(current, gram, cross, energy)
-    if ridge is not None:
-        solved = _solve_grouped(gram, cross, ridge, current)
-        error = _grouped_residual(solved, gram, cross, energy)
-        if error < best:
-            op.weight.copy_(solved.reshape(op.weight.shape).to(op.weight))
-            best = error
-            op.init_error = relative_error(dense_kernel(op.weight, groups), dense_kernel(original.weight,
-                                                                                      original.groups))
-    return math.sqrt(max(float(best), 0.0) / float(energy))
+    solved, error = damped_grouped_fit(current, halves, ridge, "refine_grouped")
+    if solved is not None:
+        op.weight.copy_(solved.reshape(op.weight.shape).to(op.weight))
+        op.init_error = relative_error(dense_kernel(op.weight, groups), dense_kernel(original.weight, original.groups))
+    return error
 
 
 def _refit_pointwise(op: DepthwiseSeparableConv2d, pairs, original: nn.Conv2d, ridge: float | None = None) -> float:
