@@ -45,10 +45,13 @@ objects are). With ``data`` (a labelled dataset YAML) the supervised loss (Ultra
 Without labels, Ultralytics' validation has nothing to score: every epoch counts as best, so ``best.pt`` is the last
 epoch, and the run reports the agreement of the result with the teacher on the images instead
 (`surgeon.agreement`). The saved models' BatchNorm statistics are re-estimated on the images
-(`reestimate_batchnorm`) when that brings the result closer to the teacher there, by the distillation loss on
-them (no labels needed): on the generated-shapes yolov8n of ``benchmarks/bench_calibrate.py`` (10 epochs, 128 images)
-re-estimation took held-out agreement from 0.022 to 0.571 (``dw_backbone``) and 0.243 to 0.490 (``dwsep_all``) but
-from 0.936 down to 0.810 for ``ds4_all``. The run is recorded in the checkpoints' recipe
+(`reestimate_batchnorm`) when that brings the result closer to the teacher, by the distillation loss (no labels
+needed) on the odd images with statistics of the even ones, and then estimated on all of them. Checked on the images
+they came from instead, statistics of 8 images at 64 px looked better there and were far worse on others (a test
+yolov8n-seg: total loss 42.8 -> 38.9 on its images, 509 on held-out ones against 46 before the run). On the
+generated-shapes yolov8n of ``benchmarks/bench_calibrate.py`` (10 epochs, 128 images) re-estimation took held-out
+agreement from 0.022 to 0.571 (``dw_backbone``) and 0.243 to 0.490 (``dwsep_all``) but from 0.936 down to 0.810 for
+``ds4_all``. The run is recorded in the checkpoints' recipe
 (``ckpt["surgeon"]["distill"]``).
 """
 
@@ -82,7 +85,8 @@ FEATURE_WEIGHT = 50.0
 """Default weight of the feature term for Ultralytics heads, whose output terms are about 40x the classic ones (about
 44 per image for ``dwsep_all`` on the generated-shapes yolov8n of the tests), so the same balance needs about 50:
 there, 6 epochs on 8 images took the held-out output loss from 44.1 to 49.5 without features, 38.6 with weight 10
-and 35.1 with weight 50 (feature distance 1.24 to 1.45, 1.29 and 1.20)."""
+and 35.1 with weight 50 (feature distance 1.24 to 1.45, 1.29 and 1.20; measured with BatchNorm re-estimation
+checked on the images it was estimated on, see the module docstring)."""
 BN_IMAGES = 256
 """Images the BatchNorm statistics of the result are re-estimated on."""
 
@@ -213,12 +217,16 @@ class DistillLoss:
         else:
             branches = ("one2many", "one2one") if "one2many" in student else (None,)
             cls_loss = box_loss = images.new_zeros(())
+            tasks: dict[str, Tensor] = {}
             for branch in branches:
                 s, t = (student, target) if branch is None else (student[branch], target[branch])
                 c, b = self._terms(s, t)
                 cls_loss, box_loss = cls_loss + c, box_loss + b
-            total = self.cls_gain * cls_loss + self.box_gain * box_loss
-            items = {"kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
+                for name, value in self._task_terms(s, t).items():
+                    tasks[name] = tasks.get(name, 0.0) + value
+            total = self.cls_gain * cls_loss + self.box_gain * box_loss + sum(tasks.values())
+            items = {"kd_cls": cls_loss.detach(), "kd_box": box_loss.detach(),
+                     **{name: value.detach() for name, value in tasks.items()}}
         if self.feature_weight:
             feature = feature_loss(tapped, taught).to(images.device) if tapped else images.new_zeros(())
             total = total + self.feature_weight * feature
@@ -261,8 +269,66 @@ class DistillLoss:
             per_anchor = (p_t * (p_t.clamp_min(1e-12).log() - log_s)).sum(2).sum(1) * self.temperature ** 2
         else:
             per_anchor = (s_boxes - t_boxes).abs().sum(1)
-        box_loss = (per_anchor * weight).sum() / weight.sum().clamp_min(1e-9)
-        return cls_loss, box_loss
+        return cls_loss, _weighted_mean(per_anchor, weight)
+
+    def _task_terms(self, s: dict, t: dict) -> dict[str, Tensor]:
+        """The task outputs of Segment, Pose and OBB heads, weighted per anchor by the teacher's confidence."""
+        weight = t["scores"].float().sigmoid().max(1).values  # (B, anchors)
+        terms = {}
+        if "mask_coefficient" in s:
+            terms["kd_mask"] = _mask_term(s, t, weight)
+        if "kpts" in s:
+            kpt_shape = getattr(self.student.model[-1], "kpt_shape", (s["kpts"].shape[1], 1))
+            terms["kd_kpt"] = _keypoint_term(s, t, weight, int(kpt_shape[1]))
+        if "angle" in s:
+            terms["kd_angle"] = _weighted_mean((s["angle"].float() - t["angle"].float()).abs().sum(1), weight)
+        return terms
+
+
+def _task_losses(head: nn.Module) -> str:
+    """How `DistillLoss._task_terms` distils this head's task outputs, for the recipe."""
+    from ultralytics.nn.modules.head import OBB, Pose, Segment
+
+    for kind, text in ((Segment, " + mask KL"), (Pose, " + keypoint L1 (+ visibility KL)"), (OBB, " + angle L1")):
+        if isinstance(head, kind):
+            return text
+    return ""
+
+
+MASK_ANCHORS = 16
+"""Anchors per image whose masks are distilled: the teacher's most confident ones."""
+
+
+def _weighted_mean(per_anchor: Tensor, weight: Tensor) -> Tensor:
+    return (per_anchor * weight).sum() / weight.sum().clamp_min(1e-9)
+
+
+def _mask_term(s: dict, t: dict, weight: Tensor) -> Tensor:
+    """Mask distillation: per pixel KL of the masks (coefficients times prototypes, as the head decodes them) at the
+    teacher's `MASK_ANCHORS` most confident anchors of each image, weighted by that confidence. Matching coefficients
+    alone would not do: the student's prototypes move too, and only their product is the mask."""
+    def proto(out: dict) -> Tensor:
+        value = out["proto"]
+        return (value[0] if isinstance(value, (tuple, list)) else value).float()
+
+    top = weight.topk(min(MASK_ANCHORS, weight.shape[1]), dim=1)
+    index = top.indices[:, None].expand(-1, s["mask_coefficient"].shape[1], -1)
+    masks = [torch.einsum("bck,bchw->bkhw", out["mask_coefficient"].float().gather(2, index), proto(out))
+             for out in (s, t)]
+    return _weighted_mean(_bernoulli_kl(*masks).mean((2, 3)), top.values)
+
+
+def _keypoint_term(s: dict, t: dict, weight: Tensor, ndim: int) -> Tensor:
+    """Keypoint distillation: L1 distance of the raw keypoint offsets (in units of half a cell, as the head decodes
+    them; Pose26's spreads too) plus, with a visibility channel, its Bernoulli KL, per keypoint."""
+    batch, _, anchors = s["kpts"].shape
+    s_k, t_k = (out["kpts"].float().view(batch, -1, ndim, anchors) for out in (s, t))
+    per_anchor = (s_k[:, :, :2] - t_k[:, :, :2]).abs().mean((1, 2))
+    if ndim == 3:
+        per_anchor = per_anchor + _bernoulli_kl(s_k[:, :, 2], t_k[:, :, 2]).mean(1)
+    if "kpts_sigma" in s and "kpts_sigma" in t:
+        per_anchor = per_anchor + (s["kpts_sigma"].float() - t["kpts_sigma"].float()).abs().mean(1)
+    return _weighted_mean(per_anchor, weight)
 
 
 def _bernoulli_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -307,9 +373,10 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         raise SurgeonError("one of student and teacher is end-to-end (two head branches), the other is not")
 
 
-def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict) -> Path:
+def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict, kpt_shape: list[int] | None = None) -> Path:
     """A dataset YAML under `root` whose train and val images are links to the images of `images` (a folder or a
-    dataset YAML's val images), with empty label files: nothing is written next to the user's files."""
+    dataset YAML's val images), with empty label files: nothing is written next to the user's files. A pose model's
+    `kpt_shape` goes into the YAML, which the Ultralytics pose trainer reads."""
     from surgeon.data import image_paths
 
     folder, labels = root / "images" / "train", root / "labels" / "train"
@@ -323,8 +390,11 @@ def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict) -> Pa
             shutil.copyfile(path, link)
         (labels / f"{i:06d}.txt").touch()  # an empty label file: Ultralytics trains only on labelled folders
     data = root / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/train",
-                                    "names": {int(k): str(v) for k, v in names.items()}}))
+    spec = {"path": str(root), "train": "images/train", "val": "images/train",
+            "names": {int(k): str(v) for k, v in names.items()}}
+    if kpt_shape is not None:
+        spec["kpt_shape"] = [int(n) for n in kpt_shape]
+    data.write_text(yaml.safe_dump(spec))
     return data
 
 
@@ -420,7 +490,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
                                "matches the teacher's class scores, so the dataset must use its classes")
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-distill-"))
     try:
-        dataset = Path(data) if data is not None else unlabelled_dataset(images, workdir / "data", names)
+        kpt_shape = getattr(original.model[-1], "kpt_shape", None)
+        dataset = Path(data) if data is not None else unlabelled_dataset(images, workdir / "data", names, kpt_shape)
         taps: list[FeatureTaps] = []
 
         def attach(trainer):
@@ -454,21 +525,30 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
                   "images": str(images) if images is not None else None, "data": str(data) if data else None,
                   "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),
                   "losses": ("objectness-scaled distillation (objectness, class and box terms)" if classic
-                             else "soft-label BCE + LD (KL on DFL bins)")
+                             else "soft-label BCE + LD (KL on DFL bins)" + _task_losses(original.model[-1]))
                   + (" + feature imitation" if paths else "") + (" + supervised" if data is not None else ""),
                   "features": None, "agreement_f1": None}
         source = images if images is not None else data
         batches = _batches(source, train_args)
-        # BatchNorm re-estimation: kept where it brings the result closer to the teacher on the images, by the
-        # distillation loss itself (continuous, label-free; detection F1 ties where neither model finds anything).
+        # BatchNorm re-estimation: kept where it brings the result closer to the teacher on images it was not
+        # estimated on (statistics of the even images, checked on the odd ones), by the distillation loss itself
+        # (continuous, label-free; detection F1 ties where neither model finds anything); then estimated on all.
         trained = load(run.last, trust=trust).model.float()
         reestimated = deepcopy(trained)
-        reestimate_batchnorm(reestimated, batches)
-        kept, fresh = (distill_loss(original, model, batches, temperature) for model in (trained, reestimated))
-        use = fresh < kept
+        kept = fresh = None
+        from surgeon.data import image_paths
+
+        if len(image_paths(source)) >= 2:
+            reestimate_batchnorm(reestimated, _batches(source, train_args, half=0))
+            check = _batches(source, train_args, half=1)
+            kept, fresh = (distill_loss(original, model, check, temperature) for model in (trained, reestimated))
+        use = fresh is not None and fresh < kept
+        if use:
+            reestimate_batchnorm(reestimated, batches)
         result = reestimated if use else trained
         agreement = _agreement(original, result, source, train_args)
-        record["batchnorm"] = {"reestimated": use, "loss_kept": kept, "loss_reestimated": fresh}
+        record["batchnorm"] = {"reestimated": use, "loss_kept": kept, "loss_reestimated": fresh,
+                               "checked_on": "odd images, statistics of the even ones"}
         if paths:
             record["features"] = {"weight": feature_weight, "layers": paths, "loss": "channel-standardised MSE",
                                   "distance_before": feature_distance(original, loaded.model.float(), paths, batches),
@@ -553,14 +633,17 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _batches(source, train_args: dict):
-    """A function returning fresh letterboxed batches of (up to `BN_IMAGES` of) the run's images."""
+def _batches(source, train_args: dict, half: int | None = None):
+    """A function returning fresh letterboxed batches of (up to `BN_IMAGES` of) the run's images, or of the even
+    (`half` 0) or odd (1) ones among them."""
     from surgeon.data import image_paths, letterboxed
 
     imgsz = train_args.get("imgsz", 640)
     imgsz = imgsz if isinstance(imgsz, int) else max(imgsz)
-    paths = image_paths(source)
-    return lambda: letterboxed(paths, imgsz, batch=8, limit=BN_IMAGES)
+    paths = image_paths(source)[:BN_IMAGES]
+    if half is not None:
+        paths = paths[half::2]
+    return lambda: letterboxed(paths, imgsz, batch=8)
 
 
 @torch.no_grad()

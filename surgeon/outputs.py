@@ -29,10 +29,14 @@ class Parts:
 
 
 def prediction_tensor(output) -> torch.Tensor:
-    """The predictions of a detector's eval output: the first element of ``(predictions, maps)``, and of a YOLOv9
-    dual head's ``[auxiliary, main]`` predictions the main ones (what the repository deploys)."""
+    """The predictions of a detector's eval output: the first element of ``(predictions, maps)``, of a Segment
+    head's ``(predictions, prototypes)`` the predictions, and of a YOLOv9 dual head's ``[auxiliary, main]``
+    predictions the main ones (what the repository deploys)."""
     first = output[0] if isinstance(output, (tuple, list)) else output
-    return first[-1] if isinstance(first, (tuple, list)) else first
+    if not isinstance(first, (tuple, list)):
+        return first
+    prototypes = isinstance(first[-1], (tuple, list)) or first[-1].dim() == 4
+    return first[0] if prototypes else first[-1]
 
 
 def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | None:
