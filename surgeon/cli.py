@@ -321,12 +321,14 @@ def _train_args(options: dict, extra) -> dict:
 @click.option("--images", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Unlabelled images (a folder, recursive, or a dataset YAML's val images).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="A labelled dataset YAML instead: adds the supervised loss.")
+              help="A labelled dataset YAML instead (a classification folder for classifiers): adds the "
+                   "supervised loss.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
-              help="Temperature of the box-distribution distillation.")
+              help="Temperature of the box-distribution distillation (of the class softmax for classifiers).")
 @click.option("--features", is_flag=True, help="Also match the teacher's outputs at the rewritten layers.")
 @click.option("--feature-weight", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Weight of the feature term (with --features) [default: 50 for Ultralytics heads, 1 for classic].")
+              help="Weight of the feature term (with --features) [default: 50 for Ultralytics detection heads, "
+                   "1 for classic ones and classifiers].")
 @_trainer_options
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the files).")
 @click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")
@@ -337,17 +339,21 @@ def distill_cmd(student: Path, teacher: Path, images, data, temperature, feature
 
     The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints; one device); the loss is
     the teacher's class scores (soft labels) and box distributions (localisation distillation) on each
-    augmented batch; for classic YOLOv5 checkpoints its objectness, and its class scores and boxes weighted by it.
+    augmented batch; for classic YOLOv5 checkpoints its objectness, and its class scores and boxes weighted by it;
+    Segment, Pose and OBB heads add their masks, keypoints or angles; classifiers distil the class softmax.
     --features adds the teacher's outputs at the layers the surgery rewrote. Prints how many of the teacher's
-    detections the result reproduces on the images.
+    detections (a classifier: top-1 classes) the result reproduces on the images.
     """
     from surgeon.distill import distill
 
     result = distill(student, teacher, images=images, data=data, temperature=temperature, features=features,
                      feature_weight=feature_weight, trust=trust, quiet=quiet, **_train_args(options, extra))
     click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))
-    if result.agreement:
-        a = result.agreement
+    a = result.agreement
+    if a and "top1" in a:
+        click.echo(f"  agreement with the teacher on {a['images']} images: top-1 {a['top1']:.3f} ({a['matched']} "
+                   "the same class)")
+    elif a:
         click.echo(f"  agreement with the teacher on {a['images']} images: F1 {a['f1']:.3f} ({a['matched']} of "
                    f"{a['reference']} detections matched, {a['candidate']} found)")
     for key in sorted(result.metrics) if data is not None else []:

@@ -17,6 +17,16 @@ dense head outputs on the very augmented batch the student sees:
   that only boxes the teacher believes in matter. Heads without DFL bins (``reg_max == 1``) use the weighted L1
   distance of the box regressions instead.
 
+Segment, Pose and OBB heads add their own outputs, weighted per anchor by the same teacher confidence: **masks**
+(per-pixel Bernoulli KL of the decoded masks, coefficients times prototypes, at the teacher's 16 most confident
+anchors of each image: coefficients alone would not do, as the prototypes move too), **keypoints** (L1 on the raw
+offsets, and the visibility's Bernoulli KL) and **angles** (L1). Classifiers distil the class softmax at the
+temperature (KL times the temperature squared, Hinton et al., "Distilling the Knowledge in a Neural Network", 2015,
+https://arxiv.org/abs/1503.02531); their unlabelled images are filed under the teacher's top-1 class
+(`teacher_labelled_folder`), so the trainer's validation accuracy is the top-1 agreement with the teacher. RT-DETR is
+refused: its decoder picks its queries from the encoder's top scores, so a student's queries are not its teacher's
+one to one, and matching the two sets (as DETR distillation work does) is not implemented.
+
 Classic YOLOv5 heads (`surgeon.classic.ClassicDetect`: per anchor and cell raw ``x, y, w, h``, objectness and class
 logits, decoded through sigmoids) get the objectness-scaled distillation of Mehta & Ozturk ("Object detection at 200
 Frames Per Second", ECCV Workshops 2018, https://arxiv.org/abs/1805.06361), written for exactly this kind of
@@ -191,6 +201,7 @@ class DistillLoss:
         self.temperature, self.cls_gain, self.box_gain, self.obj_gain = temperature, cls_gain, box_gain, obj_gain
         self.feature_weight, self.taps, self.feature_paths = feature_weight, taps, list(feature_paths)
         self.classic = isinstance(student.model[-1], ClassicDetect)
+        self.classify = is_classifier(student)
         self.reg_max = int(getattr(student.model[-1], "reg_max", 16))
         self._base = None
 
@@ -210,7 +221,12 @@ class DistillLoss:
             target = _raw(teacher(images.to(next(teacher.parameters()).dtype)))
             taught = teacher_taps.take()
         student = _raw(preds)
-        if self.classic:
+        if self.classify:
+            # Training forwards give logits, eval ones (probabilities, logits).
+            logits = [out[1] if isinstance(out, (tuple, list)) else out for out in (student, target)]
+            cls_loss = _softmax_kl(*logits, self.temperature)
+            total, items = self.cls_gain * cls_loss, {"kd_cls": cls_loss.detach()}
+        elif self.classic:
             obj_loss, cls_loss, box_loss = self._classic_terms(student, target)
             total = self.obj_gain * obj_loss + self.cls_gain * cls_loss + self.box_gain * box_loss
             items = {"kd_obj": obj_loss.detach(), "kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
@@ -231,7 +247,8 @@ class DistillLoss:
             feature = feature_loss(tapped, taught).to(images.device) if tapped else images.new_zeros(())
             total = total + self.feature_weight * feature
             items["kd_feat"] = feature.detach()
-        loss = total * images.shape[0]
+        # Ultralytics' detection losses are sums over the batch, its classification loss a mean.
+        loss = total if self.classify else total * images.shape[0]
         if self.supervised:
             if self._base is None:
                 self._base = ((lambda p, b: self.student.supervised_loss(b, p)) if self.classic
@@ -338,16 +355,46 @@ def _bernoulli_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
             - F.binary_cross_entropy_with_logits(teacher_logits, probs, reduction="none"))
 
 
+def is_classifier(model: nn.Module) -> bool:
+    """Whether `model` ends in an Ultralytics ``Classify`` head."""
+    from ultralytics.nn.modules.head import Classify
+
+    layers = getattr(model, "model", None)
+    return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], Classify)
+
+
+def classes(model: nn.Module) -> int:
+    """The class count of a detector's or a classifier's head."""
+    head = model.model[-1]
+    if is_classifier(model):
+        return int(head.linear.out_features)
+    return int(head.nc)
+
+
+def _softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton et al.'s distillation loss: KL of the tempered softmaxes, times the temperature squared, per image."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_s, p_t, reduction="batchmean") * temperature ** 2
+
+
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a teacher whose head does not produce what the student's does.
 
     Raises:
         SurgeonError: Other head type, class count, DFL bins or anchors, strides or end-to-end branches.
     """
-    from ultralytics.nn.modules.head import Detect
+    from ultralytics.nn.modules.head import Detect, RTDETRDecoder
 
     s, t = (m.model[-1] if isinstance(getattr(m, "model", None), nn.Sequential) and len(m.model) else m
             for m in (student, teacher))
+    if is_classifier(student) or is_classifier(teacher):
+        if not (is_classifier(student) and is_classifier(teacher)):
+            raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is a classifier, "
+                               "the other is not: distil from the checkpoint the student was rewritten from")
+        if classes(student) != classes(teacher):
+            raise SurgeonError(f"student and teacher classify {classes(student)} vs {classes(teacher)} classes")
+        return
     for head in (s, t):
         other_classic = isinstance(head, ClassicDetect) and type(head) is not ClassicDetect
         if other_classic or type(head).__module__ == "surgeon.classic_v7v9":
@@ -360,6 +407,10 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         if (s.nc, s.nl, s.na) != (t.nc, t.nl, t.na) or not torch.equal(s.anchors.float(), t.anchors.float()):
             raise SurgeonError(f"student and teacher heads differ in classes, levels or anchors: nc {s.nc} vs {t.nc}, "
                                f"{s.nl} vs {t.nl} levels of {s.na} vs {t.na} anchors")
+    elif isinstance(s, RTDETRDecoder) or isinstance(t, RTDETRDecoder):
+        raise SurgeonError("distill does not cover RT-DETR: its decoder picks its queries from the encoder's top "
+                           "scores, so the student's queries are not the teacher's one to one, and matching the two "
+                           "sets is not implemented; fine-tune it with labels (surgeon finetune)")
     elif not isinstance(s, Detect) or not isinstance(t, Detect):
         raise SurgeonError(f"distill needs Detect-family or classic YOLOv5 heads, not {type(s).__name__} (student) "
                            f"and {type(t).__name__} (teacher)")
@@ -437,8 +488,9 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         student: A checkpoint written by surgeon (the rewritten model).
         teacher: The checkpoint it was rewritten from.
         images: Unlabelled images: a folder (recursive) or a dataset YAML whose val images are used.
-        data: A labelled dataset YAML instead: the supervised loss is added to the distillation.
-        temperature: LD temperature on the DFL bins.
+        data: A labelled dataset YAML instead (for a classifier, an Ultralytics classification folder): the
+            supervised loss is added to the distillation.
+        temperature: LD temperature on the DFL bins (a classifier's softmax temperature).
         features: Add feature imitation at the layers the surgery rewrote (the student's recipe names them).
         feature_weight: Weight of the feature term (default: `FEATURE_WEIGHT` for Ultralytics heads,
             `CLASSIC_FEATURE_WEIGHT` for classic ones, which put it on the scale of their output terms).
@@ -457,8 +509,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     if (images is None) == (data is None):
         raise SurgeonError("distill needs either images (unlabelled) or data (a labelled dataset YAML), not "
                            + ("both" if images is not None else "neither"))
-    if data is not None and not Path(data).is_file():
-        raise SurgeonError(f"{data}: no such dataset YAML")
+    if data is not None and not (Path(data).is_file() or Path(data).is_dir()):
+        raise SurgeonError(f"{data}: no such dataset YAML or folder")
     if temperature <= 0:
         raise SurgeonError(f"temperature must be positive, not {temperature}")
     if features and feature_weight is not None and not feature_weight > 0:
@@ -475,23 +527,33 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     original = load(teacher, trust=trust).model.float()
     check_pair(loaded.model, original)
     if feature_weight is None:
-        feature_weight = CLASSIC_FEATURE_WEIGHT if isinstance(original.model[-1], ClassicDetect) else FEATURE_WEIGHT
+        classic_scale = isinstance(original.model[-1], ClassicDetect) or is_classifier(original)
+        feature_weight = CLASSIC_FEATURE_WEIGHT if classic_scale else FEATURE_WEIGHT
     paths = _rewritten_layers(loaded, original) if features else []
-    names = getattr(original, "names", None) or {i: str(i) for i in range(original.model[-1].nc)}
+    classifier = is_classifier(original)
+    names = getattr(original, "names", None) or {i: str(i) for i in range(classes(original))}
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
-    if data is not None:
+    if data is not None and classifier != Path(data).is_dir():
+        raise SurgeonError(f"{data}: a classifier takes a classification folder (train/ and val/ of class folders), "
+                           "a detector a dataset YAML")
+    if data is not None and not classifier:
         try:
             spec = yaml.safe_load(Path(data).read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise SurgeonError(f"{data}: not a readable dataset YAML ({type(error).__name__})") from None
-        classes = len(spec.get("names") or []) if isinstance(spec, dict) else 0
-        if classes != original.model[-1].nc:
-            raise SurgeonError(f"{data} has {classes} classes, the teacher {original.model[-1].nc}: distillation "
+        count = len(spec.get("names") or []) if isinstance(spec, dict) else 0
+        if count != original.model[-1].nc:
+            raise SurgeonError(f"{data} has {count} classes, the teacher {original.model[-1].nc}: distillation "
                                "matches the teacher's class scores, so the dataset must use its classes")
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-distill-"))
     try:
         kpt_shape = getattr(original.model[-1], "kpt_shape", None)
-        dataset = Path(data) if data is not None else unlabelled_dataset(images, workdir / "data", names, kpt_shape)
+        if data is not None:
+            dataset = Path(data)
+        elif classifier:
+            dataset = teacher_labelled_folder(images, workdir / "data", original, names, _imgsz(train_args))
+        else:
+            dataset = unlabelled_dataset(images, workdir / "data", names, kpt_shape)
         taps: list[FeatureTaps] = []
 
         def attach(trainer):
@@ -524,12 +586,13 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         record = {"teacher": {"name": Path(teacher).name, "sha256": _sha256(teacher)},
                   "images": str(images) if images is not None else None, "data": str(data) if data else None,
                   "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),
-                  "losses": ("objectness-scaled distillation (objectness, class and box terms)" if classic
+                  "losses": ("softmax KL at the temperature (Hinton et al. 2015)" if classifier
+                             else "objectness-scaled distillation (objectness, class and box terms)" if classic
                              else "soft-label BCE + LD (KL on DFL bins)" + _task_losses(original.model[-1]))
                   + (" + feature imitation" if paths else "") + (" + supervised" if data is not None else ""),
-                  "features": None, "agreement_f1": None}
+                  "features": None, ("agreement_top1" if classifier else "agreement_f1"): None}
         source = images if images is not None else data
-        batches = _batches(source, train_args)
+        batches = _batches(source, train_args, classifier=classifier)
         # BatchNorm re-estimation: kept where it brings the result closer to the teacher on images it was not
         # estimated on (statistics of the even images, checked on the odd ones), by the distillation loss itself
         # (continuous, label-free; detection F1 ties where neither model finds anything); then estimated on all.
@@ -539,21 +602,22 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         from surgeon.data import image_paths
 
         if len(image_paths(source)) >= 2:
-            reestimate_batchnorm(reestimated, _batches(source, train_args, half=0))
-            check = _batches(source, train_args, half=1)
+            reestimate_batchnorm(reestimated, _batches(source, train_args, half=0, classifier=classifier))
+            check = _batches(source, train_args, half=1, classifier=classifier)
             kept, fresh = (distill_loss(original, model, check, temperature) for model in (trained, reestimated))
         use = fresh is not None and fresh < kept
         if use:
             reestimate_batchnorm(reestimated, batches)
         result = reestimated if use else trained
-        agreement = _agreement(original, result, source, train_args)
+        agreement = (top1_agreement(original, result, _batches(source, train_args, classifier=True, limit=64))
+                     if classifier else _agreement(original, result, source, train_args))
         record["batchnorm"] = {"reestimated": use, "loss_kept": kept, "loss_reestimated": fresh,
                                "checked_on": "odd images, statistics of the even ones"}
         if paths:
             record["features"] = {"weight": feature_weight, "layers": paths, "loss": "channel-standardised MSE",
                                   "distance_before": feature_distance(original, loaded.model.float(), paths, batches),
                                   "distance_after": feature_distance(original, result, paths, batches)}
-        record["agreement_f1"] = agreement["f1"]
+        record["agreement_top1" if classifier else "agreement_f1"] = agreement["top1" if classifier else "f1"]
         for path in {run.last, run.best} - {None}:
             # last.pt's re-estimated model is the one measured above; best.pt (another epoch) gets its own pass.
             fitted = (reestimated if path == run.last else batches) if use else None
@@ -633,17 +697,72 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _batches(source, train_args: dict, half: int | None = None):
-    """A function returning fresh letterboxed batches of (up to `BN_IMAGES` of) the run's images, or of the even
-    (`half` 0) or odd (1) ones among them."""
+def _imgsz(train_args: dict) -> int:
+    imgsz = train_args.get("imgsz", 640)
+    return imgsz if isinstance(imgsz, int) else max(imgsz)
+
+
+def _batches(source, train_args: dict, half: int | None = None, classifier: bool = False, limit: int = BN_IMAGES):
+    """A function returning fresh batches of (up to `limit` of) the run's images, or of the even (`half` 0) or odd
+    (1) ones among them: letterboxed as the detection predictor does, or for a classifier resized and centre-cropped
+    as the classification validator does."""
     from surgeon.data import image_paths, letterboxed
 
-    imgsz = train_args.get("imgsz", 640)
-    imgsz = imgsz if isinstance(imgsz, int) else max(imgsz)
-    paths = image_paths(source)[:BN_IMAGES]
+    imgsz = _imgsz(train_args)
+    paths = image_paths(source)[:limit]
     if half is not None:
         paths = paths[half::2]
-    return lambda: letterboxed(paths, imgsz, batch=8)
+    return (lambda: _cropped(paths, imgsz)) if classifier else (lambda: letterboxed(paths, imgsz, batch=8))
+
+
+def _cropped(paths: list[Path], imgsz: int, batch: int = 8):
+    """Batches ``(b, 3, imgsz, imgsz)`` of the images through Ultralytics' classification transforms (eval)."""
+    from PIL import Image
+    from ultralytics.data.augment import classify_transforms
+
+    transform = classify_transforms(imgsz)
+    for start in range(0, len(paths), batch):
+        tensors = []
+        for path in paths[start:start + batch]:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert("RGB")))
+        yield torch.stack(tensors)
+
+
+@torch.no_grad()
+def top1_agreement(teacher: nn.Module, student: nn.Module, batches) -> dict:
+    """How often a classifier `student` picks the class `teacher` picks, on `batches()`."""
+    same = count = 0
+    teacher.eval()
+    student.eval()
+    for batch in batches():
+        picked = [_raw(model(batch.to(next(model.parameters()).dtype)))[0].argmax(1) for model in (teacher, student)]
+        same += int((picked[0] == picked[1]).sum())
+        count += len(batch)
+    return {"images": count, "top1": same / max(count, 1), "matched": same}
+
+
+def teacher_labelled_folder(images, root: Path, teacher: nn.Module, names: dict, imgsz: int) -> Path:
+    """An Ultralytics classification folder under `root` whose train and val splits both link every image of
+    `images` under the class the teacher picks for it, so the trainer's validation accuracy is the top-1 agreement
+    with the teacher (the loss uses the teacher's full distribution, not these labels). Class folders are class
+    indices with the names in ``.ndjson.yaml``, Ultralytics' layout for classification sets converted from NDJSON,
+    which keeps the model's class order; nothing is written next to the user's files."""
+    from surgeon.data import image_paths
+
+    paths = image_paths(images)
+    labels = [int(x) for batch in _cropped(paths, imgsz) for x in _raw(teacher.eval()(batch))[0].argmax(1)]
+    for split in ("train", "val"):
+        for i, (path, label) in enumerate(zip(paths, labels)):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            link = folder / f"{i:06d}{path.suffix.lower()}"
+            try:
+                link.symlink_to(path.resolve())
+            except OSError:  # no symlinks (some filesystems): copy
+                shutil.copyfile(path, link)
+    (root / ".ndjson.yaml").write_text(yaml.safe_dump({"names": {int(k): str(v) for k, v in names.items()}}))
+    return root
 
 
 @torch.no_grad()
