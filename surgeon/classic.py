@@ -179,7 +179,9 @@ class ClassicDetectionModel(nn.Module):
         """
         from surgeon.classic_v7v9 import ClassicDDetect, yolov9_loss
 
-        if isinstance(self.model[-1], ClassicDDetect):  # its repository's loss (distill does not take these heads)
+        if getattr(self.criterion, "takes_raw_outputs", False):  # a run's own loss on the head's outputs (distill)
+            return self.criterion(self.predict(batch["img"]) if preds is None else preds, batch)
+        if isinstance(self.model[-1], ClassicDDetect):  # its repository's loss
             return yolov9_loss(self, batch, preds)
         if preds is None:
             preds = self.predict(batch["img"])

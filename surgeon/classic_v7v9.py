@@ -261,7 +261,8 @@ class ClassicDualDDetect(ClassicDDetect):
         return _retyped(self, ClassicDDetect, {"cv2": self.cv4, "cv3": self.cv5, "dfl": self.dfl2})
 
 
-def yolov9_loss(model: nn.Module, batch: dict, preds=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def yolov9_loss(model: nn.Module, batch: dict, preds=None,
+                criterion=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The YOLOv9 repository's loss (``utils/loss_tal.py``, ``loss_tal_dual.py``) of an Ultralytics batch.
 
     Per branch it is Ultralytics' detection loss (task-aligned assignment, top 10, alpha 0.5, beta 6; CIoU and
@@ -273,6 +274,8 @@ def yolov9_loss(model: nn.Module, batch: dict, preds=None) -> tuple[torch.Tensor
         model: A classic model with a `ClassicDDetect` head, ``args`` holding the gains (the trainer sets them).
         batch: ``img``, and the targets as ``batch_idx``, ``cls`` and normalised xywh ``bboxes``.
         preds: The model's output on ``batch["img"]`` if already computed (training or eval form).
+        criterion: The Ultralytics detection loss to apply per branch (default: ``model.criterion``, made on first
+            use).
 
     Returns:
         The loss to back-propagate (box, cls and dfl parts, times the batch size; the trainer sums them) and the
@@ -284,14 +287,16 @@ def yolov9_loss(model: nn.Module, batch: dict, preds=None) -> tuple[torch.Tensor
         preds = model.predict(batch["img"])
     maps = preds[1] if isinstance(preds, tuple) else preds
     head = model.model[-1]
-    if getattr(model, "criterion", None) is None:
-        model.criterion = v8DetectionLoss(model)
+    if criterion is None:
+        if getattr(model, "criterion", None) is None:
+            model.criterion = v8DetectionLoss(model)
+        criterion = model.criterion
     branches, weights = ((maps[1], maps[0]), (1.0, 0.25)) if isinstance(head, ClassicDualDDetect) else ((maps,), (1.0,))
     total, parts = 0, {}
     for branch, weight in zip(branches, weights):
         flat = torch.cat([m.flatten(2) for m in branch], 2)
         boxes, scores = flat.split((head.reg_max * 4, head.nc), 1)
-        loss, items = model.criterion({"boxes": boxes, "scores": scores, "feats": branch}, batch)
+        loss, items = criterion({"boxes": boxes, "scores": scores, "feats": branch}, batch)
         total = total + weight * loss
         parts = {k: parts.get(k, 0) + weight * v for k, v in items.items()}
     return total, parts

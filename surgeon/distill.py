@@ -27,6 +27,10 @@ https://arxiv.org/abs/1503.02531); their unlabelled images are filed under the t
 refused: its decoder picks its queries from the encoder's top scores, so a student's queries are not its teacher's
 one to one, and matching the two sets (as DETR distillation work does) is not implemented.
 
+YOLOv7's ``IDetect`` has classic YOLOv5's training maps and takes the classic terms below (``IAuxDetect`` is refused:
+`surgeon deploy` gives its ``IDetect`` model); YOLOv9's ``Detect``/``DDetect`` maps are Ultralytics' DFL bins and
+class logits, and take the terms above, a dual head's auxiliary branch at 0.25 as the repository weights its loss.
+
 Classic YOLOv5 heads (`surgeon.classic.ClassicDetect`: per anchor and cell raw ``x, y, w, h``, objectness and class
 logits, decoded through sigmoids) get the objectness-scaled distillation of Mehta & Ozturk ("Object detection at 200
 Frames Per Second", ECCV Workshops 2018, https://arxiv.org/abs/1805.06361), written for exactly this kind of
@@ -191,6 +195,8 @@ class DistillLoss:
         feature_paths: The layers `taps` covers, tapped on the teacher for each batch.
     """
 
+    takes_raw_outputs = True  # classic models hand it their heads' outputs whatever their own loss would be
+
     def __init__(self, teacher: nn.Module, student: nn.Module, *, supervised: bool = False,
                  temperature: float = TEMPERATURE, cls_gain: float = 1.0, box_gain: float = 1.0,
                  obj_gain: float = 1.0, feature_weight: float = 0.0, taps: FeatureTaps | None = None,
@@ -200,8 +206,12 @@ class DistillLoss:
         self.supervised = supervised
         self.temperature, self.cls_gain, self.box_gain, self.obj_gain = temperature, cls_gain, box_gain, obj_gain
         self.feature_weight, self.taps, self.feature_paths = feature_weight, taps, list(feature_paths)
+        from surgeon.classic_v7v9 import ClassicDDetect, ClassicDualDDetect
+
         self.classic = isinstance(student.model[-1], ClassicDetect)
         self.classify = is_classifier(student)
+        self.gelan = isinstance(student.model[-1], ClassicDDetect)  # YOLOv9: per-level maps of DFL bins and classes
+        self.dual = isinstance(student.model[-1], ClassicDualDDetect)
         self.reg_max = int(getattr(student.model[-1], "reg_max", 16))
         self._base = None
 
@@ -230,6 +240,16 @@ class DistillLoss:
             obj_loss, cls_loss, box_loss = self._classic_terms(student, target)
             total = self.obj_gain * obj_loss + self.cls_gain * cls_loss + self.box_gain * box_loss
             items = {"kd_obj": obj_loss.detach(), "kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
+        elif self.gelan:
+            # As the repository's loss: the main branch, and the auxiliary one at 0.25 (dual heads, [aux, main]).
+            pairs = [(student[1], target[1], 1.0), (student[0], target[0], 0.25)] if self.dual else [
+                (student, target, 1.0)]
+            cls_loss = box_loss = images.new_zeros(())
+            for s, t, weight in pairs:
+                c, b = self._terms(*(_gelan_outputs(maps, self.student.model[-1]) for maps in (s, t)))
+                cls_loss, box_loss = cls_loss + weight * c, box_loss + weight * b
+            total = self.cls_gain * cls_loss + self.box_gain * box_loss
+            items = {"kd_cls": cls_loss.detach(), "kd_box": box_loss.detach()}
         else:
             branches = ("one2many", "one2one") if "one2many" in student else (None,)
             cls_loss = box_loss = images.new_zeros(())
@@ -251,12 +271,24 @@ class DistillLoss:
         loss = total if self.classify else total * images.shape[0]
         if self.supervised:
             if self._base is None:
-                self._base = ((lambda p, b: self.student.supervised_loss(b, p)) if self.classic
-                              else self.student.init_criterion())
+                self._base = self._supervised()
             supervised, supervised_items = self._base(preds, batch)
             loss = loss + supervised.sum()
             items.update(supervised_items)
         return loss, items
+
+    def _supervised(self):
+        """The student's own supervised loss, ``loss(preds, batch)``."""
+        if self.gelan:
+            from ultralytics.utils.loss import v8DetectionLoss
+
+            from surgeon.classic_v7v9 import yolov9_loss
+
+            criterion = v8DetectionLoss(self.student)
+            return lambda p, b: yolov9_loss(self.student, b, p, criterion=criterion)
+        if self.classic:
+            return lambda p, b: self.student.supervised_loss(b, p)
+        return self.student.init_criterion()
 
     def _classic_terms(self, student: list[Tensor], target: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Objectness KL everywhere; class KL and box L2 weighted by the teacher's objectness (module docstring)."""
@@ -314,6 +346,12 @@ def _task_losses(head: nn.Module) -> str:
 
 MASK_ANCHORS = 16
 """Anchors per image whose masks are distilled: the teacher's most confident ones."""
+
+
+def _gelan_outputs(maps: list[Tensor], head: nn.Module) -> dict[str, Tensor]:
+    """A YOLOv9 head's per-level maps as Ultralytics' Detect gives them: ``boxes`` (DFL bins) and ``scores``."""
+    boxes, scores = torch.cat([m.flatten(2) for m in maps], 2).split((head.reg_max * 4, head.nc), 1)
+    return {"boxes": boxes, "scores": scores}
 
 
 def _weighted_mean(per_anchor: Tensor, weight: Tensor) -> Tensor:
@@ -395,11 +433,23 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         if classes(student) != classes(teacher):
             raise SurgeonError(f"student and teacher classify {classes(student)} vs {classes(teacher)} classes")
         return
+    from surgeon.classic_v7v9 import ClassicDDetect, ClassicIAuxDetect
+
     for head in (s, t):
-        other_classic = isinstance(head, ClassicDetect) and type(head) is not ClassicDetect
-        if other_classic or type(head).__module__ == "surgeon.classic_v7v9":
-            raise SurgeonError(f"distill covers Ultralytics Detect-family and classic YOLOv5 heads, not "
-                               f"{type(head).__name__} (YOLOv7/YOLOv9): fine-tune it with labels (surgeon finetune)")
+        if isinstance(head, ClassicIAuxDetect):
+            raise SurgeonError(f"distill does not train YOLOv7's {type(head).__name__} (its auxiliary heads learn from "
+                               "the OTA assignment, not implemented here); run `surgeon deploy` first, which gives the "
+                               "IDetect model the repository deploys, and distil that")
+    if type(s) is not type(t) and (type(s).__module__ == "surgeon.classic_v7v9"
+                                   or type(t).__module__ == "surgeon.classic_v7v9"):
+        raise SurgeonError(f"student ({type(s).__name__}) and teacher ({type(t).__name__}) heads differ: distil from "
+                           "the checkpoint the student was rewritten from")
+    if isinstance(s, ClassicDDetect):
+        if (s.nc, s.nl, s.reg_max) != (t.nc, t.nl, t.reg_max):
+            raise SurgeonError(f"student and teacher heads differ in classes, levels or DFL bins: nc {s.nc} vs {t.nc}")
+        if not torch.equal(torch.as_tensor(s.stride).float(), torch.as_tensor(t.stride).float()):
+            raise SurgeonError("student and teacher heads differ in strides")
+        return
     if isinstance(s, ClassicDetect) != isinstance(t, ClassicDetect):
         raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is a classic YOLOv5 "
                            "head, the other is not: distil from the checkpoint the student was rewritten from")
