@@ -337,7 +337,7 @@ def distill_cmd(student: Path, teacher: Path, images, data, temperature, feature
                 **options):
     """Train a rewritten STUDENT to reproduce its original (--teacher) on your images, without labels.
 
-    The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints; one device); the loss is
+    The Ultralytics trainer runs as for finetune (augmentation, EMA, AMP, checkpoints, DDP); the loss is
     the teacher's class scores (soft labels) and box distributions (localisation distillation) on each
     augmented batch; for classic YOLOv5 checkpoints its objectness, and its class scores and boxes weighted by it;
     Segment, Pose and OBB heads add their masks, keypoints or angles; classifiers distil the class softmax.

@@ -1,8 +1,8 @@
 """Label-free recovery: train a rewritten detector to reproduce its original on unlabelled images.
 
 The original checkpoint is the best teacher a rewritten model has: surgery starts from it, and it labels every
-image the user owns. `distill` runs the Ultralytics trainer (augmentation, EMA, AMP, checkpoints, progress; one
-device: Ultralytics' DDP workers rebuild the trainer without this run's loss) through the same trainer subclasses as
+image the user owns. `distill` runs the Ultralytics trainer (augmentation, EMA, AMP, checkpoints, progress, DDP:
+the callbacks that install the loss travel to the workers with the trainer) through the same trainer subclasses as
 `surgeon.finetune`, with the loss replaced by a distillation of the teacher's
 dense head outputs on the very augmented batch the student sees:
 
@@ -531,7 +531,7 @@ class DistillResult:
 def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: str | os.PathLike | None = None,
             data: str | os.PathLike | None = None, temperature: float = TEMPERATURE, features: bool = False,
             feature_weight: float | None = None, trust: bool = False, quiet: bool = False,
-            **train_args: Any) -> DistillResult:
+            callbacks: dict[str, list] | None = None, **train_args: Any) -> DistillResult:
     """Train the rewritten `student` to reproduce `teacher` (the original) on images, without labels.
 
     Args:
@@ -546,6 +546,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
             `CLASSIC_FEATURE_WEIGHT` for classic ones, which put it on the scale of their output terms).
         trust: Read both checkpoints without surgeon's allow-list (only for files you trust).
         quiet: Hide the trainer's output.
+        callbacks: Ultralytics callbacks to add, event name -> functions taking the trainer.
         **train_args: Ultralytics training arguments (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ...).
 
     Raises:
@@ -568,11 +569,6 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     for key in ("distill_model", "trainer", "pretrained"):
         if key in train_args:
             raise SurgeonError(f"distill sets {key!r} itself; leave it out")
-    device = train_args.get("device")
-    if isinstance(device, (list, tuple)) and len(device) > 1 or isinstance(device, str) and "," in device.strip(","):
-        # Ultralytics' DDP workers rebuild the trainer from its arguments, without this run's criterion: they would
-        # train on the empty labels alone.
-        raise SurgeonError(f"distill runs on one device, not device={device!r}; use e.g. device=0")
     loaded = load(student, trust=trust)
     original = load(teacher, trust=trust).model.float()
     check_pair(loaded.model, original)
@@ -626,8 +622,12 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         if quiet_labels:
             logger.addFilter(quiet_labels)
         try:
-            run = finetune(student, dataset, callbacks={"on_train_start": [attach], "on_train_end": [detach]},
-                           trust=trust, quiet=quiet, **train_args)
+            # Under DDP (``device=0,1``) Ultralytics ships the trainer's callbacks to its workers (cloudpickle), so
+            # every worker installs the criterion with its own copy of the teacher.
+            events = {"on_train_start": [attach], "on_train_end": [detach]}
+            for event, functions in (callbacks or {}).items():
+                events[event] = [*events.get(event, []), *functions]
+            run = finetune(student, dataset, callbacks=events, trust=trust, quiet=quiet, **train_args)
         finally:
             detach(None)
             if quiet_labels:

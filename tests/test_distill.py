@@ -137,9 +137,6 @@ def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoi
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, args
     with pytest.raises(SurgeonError, match="sets 'distill_model'"):
         distill(teacher, teacher, images=photos, distill_model=teacher)
-    for device in ("0,1", [0, 1]):
-        with pytest.raises(SurgeonError, match="one device"):
-            distill(teacher, teacher, images=photos, device=device)
 
 
 # --- classic YOLOv5 heads and feature imitation ----------------------------------------------------------------------
@@ -399,3 +396,41 @@ def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_f
     with open(result.save_dir / "results.csv") as f:
         header = f.readline()
     assert "train/kd_cls" in header and "metrics/accuracy_top1" in header  # validated against the teacher's labels
+
+
+@pytest.mark.slow
+def test_a_ddp_worker_rebuilt_from_the_launch_file_distils(teacher, photos, tmp_path):
+    """Ultralytics' DDP launch writes the trainer, its arguments, model and callbacks to a file that each worker
+    process loads to rebuild the trainer (`ultralytics.utils.dist.generate_ddp_file`). That file, written during a
+    real distillation run and run in a fresh process meanwhile (on the CPU, so as one worker without a process
+    group), trains with the distillation loss: the criterion travels with the callbacks, the teacher with them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ultralytics.utils.dist import generate_ddp_file
+
+    workers = []
+
+    def launch_a_worker(trainer):
+        trainer.callbacks["on_pretrain_routine_end"].remove(launch_a_worker)  # the worker must not launch again
+        launch_file = generate_ddp_file(trainer)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        try:
+            run = subprocess.run([sys.executable, launch_file], env=env, capture_output=True, text=True, timeout=600)
+        finally:
+            os.unlink(launch_file)
+            os.unlink(launch_file.replace(".py", ".pt"))
+        results = Path(trainer.save_dir) / "results.csv"
+        workers.append((run.returncode, run.stderr[-3000:], results.read_text() if results.exists() else ""))
+        results.unlink(missing_ok=True)
+
+    student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
+    distill(student, teacher, images=photos, epochs=1, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
+            project=str(tmp_path / "runs"), name="kd", quiet=True,
+            callbacks={"on_pretrain_routine_end": [launch_a_worker]})
+    assert len(workers) == 1
+    returncode, stderr, results = workers[0]
+    assert returncode == 0, stderr
+    header = results.splitlines()[0]
+    assert "train/kd_cls" in header and "train/kd_box" in header  # the worker trained on the distillation loss
