@@ -92,7 +92,8 @@ def _candidates(model: nn.Module, output: Tensor, imgsz: int) -> tuple[Tensor, T
     if isinstance(head, Detect) and getattr(head, "end2end", False):
         return parts.boxes, parts.scores, output[..., 5], True
     if isinstance(head, RTDETRDecoder):
-        return _xywh_to_xyxy(parts.boxes) * imgsz, parts.scores, None, True
+        classes = output[..., 5] if hasattr(head, "postprocess") else None  # top-k (cx, cy, w, h, score, class)
+        return _xywh_to_xyxy(parts.boxes) * imgsz, parts.scores, classes, True
     return _xywh_to_xyxy(parts.boxes), parts.scores.transpose(1, 2), None, False
 
 

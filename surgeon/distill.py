@@ -23,9 +23,8 @@ anchors of each image: coefficients alone would not do, as the prototypes move t
 offsets, and the visibility's Bernoulli KL) and **angles** (L1). Classifiers distil the class softmax at the
 temperature (KL times the temperature squared, Hinton et al., "Distilling the Knowledge in a Neural Network", 2015,
 https://arxiv.org/abs/1503.02531); their unlabelled images are filed under the teacher's top-1 class
-(`teacher_labelled_folder`), so the trainer's validation accuracy is the top-1 agreement with the teacher. RT-DETR is
-refused: its decoder picks its queries from the encoder's top scores, so a student's queries are not its teacher's
-one to one, and matching the two sets (as DETR distillation work does) is not implemented.
+(`teacher_labelled_folder`), so the trainer's validation accuracy is the top-1 agreement with the teacher. RT-DETR's
+queries do not pair up by position: `surgeon.distill_detr` matches them to the teacher's first.
 
 YOLOv7's ``IDetect`` has classic YOLOv5's training maps and takes the classic terms below (``IAuxDetect`` is refused:
 `surgeon deploy` gives its ``IDetect`` model); YOLOv9's ``Detect``/``DDetect`` maps are Ultralytics' DFL bins and
@@ -78,6 +77,7 @@ import tempfile
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -86,6 +86,7 @@ import yaml
 from torch import Tensor, nn
 
 from surgeon.classic import ClassicDetect
+from surgeon.distill_detr import ImageTap, QueryDistillLoss
 from surgeon.errors import SurgeonError
 
 TEMPERATURE = 2.0
@@ -393,6 +394,14 @@ def _bernoulli_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
             - F.binary_cross_entropy_with_logits(teacher_logits, probs, reduction="none"))
 
 
+def is_rtdetr(model: nn.Module) -> bool:
+    """Whether `model` ends in an Ultralytics ``RTDETRDecoder``."""
+    from ultralytics.nn.modules.head import RTDETRDecoder
+
+    layers = getattr(model, "model", None)
+    return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], RTDETRDecoder)
+
+
 def is_classifier(model: nn.Module) -> bool:
     """Whether `model` ends in an Ultralytics ``Classify`` head."""
     from ultralytics.nn.modules.head import Classify
@@ -458,9 +467,13 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
             raise SurgeonError(f"student and teacher heads differ in classes, levels or anchors: nc {s.nc} vs {t.nc}, "
                                f"{s.nl} vs {t.nl} levels of {s.na} vs {t.na} anchors")
     elif isinstance(s, RTDETRDecoder) or isinstance(t, RTDETRDecoder):
-        raise SurgeonError("distill does not cover RT-DETR: its decoder picks its queries from the encoder's top "
-                           "scores, so the student's queries are not the teacher's one to one, and matching the two "
-                           "sets is not implemented; fine-tune it with labels (surgeon finetune)")
+        if not (isinstance(s, RTDETRDecoder) and isinstance(t, RTDETRDecoder)):
+            raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is RT-DETR, the "
+                               "other is not: distil from the checkpoint the student was rewritten from")
+        if (s.nc, s.num_queries) != (t.nc, t.num_queries):
+            raise SurgeonError(f"student and teacher decoders differ in classes or queries: nc {s.nc} vs {t.nc}, "
+                               f"{s.num_queries} vs {t.num_queries} queries")
+        return
     elif not isinstance(s, Detect) or not isinstance(t, Detect):
         raise SurgeonError(f"distill needs Detect-family or classic YOLOv5 heads, not {type(s).__name__} (student) "
                            f"and {type(t).__name__} (teacher)")
@@ -575,6 +588,9 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     if feature_weight is None:
         classic_scale = isinstance(original.model[-1], ClassicDetect) or is_classifier(original)
         feature_weight = CLASSIC_FEATURE_WEIGHT if classic_scale else FEATURE_WEIGHT
+    detr = is_rtdetr(original)
+    if features and detr:
+        raise SurgeonError("--features is not implemented for RT-DETR; distil its outputs alone")
     paths = _rewritten_layers(loaded, original) if features else []
     classifier = is_classifier(original)
     names = getattr(original, "names", None) or {i: str(i) for i in range(classes(original))}
@@ -605,6 +621,13 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         def attach(trainer):
             model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
             ema = getattr(getattr(trainer, "ema", None), "ema", None)
+            if detr:  # the images reach the criterion through a hook, on the trained model only
+                taps.append(ImageTap(model))
+                for m in (model, ema):
+                    if m is not None:
+                        m.criterion = QueryDistillLoss(original, model, supervised=data is not None,
+                                                       tap=taps[-1] if m is model else None)
+                return
             if paths:  # on the trained model only: the EMA copy and the checkpoints were copied before, hook-free
                 taps.append(FeatureTaps(model, paths))
             for m in (model, ema):
@@ -637,6 +660,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
                   "images": str(images) if images is not None else None, "data": str(data) if data else None,
                   "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),
                   "losses": ("softmax KL at the temperature (Hinton et al. 2015)" if classifier
+                             else "Hungarian-matched query distillation (soft-label BCE, L1, GIoU)" if detr
                              else "objectness-scaled distillation (objectness, class and box terms)" if classic
                              else "soft-label BCE + LD (KL on DFL bins)" + _task_losses(original.model[-1]))
                   + (" + feature imitation" if paths else "") + (" + supervised" if data is not None else ""),
@@ -717,11 +741,16 @@ def feature_distance(teacher: nn.Module, student: nn.Module, paths: list[str], b
 def distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: float = TEMPERATURE) -> float:
     """The output distillation loss of `student` (all its terms, no features) in eval mode, per image: how far it is
     from `teacher` on `batches()` (a function returning image batches) by the measure distillation lowers."""
-    criterion = DistillLoss(teacher, student, temperature=temperature)
+    if is_rtdetr(student):
+        criterion = QueryDistillLoss(teacher, student)
+    else:
+        plain = DistillLoss(teacher, student, temperature=temperature)
+        criterion = SimpleNamespace(measure=lambda output, images: plain(output, {"img": images})[1])
     total, count = 0.0, 0
     student.eval()
     for batch in batches():
-        _, items = criterion(student(batch), {"img": batch})
+        with torch.no_grad():
+            items = criterion.measure(student(batch), batch)
         total += sum(float(v) for k, v in items.items() if k.startswith("kd_")) * len(batch)
         count += len(batch)
     return total / max(count, 1)

@@ -44,7 +44,8 @@ def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | 
 
     Layouts: Ultralytics Detect family ``(B, 4 + nc + extra, anchors)`` (xywh pixels, class
     probabilities, then masks/keypoints/angles) or end-to-end ``(B, max_det, 6)`` (xyxy, score,
-    class); RT-DETR ``(B, queries, 4 + nc)`` (normalised boxes); classic YOLOv5 ``(B, anchors, 5 + nc)``
+    class); RT-DETR ``(B, queries, 4 + nc)`` (normalised boxes), since Ultralytics 8.4 its top-k queries
+    ``(B, k, 6)`` (normalised cxcywh, score, class); classic YOLOv5 ``(B, anchors, 5 + nc)``
     (xywh pixels, objectness, class probabilities; YOLOv7 too); YOLOv9 as Ultralytics Detect (of a dual
     head, the main branch's: `prediction_tensor`); classifiers ``(B, nc)`` probabilities.
     """
@@ -65,8 +66,11 @@ def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | 
             return Parts(first[..., :4], first[..., 4:5], float(imgsz)) if first.shape[-1] == 6 else None
         if first.shape[1] >= 4 + nc:
             return Parts(first[:, :4].transpose(1, 2), first[:, 4:4 + nc], float(imgsz))
-    if isinstance(head, RTDETRDecoder) and first.dim() == 3 and first.shape[-1] == 4 + nc:
-        return Parts(first[..., :4], first[..., 4:], 1.0)
+    if isinstance(head, RTDETRDecoder) and first.dim() == 3:
+        if hasattr(head, "postprocess"):  # Ultralytics >= 8.4: its top-k queries as (cx, cy, w, h, score, class)
+            return Parts(first[..., :4], first[..., 4:5], 1.0) if first.shape[-1] == 6 else None
+        if first.shape[-1] == 4 + nc:
+            return Parts(first[..., :4], first[..., 4:], 1.0)
     if isinstance(head, Classify) and first.dim() == 2:
         return Parts(None, first, 1.0)
     return None

@@ -62,7 +62,7 @@ def folder(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml"])
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml", "rtdetr-l.yaml"])
 def test_detections_equal_the_ultralytics_predictor(cfg, checkpoint_factory, folder):
     """Square images of the model's size letterbox to themselves, so both see the same pixels."""
     from surgeon.finetune import load_yolo
@@ -77,10 +77,18 @@ def test_detections_equal_the_ultralytics_predictor(cfg, checkpoint_factory, fol
     for mine, result in zip(ours, theirs):
         boxes = result.boxes
         expected = torch.cat([boxes.xyxy, boxes.conf[:, None], boxes.cls[:, None]], 1).float()
-        expected = expected[expected[:, 4].argsort(descending=True)]
         expected = expected[(expected[:, 2] > expected[:, 0]) & (expected[:, 3] > expected[:, 1])]  # inside the image
         assert mine.shape == expected.shape
-        torch.testing.assert_close(mine, expected, rtol=1e-3, atol=0.05)
+        torch.testing.assert_close(_canonical(mine), _canonical(expected), rtol=1e-3, atol=0.05)
+
+
+def _canonical(found: torch.Tensor) -> torch.Tensor:
+    """Detections in an order of their own: by class and box corner (to 0.1 px), not by score, whose near-ties
+    (RT-DETR's queries on a random model agree to 4 digits) batched and single-image inference order differently."""
+    import numpy as np
+
+    keys = found.numpy().round(1)
+    return found[np.lexsort((-found[:, 4].numpy(), keys[:, 3], keys[:, 2], keys[:, 1], keys[:, 0], keys[:, 5]))]
 
 
 def test_diff_reports_agreement_in_every_format(checkpoint_factory, folder, tmp_path):
