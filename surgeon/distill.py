@@ -77,7 +77,6 @@ import tempfile
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -277,6 +276,10 @@ class DistillLoss:
             loss = loss + supervised.sum()
             items.update(supervised_items)
         return loss, items
+
+    def measure(self, output: Any, images: Tensor) -> dict[str, Tensor]:
+        """The terms of an eval forward `output` of the student on `images` (as `QueryDistillLoss.measure`)."""
+        return self(output, {"img": images})[1]
 
     def _supervised(self):
         """The student's own supervised loss, ``loss(preds, batch)``."""
@@ -487,6 +490,14 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         raise SurgeonError("one of student and teacher is end-to-end (two head branches), the other is not")
 
 
+def _link(path: Path, link: Path) -> None:
+    """`link` pointing at the user's file `path` (a copy where the filesystem has no symlinks)."""
+    try:
+        link.symlink_to(path.resolve())
+    except OSError:
+        shutil.copyfile(path, link)
+
+
 def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict, kpt_shape: list[int] | None = None) -> Path:
     """A dataset YAML under `root` whose train and val images are links to the images of `images` (a folder or a
     dataset YAML's val images), with empty label files: nothing is written next to the user's files. A pose model's
@@ -497,11 +508,7 @@ def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict, kpt_s
     folder.mkdir(parents=True)
     labels.mkdir(parents=True)
     for i, path in enumerate(image_paths(images)):
-        link = folder / f"{i:06d}{path.suffix.lower()}"
-        try:
-            link.symlink_to(path.resolve())
-        except OSError:  # no symlinks (some filesystems): copy
-            shutil.copyfile(path, link)
+        _link(path, folder / f"{i:06d}{path.suffix.lower()}")
         (labels / f"{i:06d}.txt").touch()  # an empty label file: Ultralytics trains only on labelled folders
     data = root / "data.yaml"
     spec = {"path": str(root), "train": "images/train", "val": "images/train",
@@ -567,6 +574,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         SurgeonError: Neither or both of `images` and `data`, a teacher that does not fit the student, or
             `features` for a student whose recipe names no rewritten layer.
     """
+    from surgeon.data import image_paths
     from surgeon.finetune import finetune
     from surgeon.io import load
 
@@ -666,25 +674,24 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
                   + (" + feature imitation" if paths else "") + (" + supervised" if data is not None else ""),
                   "features": None, ("agreement_top1" if classifier else "agreement_f1"): None}
         source = images if images is not None else data
-        batches = _batches(source, train_args, classifier=classifier)
+        source_paths = image_paths(source)
+        batches = _batches(source_paths, train_args, classifier=classifier)
         # BatchNorm re-estimation: kept where it brings the result closer to the teacher on images it was not
         # estimated on (statistics of the even images, checked on the odd ones), by the distillation loss itself
         # (continuous, label-free; detection F1 ties where neither model finds anything); then estimated on all.
         trained = load(run.last, trust=trust).model.float()
         reestimated = deepcopy(trained)
         kept = fresh = None
-        from surgeon.data import image_paths
-
-        if len(image_paths(source)) >= 2:
-            reestimate_batchnorm(reestimated, _batches(source, train_args, half=0, classifier=classifier))
-            check = _batches(source, train_args, half=1, classifier=classifier)
+        if len(source_paths) >= 2:
+            reestimate_batchnorm(reestimated, _batches(source_paths, train_args, half=0, classifier=classifier))
+            check = _batches(source_paths, train_args, half=1, classifier=classifier)
             kept, fresh = (distill_loss(original, model, check, temperature) for model in (trained, reestimated))
         use = fresh is not None and fresh < kept
         if use:
             reestimate_batchnorm(reestimated, batches)
         result = reestimated if use else trained
-        agreement = (top1_agreement(original, result, _batches(source, train_args, classifier=True, limit=64))
-                     if classifier else _agreement(original, result, source, train_args))
+        agreement = (top1_agreement(original, result, _batches(source_paths, train_args, classifier=True, limit=64))
+                     if classifier else _agreement(original, result, source_paths, train_args))
         record["batchnorm"] = {"reestimated": use, "loss_kept": kept, "loss_reestimated": fresh,
                                "checked_on": "odd images, statistics of the even ones"}
         if paths:
@@ -741,11 +748,8 @@ def feature_distance(teacher: nn.Module, student: nn.Module, paths: list[str], b
 def distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: float = TEMPERATURE) -> float:
     """The output distillation loss of `student` (all its terms, no features) in eval mode, per image: how far it is
     from `teacher` on `batches()` (a function returning image batches) by the measure distillation lowers."""
-    if is_rtdetr(student):
-        criterion = QueryDistillLoss(teacher, student)
-    else:
-        plain = DistillLoss(teacher, student, temperature=temperature)
-        criterion = SimpleNamespace(measure=lambda output, images: plain(output, {"img": images})[1])
+    criterion = (QueryDistillLoss(teacher, student) if is_rtdetr(student)
+                 else DistillLoss(teacher, student, temperature=temperature))
     total, count = 0.0, 0
     student.eval()
     for batch in batches():
@@ -756,14 +760,13 @@ def distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: f
     return total / max(count, 1)
 
 
-def _agreement(teacher: nn.Module, student: nn.Module, images, train_args: dict) -> dict:
-    """Agreement of `student` with `teacher` on up to 64 of `images`, letterboxed at the run's size."""
+def _agreement(teacher: nn.Module, student: nn.Module, paths: list[Path], train_args: dict) -> dict:
+    """Agreement of `student` with `teacher` on up to 64 of the images at `paths`, letterboxed at the run's size."""
     from surgeon.agreement import agreement
-    from surgeon.data import image_paths, letterboxed
+    from surgeon.data import letterboxed
 
-    imgsz = train_args.get("imgsz", 640)
-    imgsz = imgsz if isinstance(imgsz, int) else max(imgsz)
-    return agreement(teacher, student, letterboxed(image_paths(images), imgsz, limit=64), imgsz).to_dict()
+    imgsz = _imgsz(train_args)
+    return agreement(teacher, student, letterboxed(paths, imgsz, limit=64), imgsz).to_dict()
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -781,14 +784,15 @@ def _imgsz(train_args: dict) -> int:
     return imgsz if isinstance(imgsz, int) else max(imgsz)
 
 
-def _batches(source, train_args: dict, half: int | None = None, classifier: bool = False, limit: int = BN_IMAGES):
-    """A function returning fresh batches of (up to `limit` of) the run's images, or of the even (`half` 0) or odd
-    (1) ones among them: letterboxed as the detection predictor does, or for a classifier resized and centre-cropped
-    as the classification validator does."""
-    from surgeon.data import image_paths, letterboxed
+def _batches(paths: list[Path], train_args: dict, half: int | None = None, classifier: bool = False,
+             limit: int = BN_IMAGES):
+    """A function returning fresh batches of (up to `limit` of) the images at `paths`, or of the even (`half` 0) or
+    odd (1) ones among them: letterboxed as the detection predictor does, or for a classifier resized and
+    centre-cropped as the classification validator does."""
+    from surgeon.data import letterboxed
 
     imgsz = _imgsz(train_args)
-    paths = image_paths(source)[:limit]
+    paths = paths[:limit]
     if half is not None:
         paths = paths[half::2]
     return (lambda: _cropped(paths, imgsz)) if classifier else (lambda: letterboxed(paths, imgsz, batch=8))
@@ -830,16 +834,13 @@ def teacher_labelled_folder(images, root: Path, teacher: nn.Module, names: dict,
     from surgeon.data import image_paths
 
     paths = image_paths(images)
-    labels = [int(x) for batch in _cropped(paths, imgsz) for x in _raw(teacher.eval()(batch))[0].argmax(1)]
+    with torch.no_grad():
+        labels = [int(x) for batch in _cropped(paths, imgsz) for x in _raw(teacher.eval()(batch))[0].argmax(1)]
     for split in ("train", "val"):
         for i, (path, label) in enumerate(zip(paths, labels)):
             folder = root / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
-            link = folder / f"{i:06d}{path.suffix.lower()}"
-            try:
-                link.symlink_to(path.resolve())
-            except OSError:  # no symlinks (some filesystems): copy
-                shutil.copyfile(path, link)
+            _link(path, folder / f"{i:06d}{path.suffix.lower()}")
     (root / ".ndjson.yaml").write_text(yaml.safe_dump({"names": {int(k): str(v) for k, v in names.items()}}))
     return root
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import surgeon
 from surgeon.cli import main
-from surgeon.data import image_batch
+from surgeon.data import image_batch, image_paths
 from surgeon.distill import DistillLoss, FeatureTaps, distill, distill_loss, feature_distance, feature_loss
 from surgeon.errors import SurgeonError
 
@@ -359,7 +359,7 @@ def test_teacher_labelled_folder_files_every_image_under_the_teachers_class(chec
     names = dict(original.names)
     root = teacher_labelled_folder(photos, tmp_path / "cls", original, names, IMGSZ)
     with torch.no_grad():
-        batches = _batches(photos, {"imgsz": IMGSZ}, classifier=True)
+        batches = _batches(image_paths(photos), {"imgsz": IMGSZ}, classifier=True)
         picked = [int(c) for b in batches() for c in original(b)[0].argmax(1)]
     for split in ("train", "val"):
         filed = sorted((int(f.parent.name), f.name) for f in (root / split).rglob("*.jpg"))
@@ -391,7 +391,8 @@ def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_f
     assert dict(trained.model.names) == dict(original.names)  # the teacher's classes, in its order
     record = trained.checkpoint["surgeon"]["distill"]
     assert record["losses"].startswith("softmax KL") and "agreement_f1" not in record
-    expected = top1_agreement(original, trained.model.float(), _batches(photos, {"imgsz": IMGSZ}, classifier=True))
+    expected = top1_agreement(original, trained.model.float(), _batches(image_paths(photos), {"imgsz": IMGSZ},
+                                                                            classifier=True))
     assert result.agreement == expected and record["agreement_top1"] == expected["top1"]
     with open(result.save_dir / "results.csv") as f:
         header = f.readline()
