@@ -10,7 +10,9 @@ the rewritten model with the same class and the highest IoU, if that IoU reaches
 * the **mean IoU** of the matches and the **score change** (mean of candidate minus reference score over matches);
 * **per-class counts** (reference, candidate, matched) and each image's F1.
 
-Boxes are axis-aligned (an oriented head's angle is not compared); classifiers have no detections and are refused.
+Oriented (OBB) heads are compared as rotated boxes: their NMS and their matching use the probabilistic IoU of
+Ultralytics' OBB predictor and validator (`batch_probiou`), so a box turned by 90 degrees is not a match. Classifiers
+have no detections and are refused.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class Agreement:
         f1: ``2 * matched / (reference + candidate)``, 1.0 when both are 0.
         mean_iou: Mean IoU of the matches (None without matches).
         score_change: Mean candidate minus reference score over the matches (None without matches).
-        per_class: Class name -> ``{"reference", "candidate", "matched"}`` counts, for classes either model found.
+        per_class: Class name -> ``{"reference", "candidate", "matched"}`` counts, for classes either model found,
+            in class-index order.
         per_image_f1: Each image's F1, in order.
     """
 
@@ -97,11 +100,35 @@ def _candidates(model: nn.Module, output: Tensor, imgsz: int) -> tuple[Tensor, T
     return _xywh_to_xyxy(parts.boxes), parts.scores.transpose(1, 2), None, False
 
 
+def _oriented_head(model: nn.Module) -> nn.Module | None:
+    from ultralytics.nn.modules.head import OBB
+
+    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    return head if isinstance(head, OBB) else None
+
+
+def _oriented(head: nn.Module, output: Tensor, conf: float, nms_iou: float, max_det: int) -> list[Tensor]:
+    """An OBB head's detections ``(n, 11)``: the rotated box's axis-aligned extent (xyxy), score, class, then the
+    rotated box (cx, cy, w, h, angle in radians), as Ultralytics' OBB predictor finds them (rotated NMS on the
+    probabilistic IoU; the boxes are not clipped)."""
+    from ultralytics.utils.nms import non_max_suppression
+    from ultralytics.utils.ops import xywhr2xyxyxyxy
+
+    out = []
+    for found in non_max_suppression(output, conf, nms_iou, max_det=max_det, nc=head.nc, rotated=True,
+                                     end2end=getattr(head, "end2end", False)):
+        found = found[found[:, 4].argsort(descending=True)]
+        rotated = torch.cat([found[:, :4], found[:, 6:7]], 1)
+        corners = xywhr2xyxyxyxy(rotated) if len(found) else rotated.new_zeros(0, 4, 2)
+        out.append(torch.cat([corners.amin(1), corners.amax(1), found[:, 4:6], rotated], 1).cpu())
+    return out
+
+
 @torch.no_grad()
 def detections(model: nn.Module, images: Tensor, imgsz: int, *, conf: float = CONF, nms_iou: float = NMS_IOU,
                max_det: int = MAX_DET) -> list[Tensor]:
     """Per image, the detections ``(n, 6)``: xyxy in pixels (clipped to the image, boxes outside it dropped), score,
-    class; sorted by score.
+    class; sorted by score. An OBB head's are ``(n, 11)``, the rotated box appended (`_oriented`).
 
     `images` is a batch in [0, 1] as the model takes it (letterboxed to `imgsz`).
     """
@@ -112,6 +139,9 @@ def detections(model: nn.Module, images: Tensor, imgsz: int, *, conf: float = CO
 
     parameter = next(model.parameters())
     output = run_model(model.eval(), images.to(parameter.device, parameter.dtype))
+    head = _oriented_head(model)
+    if head is not None:
+        return _oriented(head, prediction_tensor(output).float(), conf, nms_iou, max_det)
     boxes, scores, classes, final = _candidates(model, prediction_tensor(output).float(), imgsz)
     out = []
     for i in range(len(boxes)):
@@ -132,14 +162,20 @@ def detections(model: nn.Module, images: Tensor, imgsz: int, *, conf: float = CO
 
 
 def _iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU of detection rows: of the rotated boxes where both have them (OBB rows), else of xyxy."""
     from torchvision.ops import box_iou
+    from ultralytics.utils.metrics import batch_probiou
 
-    return box_iou(a, b) if len(a) and len(b) else torch.zeros(len(a), len(b))
+    if not (len(a) and len(b)):
+        return torch.zeros(len(a), len(b))
+    if a.shape[1] >= 11 and b.shape[1] >= 11:
+        return batch_probiou(a[:, 6:11], b[:, 6:11]).clamp(0, 1)
+    return box_iou(a[:, :4], b[:, :4])
 
 
 def match(reference: Tensor, candidate: Tensor, iou: float = MATCH_IOU) -> list[tuple[int, int, float]]:
     """Greedy same-class matching: (reference index, candidate index, IoU) for every match, reference by score."""
-    ious = _iou(reference[:, :4], candidate[:, :4])
+    ious = _iou(reference, candidate)
     same = reference[:, None, 5] == candidate[None, :, 5]
     ious = torch.where(same, ious, torch.zeros_like(ious))
     taken: set[int] = set()
@@ -161,13 +197,12 @@ def compare_detections(reference: list[Tensor], candidate: list[Tensor], names: 
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference images but {len(candidate)} candidate images")
     names = names or {}
-    per_class: dict[str, dict[str, int]] = {}
+    per_class: dict[int, dict[str, int]] = {}
     per_image, ious, changes = [], [], []
     totals = [0, 0, 0]
 
     def count(cls: float, key: str) -> None:
-        name = str(names.get(int(cls), int(cls)))
-        per_class.setdefault(name, {"reference": 0, "candidate": 0, "matched": 0})[key] += 1
+        per_class.setdefault(int(cls), {"reference": 0, "candidate": 0, "matched": 0})[key] += 1
 
     for ref, cand in zip(reference, candidate):
         pairs = match(ref, cand, iou)
@@ -187,7 +222,8 @@ def compare_detections(reference: list[Tensor], candidate: list[Tensor], names: 
         images=len(reference), conf=conf, iou=iou, reference=totals[0], candidate=totals[1], matched=totals[2],
         f1=_f1(totals[2], totals[0], totals[1]), mean_iou=sum(ious) / len(ious) if ious else None,
         score_change=sum(changes) / len(changes) if changes else None,
-        per_class=dict(sorted(per_class.items())), per_image_f1=per_image,
+        per_class={str(names.get(cls, cls)): counts for cls, counts in sorted(per_class.items())},
+        per_image_f1=per_image,
     )
 
 

@@ -43,6 +43,13 @@ def test_matching_counts_and_f1_by_hand():
                                 "c": {"reference": 1, "candidate": 1, "matched": 0}}
 
 
+def test_per_class_counts_are_in_class_index_order():
+    found = [_det([0, 0, 10, 10, 0.9, 10], [20, 20, 30, 30, 0.8, 2], [40, 40, 50, 50, 0.7, 1])]
+    assert list(compare_detections(found, found).per_class) == ["1", "2", "10"]
+    assert list(compare_detections(found, found, {1: "zebra", 2: "ant", 10: "cat"}).per_class) == [
+        "zebra", "ant", "cat"]
+
+
 def test_matching_is_greedy_by_reference_score_and_one_to_one():
     reference = _det([0, 0, 10, 10, 0.5, 0], [0, 0, 10, 9, 0.9, 0])
     candidate = _det([0, 0, 10, 10, 0.7, 0])
@@ -80,6 +87,47 @@ def test_detections_equal_the_ultralytics_predictor(cfg, checkpoint_factory, fol
         expected = expected[(expected[:, 2] > expected[:, 0]) & (expected[:, 3] > expected[:, 1])]  # inside the image
         assert mine.shape == expected.shape
         torch.testing.assert_close(_canonical(mine), _canonical(expected), rtol=1e-3, atol=0.05)
+
+
+def test_oriented_detections_equal_the_ultralytics_predictor(checkpoint_factory, folder):
+    """An OBB head's detections are the predictor's rotated boxes (rotated NMS), with their axis-aligned extent."""
+    from ultralytics.utils.metrics import batch_probiou
+    from ultralytics.utils.ops import xywhr2xyxyxyxy
+
+    from surgeon.finetune import load_yolo
+
+    path = checkpoint_factory("yolov8n-obb.yaml")
+    paths = image_paths(folder)
+    (batch,) = letterboxed(paths, IMGSZ)
+    ours = detections(surgeon.load(path).model.float(), batch, IMGSZ, conf=0.01)
+    theirs = load_yolo(path).predict([str(p) for p in paths], imgsz=IMGSZ, conf=0.01, iou=0.7, verbose=False)
+    assert sum(len(d) for d in ours) > 0 and all(d.shape[1] == 11 for d in ours)
+    for mine, result in zip(ours, theirs):
+        obb = result.obb
+        order = obb.conf.argsort(descending=True)
+        rotated, conf, cls = obb.xywhr[order].float(), obb.conf[order], obb.cls[order]
+        assert len(mine) == len(rotated)
+        torch.testing.assert_close(mine[:, 4], conf.float(), rtol=1e-3, atol=1e-4)
+        assert torch.equal(mine[:, 5], cls.float())
+        torch.testing.assert_close(mine[:, 6:11], rotated, rtol=1e-3, atol=0.05)
+        assert bool((batch_probiou(mine[:, 6:11], rotated).diagonal() > 0.99).all())
+        corners = xywhr2xyxyxyxy(rotated)
+        torch.testing.assert_close(mine[:, :4], torch.cat([corners.amin(1), corners.amax(1)], 1), atol=0.05,
+                                   rtol=1e-3)
+
+
+def test_oriented_boxes_match_by_rotated_overlap():
+    """A 40 x 10 box and the same box turned 90 degrees share their centre: axis-aligned extents of (x, y, w, h)
+    would call them one box; their rotated overlap is small, so they are not a match, and a small turn still is."""
+    import math
+
+    def row(angle, score=0.9):
+        return torch.tensor([[30, 45, 70, 55, score, 0, 50, 50, 40, 10, angle]])
+
+    assert match(row(0.0), row(math.pi / 2)) == []
+    ((_, _, turned),) = match(row(0.0), row(0.05))
+    assert 0.9 < turned < 0.99
+    assert match(row(0.0), row(math.pi)) == [(0, 0, pytest.approx(1.0, abs=1e-3))]  # the same box
 
 
 def _canonical(found: torch.Tensor) -> torch.Tensor:
