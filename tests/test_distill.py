@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import cv2
 import pytest
@@ -61,7 +62,7 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, photos
     listing = sorted(os.listdir(photos))
 
     result = distill(student, teacher, images=photos, epochs=10, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
-                     optimizer="AdamW", lr0=0.002,
+                     optimizer="AdamW", lr0=0.002, warmup_bias_lr=0.02,
                      workers=0, device="cpu", plots=False, project=str(tmp_path / "runs"), name="kd", quiet=True)
 
     after = (_scores(surgeon.load(result.last).model.float(), held_out) - _scores(original, held_out)).abs().mean()
@@ -80,6 +81,7 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, photos
     assert result.agreement["images"] == 8 and recipe["distill"]["agreement_f1"] == result.agreement["f1"]
     assert any(isinstance(m, surgeon.modules.dw_conv.DepthwiseSeparableConv2d)
                for m in surgeon.load(result.best).model.modules())
+    assert _run_args(result.save_dir)["warmup_bias_lr"] == 0.02  # the user's value wins over distill's default
 
 
 @pytest.mark.slow
@@ -108,6 +110,13 @@ def test_cli_distills_with_labels_too(checkpoint_factory, tmp_path):
     with open(tmp_path / "runs" / "train" / "results.csv") as f:
         header = f.readline()
     assert "kd_cls" in header and "box_loss" in header  # distillation and the supervised loss, both logged
+    assert _run_args(tmp_path / "runs" / "train")["warmup_bias_lr"] == 0.0  # distill's default, not Ultralytics' 0.1
+
+
+def _run_args(save_dir) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(save_dir) / "args.yaml").read_text())
 
 
 def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoint_factory, classic_checkpoint,
@@ -407,7 +416,6 @@ def test_a_ddp_worker_rebuilt_from_the_launch_file_distils(teacher, photos, tmp_
     group), trains with the distillation loss: the criterion travels with the callbacks, the teacher with them."""
     import subprocess
     import sys
-    from pathlib import Path
 
     from ultralytics.utils.dist import generate_ddp_file
 
