@@ -173,8 +173,9 @@ def run_step(step: str, rule: str, teacher: Path, plain: Path, images: Path, lab
             elif step == "g":
                 student = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz).save(
                     out.with_suffix(".pt"))
-            path = distill(student, teacher, images=images, name=out.name, features=step == "f",
-                           feature_weight=args.feature_weight, **common).last
+            run = distill(student, teacher, images=images, name=out.name, features=step == "f",
+                          feature_weight=args.feature_weight, **common)
+            path = run.best or run.last  # the epoch that agrees most with the teacher on the N images
         elif step == "d":
             tuned = finetune(plain, labelled, name=out.name, **common)
             path = tuned.best or tuned.last

@@ -55,10 +55,12 @@ https://arxiv.org/abs/1906.03609, taken here over the whole map since the teache
 objects are). With ``data`` (a labelled dataset YAML) the supervised loss (Ultralytics', or the classic one of
 `surgeon.classic_loss`) is added, so a user with labels gets both. End-to-end heads distil both branches.
 
-Without labels, Ultralytics' validation has nothing to score: every epoch counts as best, so ``best.pt`` is the last
-epoch, and the run reports the agreement of the result with the teacher on the images instead
-(`surgeon.agreement`). The saved models' BatchNorm statistics are re-estimated on the images
-(`reestimate_batchnorm`) when that brings the result closer to the teacher, by the distillation loss (no labels
+Without labels, Ultralytics' validation has nothing to score (every epoch would tie, and ``best.pt`` be the last), so
+a detector's fitness is its agreement with the teacher instead (`AgreementFitness`: F1 of the teacher's detections
+on up to 64 of the images, logged per epoch as ``metrics/agreement_f1``): ``best.pt`` is the epoch closest to the
+teacher, and early stopping (``patience``) watches the same number. The run reports the agreement of ``last.pt``
+with the teacher on the images (`surgeon.agreement`). The saved models' BatchNorm statistics are re-estimated on the
+images (`reestimate_batchnorm`) when that brings the result closer to the teacher, by the distillation loss (no labels
 needed) on the odd images with statistics of the even ones, and then estimated on all of them. Checked on the images
 they came from instead, statistics of 8 images at 64 px looked better there and were far worse on others (a test
 yolov8n-seg: total loss 42.8 -> 38.9 on its images, 509 on held-out ones against 46 before the run). On the
@@ -525,6 +527,49 @@ def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict, kpt_s
     return data
 
 
+class AgreementFitness:
+    """The trainer's fitness of an unlabelled detector run: agreement F1 with the teacher (`surgeon.agreement`) of
+    the model the validator scores (the EMA), on up to 64 of the user's images letterboxed at the run's size.
+
+    Installed at ``on_train_start``, it wraps ``trainer.validate``: Ultralytics' validation still runs (its
+    distillation losses on the images are logged), then the F1 replaces its fitness (0 without labels), so
+    ``best.pt`` is the epoch that agrees most with the teacher, the later one on a tie. A distillation loss is not
+    that choice: it falls while borderline detections still cross the confidence threshold both ways. The teacher's
+    detections are computed once.
+    """
+
+    def __init__(self, teacher: nn.Module, paths: list[Path], imgsz: int, limit: int = 64):
+        self.teacher, self.paths, self.imgsz = teacher, list(paths)[:limit], imgsz
+        self.reference: list[Tensor] | None = None
+
+    def score(self, model: nn.Module) -> float:
+        from surgeon.agreement import compare_detections, detections
+        from surgeon.data import letterboxed
+
+        if self.reference is None:
+            self.reference = [d for batch in letterboxed(self.paths, self.imgsz, batch=8)
+                              for d in detections(self.teacher, batch, self.imgsz)]
+        found = [d for batch in letterboxed(self.paths, self.imgsz, batch=8)
+                 for d in detections(model, batch, self.imgsz)]
+        return compare_detections(self.reference, found).f1
+
+    def install(self, trainer) -> None:
+        validate = trainer.validate
+
+        def scored():
+            metrics, _ = validate()
+            ema = getattr(getattr(trainer, "ema", None), "ema", None)
+            model = ema if ema is not None else getattr(trainer.model, "module", trainer.model)
+            was_training = model.training
+            f1 = self.score(model)
+            model.train(was_training)
+            best = trainer.best_fitness
+            trainer.best_fitness = f1 if best is None else max(float(best), f1)
+            return {**(metrics or {}), "metrics/agreement_f1": round(f1, 5)}, f1
+
+        trainer.validate = scored
+
+
 class _NoLabelWarnings(logging.Filter):
     """Drops Ultralytics' warnings that an unlabelled run has no labels (it has none by design)."""
 
@@ -542,7 +587,7 @@ class DistillResult:
     Attributes:
         save_dir: The Ultralytics run directory.
         last: Checkpoint after the last epoch.
-        best: ``best.pt`` (the last epoch without labels).
+        best: ``best.pt`` (without labels: the epoch that agrees most with the teacher, `AgreementFitness`).
         agreement: `surgeon.agreement.Agreement` of ``last`` with the teacher on (up to 64 of) the images, as a dict.
         metrics: The trainer's final validation metrics (meaningful with labels only).
     """
@@ -623,6 +668,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         if count != original.model[-1].nc:
             raise SurgeonError(f"{data} has {count} classes, the teacher {original.model[-1].nc}: distillation "
                                "matches the teacher's class scores, so the dataset must use its classes")
+    source_paths = image_paths(images if images is not None else data)
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-distill-"))
     try:
         kpt_shape = getattr(original.model[-1], "kpt_shape", None)
@@ -664,6 +710,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
             # Under DDP (``device=0,1``) Ultralytics ships the trainer's callbacks to its workers (cloudpickle), so
             # every worker installs the criterion with its own copy of the teacher.
             events = {"on_train_start": [attach], "on_train_end": [detach]}
+            if data is None and not classifier:  # a classifier's validation already scores agreement (top-1)
+                events["on_train_start"].append(AgreementFitness(original, source_paths, _imgsz(train_args)).install)
             for event, functions in (callbacks or {}).items():
                 events[event] = [*events.get(event, []), *functions]
             run = finetune(student, dataset, callbacks=events, trust=trust, quiet=quiet, **train_args)
@@ -681,8 +729,6 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
                              else "soft-label BCE + LD (KL on DFL bins)" + _task_losses(original.model[-1]))
                   + (" + feature imitation" if paths else "") + (" + supervised" if data is not None else ""),
                   "features": None, ("agreement_top1" if classifier else "agreement_f1"): None}
-        source = images if images is not None else data
-        source_paths = image_paths(source)
         batches = _batches(source_paths, train_args, classifier=classifier)
         # BatchNorm re-estimation: kept where it brings the result closer to the teacher on images it was not
         # estimated on (statistics of the even images, checked on the odd ones), by the distillation loss itself

@@ -84,6 +84,34 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, photos
     assert _run_args(result.save_dir)["warmup_bias_lr"] == 0.02  # the user's value wins over distill's default
 
 
+def test_without_labels_best_is_the_epoch_that_agrees_most_with_the_teacher(teacher, photos, tmp_path):
+    """A near-lossless rewrite pushed away from its teacher by a large learning rate: its agreement changes from
+    epoch to epoch, and best.pt is the epoch (the later on a tie) of the highest ``metrics/agreement_f1``; its own
+    record stops at that epoch."""
+    import csv
+
+    from surgeon.agreement import agreement
+    from surgeon.data import letterboxed
+
+    student = surgeon.apply(teacher, "ds8_head", imgsz=IMGSZ).save(tmp_path / "ds8.pt")
+    result = distill(student, teacher, images=photos, epochs=5, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
+                     optimizer="AdamW", lr0=0.0002, workers=0, device="cpu", plots=False,
+                     project=str(tmp_path / "runs"), name="kd", quiet=True)
+    with open(result.save_dir / "results.csv") as f:
+        rows = [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    scores = [row["metrics/agreement_f1"] for row in rows]
+    assert len(scores) == 5 and len(set(scores)) > 1, scores
+    chosen = rows[len(scores) - 1 - scores[::-1].index(max(scores))]
+    saved = torch.load(result.best, map_location="cpu", weights_only=False)["train_metrics"]
+    assert saved["metrics/agreement_f1"] == max(scores)
+    assert saved["val/kd_cls"] == pytest.approx(chosen["val/kd_cls"], abs=1e-4)  # that epoch's, not another's
+    # The logged number is the agreement of that epoch's EMA model (saved as best.pt) on the run's images.
+    loaded = surgeon.load(result.best)
+    assert loaded.checkpoint["surgeon"]["distill"]["batchnorm"]["reestimated"] is False  # best.pt is that EMA
+    assert agreement(surgeon.load(teacher).model.float(), loaded.model.float(), letterboxed(image_paths(photos), IMGSZ),
+                     IMGSZ).f1 == pytest.approx(max(scores), abs=1e-5)
+
+
 @pytest.mark.slow
 def test_cli_distills_with_labels_too(checkpoint_factory, tmp_path):
     import yaml
