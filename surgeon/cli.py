@@ -341,8 +341,9 @@ def distill_cmd(student: Path, teacher: Path, images, data, temperature, feature
     the teacher's class scores (soft labels) and box distributions (localisation distillation) on each
     augmented batch; for classic YOLOv5 checkpoints its objectness, and its class scores and boxes weighted by it;
     Segment, Pose and OBB heads add their masks, keypoints or angles; classifiers distil the class softmax.
-    --features adds the teacher's outputs at the layers the surgery rewrote. Prints how many of the teacher's
-    detections (a classifier: top-1 classes) the result reproduces on the images.
+    --features adds the teacher's outputs at the layers the surgery rewrote. Without labels, best.pt is the epoch
+    that agrees most with the teacher on the images. Prints how many of the teacher's detections (a classifier:
+    top-1 classes) last.pt reproduces on the images.
     """
     from surgeon.distill import distill
 
