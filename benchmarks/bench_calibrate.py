@@ -15,7 +15,8 @@ For trees the unlabelled pool is the teacher's own training crops (there are no 
   512): (b) ``--calibrate`` (labels unused), (c) ``surgeon distill`` (labels unused) for ``--epochs``, (d)
   supervised fine-tuning with those images' labels for the same epochs (``surgeon finetune``), and at ``--n-full``
   only (e) the same rule with ``init=random`` distilled and (f) distillation with ``--features``; (g), calibration
-  followed by distillation (both on the N images), runs when asked for (``--variants``),
+  followed by distillation (both on the N images), and (h), calibration with block-wise reconstruction
+  (``--reconstruct``, `surgeon.reconstruct`), run when asked for (``--variants``),
 
 with the wall time of each step. Usage::
 
@@ -157,15 +158,16 @@ def subset(pool: Path, n: int, val: Path, folder: Path) -> tuple[Path, Path]:
 def run_step(step: str, rule: str, teacher: Path, plain: Path, images: Path, labelled: Path, data: Path, val: Path,
              imgsz: int, args: argparse.Namespace, out: Path) -> dict:
     """One recovery step on N images, evaluated on the held-out val images: (b) calibrate, (c) distill, (d) supervised
-    fine-tune, (e) distill from init=random, (f) distill with feature imitation, (g) calibrate, then distill."""
+    fine-tune, (e) distill from init=random, (f) distill with feature imitation, (g) calibrate, then distill, (h)
+    calibrate with block-wise reconstruction (``--reconstruct`` steps a block)."""
     t0 = time.perf_counter()
     n = len(image_paths(images))
     common = {"epochs": args.epochs, "imgsz": imgsz, "batch": 16, "project": str(out.parent), "quiet": True,
               **TRAIN_ARGS}
     try:
-        if step == "b":
-            path = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz).save(
-                out.with_suffix(".pt"))
+        if step in "bh":
+            path = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz,
+                                 reconstruct=args.reconstruct if step == "h" else 0).save(out.with_suffix(".pt"))
         elif step in "cefg":
             student = plain
             if step == "e":
@@ -184,7 +186,7 @@ def run_step(step: str, rule: str, teacher: Path, plain: Path, images: Path, lab
     except surgeon.SurgeonError as error:
         return {"error": str(error), "images": n}
     seconds = round(time.perf_counter() - t0, 1)
-    return {"seconds": seconds, "images": n, "epochs": args.epochs if step != "b" else None,
+    return {"seconds": seconds, "images": n, "epochs": args.epochs if step not in "bh" else None,
             **evaluate(teacher, path, data, val, imgsz, out.parent, f"val-{out.name}")}
 
 
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default="b,c,d", help="steps run at every N (default b,c,d); the others run at "
                         "--n-full only")
     parser.add_argument("--n-full", type=int, default=128, help="the N at which every step runs (default 128)")
+    parser.add_argument("--reconstruct", type=int, default=1000, help="(h)'s steps a block (default 1000)")
     parser.add_argument("--feature-weight", type=float, default=50.0, help="weight of (f)'s feature term (default 50)")
     parser.add_argument("--quick", action="store_true", help="plumbing check: 2 + 1 epochs, one rule")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/calibrate.json"),
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs_base, args.epochs, args.rules, args.n, args.n_full = 2, 1, "dw_backbone", [8], 8
+        args.reconstruct = min(args.reconstruct, 20)
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="surgeon-calibrate-"))
     payload = {"benchmark": "calibrate", "quick": args.quick, "model": args.model, "source":
@@ -294,7 +298,8 @@ def _table(payload: dict) -> None:
     print(header)
     print("-" * len(header))
     labels = {"b": "(b) --calibrate, no labels", "c": "(c) distill, no labels", "d": "(d) supervised fine-tune",
-              "e": "(e) init=random, distill", "f": "(f) distill + features", "g": "(g) calibrate, then distill"}
+              "e": "(e) init=random, distill", "f": "(f) distill + features", "g": "(g) calibrate, then distill",
+              "h": "(h) --calibrate --reconstruct"}
     for row in payload["rows"]:
         a = row["a"]
         print(f"{row['rule']:<12} {'-':>4} {'(a) as initialised':<34} {a['f1']:>6.3f} {a['matched']:>8} "

@@ -233,7 +233,7 @@ def output_check(original: nn.Module, rewritten: nn.Module, imgsz: int, batch: i
 def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,
           imgsz: int = 640, check_imgsz: int | None = None, overlap: str = "error", trust: bool = False,
           registry: Registry | None = None, calibrate: int | str | os.PathLike = 0,
-          calibrate_imgsz: int | None = None, arch=None, **set_args) -> ApplyResult:
+          calibrate_imgsz: int | None = None, reconstruct: int = 0, arch=None, **set_args) -> ApplyResult:
     """Rewrite a model with one or more rules.
 
     Args:
@@ -251,6 +251,10 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
             default) keeps the data-free init.
         calibrate_imgsz: Size the calibration images are letterboxed to (default: the size the model was trained
             at, from its checkpoint, else 640; 320 for generated images).
+        reconstruct: After the refits, train each block that holds a replacement for this many steps to reproduce
+            the original block's output on the calibration images, block by block in execution order
+            (`surgeon.reconstruct`; any replacement, not only the refittable ones); 0 (the default) does not.
+            Needs `calibrate`.
         arch: The original architecture, for a state-dict file (a callable, ``torchvision.models.NAME``,
             ``timm:NAME`` or a dotted path to a builder); a name is also recorded, so the saved state-dict file
             rebuilds itself (`surgeon.arch`).
@@ -271,8 +275,13 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
                           overlap=overlap)
     model, replaced = rewrite(loaded.model, matches, registry, before.totals.layer_shapes)
     calibration = None
+    if isinstance(reconstruct, bool) or not isinstance(reconstruct, int) or reconstruct < 0:
+        raise RuleError(f"reconstruct takes a number of steps (0: off), not {reconstruct!r}")
+    if reconstruct and calibrate in (0, None, ""):
+        raise RuleError("reconstruct trains on the calibration images: give calibrate a folder of images "
+                        "(or a number of generated ones)")
     if calibrate not in (0, None, ""):
-        replaced, calibration = _calibrate(loaded, model, replaced, calibrate, calibrate_imgsz)
+        replaced, calibration = _calibrate(loaded, model, replaced, calibrate, calibrate_imgsz, reconstruct)
     check = output_check(loaded.model, model, check_imgsz or imgsz)
     after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz, mixtures=False)
     report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
@@ -295,10 +304,12 @@ def native_imgsz(loaded: Loaded, default: int = 640) -> int:
 
 
 def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | str | os.PathLike,
-               imgsz: int | None) -> tuple[list, dict]:
-    """Refit `model`'s refittable replacements on images; records get the refitted kernels' errors."""
+               imgsz: int | None, steps: int = 0) -> tuple[list, dict]:
+    """Refit `model`'s refittable replacements on images, then (`steps` > 0) reconstruct their blocks; records
+    get the refitted kernels' errors."""
     from surgeon.calibrate import CHUNK, refine, refittable
     from surgeon.data import image_batch, image_paths, letterboxed
+    from surgeon.reconstruct import reconstruct
 
     original = loaded.model
     if isinstance(source, bool) or not isinstance(source, (int, str, os.PathLike)):
@@ -308,9 +319,9 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
     # Records name the original's paths; an inserted layer shifts the rewritten model's numbering after it.
     key = _path_key(original, model)
     ops = {key(path): module for path, module in model.named_modules() if path}
-    if not refittable(model, replaced, ops):
+    if not steps and not refittable(model, replaced, ops):
         raise RuleError("calibrate refits replacements that declare a refit (built in: dwsep, dwconv, dsconv), "
-                        "and these rules make none")
+                        "and these rules make none (reconstruct trains any)")
     if isinstance(source, int):
         if source < 2:
             raise RuleError(f"calibrate needs 2 images at least (half fit, half choose the damping), not {source}")
@@ -327,7 +338,11 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
     errors = refine(original, model, replaced, images, ops=ops)
     updated = [dataclasses.replace(r, init_error=getattr(ops[r.conv], "init_error", None))
                if isinstance(r, Replaced) and r.conv in errors else r for r in replaced]
-    return updated, {**described, "imgsz": imgsz, "output_errors": errors}
+    described.update(imgsz=imgsz, output_errors=errors)
+    if steps:
+        described["reconstruct"] = {"steps": steps, **reconstruct(original, model, replaced, images, steps=steps,
+                                                                  ops=ops)}
+    return updated, described
 
 
 # --- diff ---------------------------------------------------------------------------------------

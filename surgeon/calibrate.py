@@ -22,7 +22,7 @@ on 4 generated images, had lowered the error on those images and tripled it on o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +92,20 @@ def _capture(model: nn.Module, op: nn.Module, images: Tensor, output: bool) -> T
     return captured[0]
 
 
+def streamed(images: Tensor | Callable[[], Iterable[Tensor]], model: nn.Module,
+             chunk: int) -> Callable[[], Iterator[Tensor]]:
+    """A function returning a fresh pass over `images` (a batch, split into `chunk`-image pieces, or a function
+    returning batches), each batch on `model`'s device and in its dtype."""
+    parameter = next(model.parameters())
+    batches = (lambda: images.split(chunk)) if isinstance(images, Tensor) else images
+
+    def stream() -> Iterator[Tensor]:
+        for batch in batches():
+            yield batch.to(parameter.device, parameter.dtype)
+
+    return stream
+
+
 @torch.no_grad()
 def refine(original: nn.Module, model: nn.Module, replaced: list,
            images: Tensor | Callable[[], Iterable[Tensor]], *, ridge: float | None = None,
@@ -117,13 +131,7 @@ def refine(original: nn.Module, model: nn.Module, replaced: list,
         return {}
     original.eval()
     model.eval()
-    parameter = next(model.parameters())
-    batches = (lambda: images.split(CHUNK)) if isinstance(images, Tensor) else images
-
-    def stream():
-        for batch in batches():
-            yield batch.to(parameter.device, parameter.dtype)
-
+    stream = streamed(images, model, CHUNK)
     first = next(iter(stream()), None)
     if first is None:
         raise ValueError("refine needs calibration images")

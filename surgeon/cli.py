@@ -127,6 +127,10 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--calibrate-imgsz", type=click.IntRange(min=32), default=None,
               help="Size calibration images are letterboxed to [default: the model's training size, else 640; "
                    "320 for generated images].")
+@click.option("--reconstruct", type=click.IntRange(min=0), default=0, metavar="STEPS",
+              help="After --calibrate's refits, train each block holding a replacement for STEPS Adam steps to "
+                   "reproduce the original block's output on the calibration images, block by block (any "
+                   "replacement; 1000 is a good start; 0: off).")
 @click.option("--arch", default=None, metavar="NAME",
               help="Architecture of a state-dict file: torchvision.models.NAME, timm:NAME or a dotted path to a "
                    "builder.")
@@ -134,7 +138,7 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
               help="checkpoint: Ultralytics-format pickled model; state_dict: {state_dict, recipe, arch}, plain data "
                    "[default: checkpoint for YOLO files, state_dict for other models].")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,
-              calibrate_imgsz, arch, fmt):
+              calibrate_imgsz, reconstruct, arch, fmt):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
     from surgeon.api import apply, check_output
     from surgeon.errors import SurgeryError
@@ -147,7 +151,7 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
         if Path(report_path).suffix.lower() not in (".md", ".json", ".svg"):
             raise SurgeryError(f"{report_path}: report format must be .md, .json or .svg")
     result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust,
-                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz, arch=arch)
+                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz, reconstruct=reconstruct, arch=arch)
     _console().print(to_terminal(result.report))
     if dry_run:
         click.echo("dry run: nothing written")
