@@ -16,7 +16,8 @@ For trees the unlabelled pool is the teacher's own training crops (there are no 
   supervised fine-tuning with those images' labels for the same epochs (``surgeon finetune``), and at ``--n-full``
   only (e) the same rule with ``init=random`` distilled and (f) distillation with ``--features``; (g), calibration
   followed by distillation (both on the N images), and (h), calibration with block-wise reconstruction
-  (``--reconstruct``, `surgeon.reconstruct`), run when asked for (``--variants``),
+  (``--reconstruct``, `surgeon.reconstruct`), and (i), (h) followed by distillation, run when asked for
+  (``--variants``),
 
 with the wall time of each step. Usage::
 
@@ -156,11 +157,13 @@ def subset(pool: Path, n: int, val: Path, folder: Path) -> tuple[Path, Path]:
 
 
 def run_step(step: str, rule: str, teacher: Path, plain: Path, images: Path, labelled: Path, data: Path, val: Path,
-             imgsz: int, args: argparse.Namespace, out: Path) -> dict:
+             imgsz: int, args: argparse.Namespace, out: Path, cells_seconds: dict | None = None) -> dict:
     """One recovery step on N images, evaluated on the held-out val images: (b) calibrate, (c) distill, (d) supervised
     fine-tune, (e) distill from init=random, (f) distill with feature imitation, (g) calibrate, then distill, (h)
-    calibrate with block-wise reconstruction (``--reconstruct`` steps a block)."""
+    calibrate with block-wise reconstruction (``--reconstruct`` steps a block), (i) (h), then distill (its time
+    includes (h)'s)."""
     t0 = time.perf_counter()
+    cells_seconds = cells_seconds or {}
     n = len(image_paths(images))
     common = {"epochs": args.epochs, "imgsz": imgsz, "batch": 16, "project": str(out.parent), "quiet": True,
               **TRAIN_ARGS}
@@ -168,9 +171,15 @@ def run_step(step: str, rule: str, teacher: Path, plain: Path, images: Path, lab
         if step in "bh":
             path = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz,
                                  reconstruct=args.reconstruct if step == "h" else 0).save(out.with_suffix(".pt"))
-        elif step in "cefg":
+        elif step in "cefgi":
             student = plain
-            if step == "e":
+            if step == "i":  # (h)'s model if this run made it, else made here
+                student = out.with_name(out.name[:-1] + "h.pt")
+                if not student.is_file():
+                    student = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz,
+                                            reconstruct=args.reconstruct).save(student)
+                t0 -= cells_seconds.get("h", 0)
+            elif step == "e":
                 student = surgeon.apply(teacher, rule, imgsz=imgsz, init="random").save(out.with_suffix(".pt"))
             elif step == "g":
                 student = surgeon.apply(teacher, rule, imgsz=imgsz, calibrate=images, calibrate_imgsz=imgsz).save(
@@ -270,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 steps = [s for s in args.variants.split(",") if s and (s in args.sweep.split(",") or n == args.n_full)]
                 for step in steps:
                     cells[step] = run_step(step, rule, teacher, plain, images, labelled, data, val, imgsz, args,
-                                           workdir / f"{rule}-{n}-{step}")
+                                           workdir / f"{rule}-{n}-{step}",
+                                           {k: c.get("seconds", 0) for k, c in cells.items()})
                     print(f"  {rule} N={n} ({step}) " + (cells[step].get("error") or
                           f"F1 {cells[step]['f1']:.3f} mAP {cells[step]['map']:.3f} {cells[step]['seconds']:.0f} s"),
                           flush=True)
@@ -299,7 +309,7 @@ def _table(payload: dict) -> None:
     print("-" * len(header))
     labels = {"b": "(b) --calibrate, no labels", "c": "(c) distill, no labels", "d": "(d) supervised fine-tune",
               "e": "(e) init=random, distill", "f": "(f) distill + features", "g": "(g) calibrate, then distill",
-              "h": "(h) --calibrate --reconstruct"}
+              "h": "(h) --calibrate --reconstruct", "i": "(i) reconstruct, then distill"}
     for row in payload["rows"]:
         a = row["a"]
         print(f"{row['rule']:<12} {'-':>4} {'(a) as initialised':<34} {a['f1']:>6.3f} {a['matched']:>8} "

@@ -33,6 +33,7 @@ SHRINK = {
     ("--device", "0"): ("--device", "cpu"),
     ("--train", "128"): ("--train", "8"),
     ("--val", "32"): ("--val", "4"),
+    ("--reconstruct", "1000"): ("--reconstruct", "5"),
 }
 # The same for Ultralytics' key=value arguments (in `yolo` lines and Python snippets).
 SHRINK_KV = {"epochs=30": "epochs=1", "imgsz=640": "imgsz=128"}
