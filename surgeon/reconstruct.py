@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from surgeon.blocks import run_model
-from surgeon.calibrate import streamed
+from surgeon.calibrate import _capture, streamed
 from surgeon.rewrite import Replaced
 
 STEPS = 1000
@@ -54,10 +54,6 @@ HOLD_OUT = 4
 """One image in this many is held out to check each block's reconstruction."""
 MEMORY = 2 << 30
 """Bytes of activations (input and target) held for one block."""
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the activation it was run for has been captured."""
 
 
 def _ancestors(path: str) -> list[str]:
@@ -104,34 +100,12 @@ def blocks(model: nn.Module, replaced: list, image: Tensor, ops: dict[str, nn.Mo
     return [path for path in order if path in chosen]
 
 
-def _activations(model: nn.Module, module: nn.Module, batch: Tensor, output: bool) -> Tensor:
-    """The input (or output) of `module` when `model` runs on `batch` (the pass stops there)."""
-    captured: list[Tensor] = []
-
-    def keep(_module, args, out=None):
-        captured.append((out if output else args[0]).detach())
-        raise _Stop
-
-    hook = (module.register_forward_hook(keep) if output
-            else module.register_forward_pre_hook(lambda m, args: keep(m, args)))
-    try:
-        with torch.no_grad():
-            run_model(model, batch)
-    except _Stop:
-        pass
-    finally:
-        hook.remove()
-    if not captured:
-        raise RuntimeError(f"{type(module).__name__} did not run on the calibration images")
-    return captured[0]
-
-
 def _held(model: nn.Module, original: nn.Module, block: nn.Module, target: nn.Module,
           batches: Iterable[Tensor], memory: int) -> tuple[Tensor, Tensor]:
     """The block's inputs in `model` and the original block's outputs, on as many images as `memory` holds."""
     inputs, outputs, used = [], [], 0
     for batch in batches:
-        x, y = _activations(model, block, batch, False), _activations(original, target, batch, True)
+        x, y = _capture(model, block, batch, output=False), _capture(original, target, batch, output=True)
         per_image = (x[0].numel() * x.element_size() + y[0].numel() * y.element_size())
         take = min(len(x), max(0, (memory - used) // per_image))
         if not take:
@@ -206,11 +180,18 @@ def _held_out_images(batches: Iterable[Tensor], limit: int = 32) -> Tensor:
 
 
 def output_error(original: nn.Module, model: nn.Module, images: Tensor) -> float:
-    """Mean over the model's output tensors of their relative squared error against the original's."""
+    """Mean over the model's output tensors of their relative squared error against the original's on `images`
+    (run `BATCH` at a time)."""
+    def leaves(m: nn.Module, x: Tensor) -> list[Tensor]:
+        return [t for t in tree_leaves(run_model(m, x)) if isinstance(t, Tensor) and t.is_floating_point()]
+
+    errors, energies = None, None
     with torch.no_grad():
-        a = [t for t in tree_leaves(run_model(original, images)) if isinstance(t, Tensor) and t.is_floating_point()]
-        b = [t for t in tree_leaves(run_model(model, images)) if isinstance(t, Tensor) and t.is_floating_point()]
-    return sum(float((x - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12)) for x, y in zip(b, a)) / len(a)
+        for x in images.split(BATCH):
+            pairs = list(zip(leaves(model, x), leaves(original, x)))
+            errors = [float((b - a).pow(2).sum()) + (errors[i] if errors else 0) for i, (b, a) in enumerate(pairs)]
+            energies = [float(a.pow(2).sum()) + (energies[i] if energies else 0) for i, (_, a) in enumerate(pairs)]
+    return sum(e / max(n, 1e-12) for e, n in zip(errors, energies)) / len(errors)
 
 
 def reconstruct(original: nn.Module, model: nn.Module, replaced: list,
@@ -223,7 +204,7 @@ def reconstruct(original: nn.Module, model: nn.Module, replaced: list,
         model: The rewritten model; the parameters of its blocks with replacements are updated in place.
         replaced: The rewrite's records (`surgeon.rewrite.Replaced`; others are skipped).
         images: Calibration images ``(n, c, h, w)`` in [0, 1], or a function returning a fresh iterable of such
-            batches (called twice a block).
+            batches (called once a block, and twice before the first).
         steps: Adam steps a block, `BATCH` images each, learning rate `lr` decayed to 0 by a cosine.
         ops: The module of `model` for each record's path and for the original's other paths, where layers
             inserted into `model` moved them (default: the same paths).
