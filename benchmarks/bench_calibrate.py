@@ -7,7 +7,8 @@ Yellowstone photo, 11 val tiles from three other photos, two of them other fores
 pretrained weights, yolov8n does not learn the trees on a CPU budget (60 epochs at 416 px: mAP50-95 0.037); cut into
 overlapping crops (``--tile 256``: 306 train crops 72 px apart, 38 val crops) it does (100 epochs at 256 px, batch 8).
 For trees the unlabelled pool is the teacher's own training crops (there are no other tree photos here), N at most
-306. For each lossy rule it then reports, on the held-out val images:
+306 (``--tile-stride 48`` with a given ``--teacher``: 528 crops of the same tiles, so N = 512 runs). For each lossy
+rule it then reports, on the held-out val images:
 
 * **agreement** with the teacher (`surgeon.agreement`: F1 of matched detections at conf 0.25, IoU >= 0.5) and
   **mAP50-95** against the labels,
@@ -26,6 +27,9 @@ with the wall time of each step. Usage::
     python benchmarks/bench_calibrate.py --sweep b,c                  # (d), (e), (f) at N = 128 only
     python benchmarks/bench_calibrate.py --trees /tmp/trees --tile 256 --epochs-base 100 --batch-base 8 \
         --n 32 128 --variants b,c,d,e --sweep b,c                     # the tree-crown teacher, ~1.5 h on 2 cores
+    python benchmarks/bench_calibrate.py --rules dw_backbone,dwsep_all --variants c,h,i --sweep c,h,i  # ~30 min
+    python benchmarks/bench_calibrate.py --trees /tmp/trees --tile 256 --tile-stride 48 --teacher T.pt \
+        --rules dw_backbone --n 32 512 --variants h,i --sweep h,i   # T.pt: a tree teacher saved by --keep-teacher
     python benchmarks/bench_calibrate.py --quick                      # plumbing check, numbers meaningless
 """
 
