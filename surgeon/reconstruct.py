@@ -15,8 +15,8 @@ No labels are used; distillation of the whole model (`surgeon.distill`) can foll
 A block is the outermost module around a replacement (the model itself excepted) that is called once per forward
 pass, with one tensor in and one tensor out: a C2f, C3 or Conv layer of an Ultralytics or classic YOLO model, one
 branch of a detect head's box or class convolutions. Its activations on the calibration images are held in memory
-(up to `MEMORY` bytes a block; beyond that, the first images that fit), one image in `HOLD_OUT` is kept out of the
-training, and a block whose error on those held-out images does not fall keeps its weights; if the whole model's
+(up to `MEMORY` bytes a block; beyond that, a spread of the images that fit), one image in `HOLD_OUT` is kept out of
+the training, and a block whose error on those held-out images does not fall keeps its weights; if the whole model's
 outputs on them end up no closer to the original's, every block goes back to its weights from before. BatchNorm
 runs in eval mode while a block trains (its statistics fixed, its scale and shift trained), and is then given its
 inputs' statistics with the scale and shift adjusted to keep the function (`align_batchnorm`), so that a training
@@ -104,18 +104,22 @@ def blocks(model: nn.Module, replaced: list, image: Tensor, ops: dict[str, nn.Mo
 
 def _held(model: nn.Module, original: nn.Module, block: nn.Module, target: nn.Module,
           batches: Iterable[Tensor], memory: int) -> tuple[Tensor, Tensor]:
-    """The block's inputs in `model` and the original block's outputs, on as many images as `memory` holds."""
-    inputs, outputs, used = [], [], 0
+    """The block's inputs in `model` and the original block's outputs, on as many images as `memory` holds, spread
+    over all of `batches`: every image while they fit, then every second one, every fourth, ... (at least one)."""
+    inputs: list[Tensor] = []
+    outputs: list[Tensor] = []
+    every = seen = 0
     for batch in batches:
         x, y = _capture(model, block, batch, output=False), _capture(original, target, batch, output=True)
-        per_image = (x[0].numel() * x.element_size() + y[0].numel() * y.element_size())
-        take = min(len(x), max(0, (memory - used) // per_image))
-        if not take:
-            break
-        inputs.append(x[:take])
-        outputs.append(y[:take])
-        used += take * per_image
-    return torch.cat(inputs), torch.cat(outputs)
+        per_image = x[0].numel() * x.element_size() + y[0].numel() * y.element_size()
+        every = every or 1
+        pick = (torch.arange(seen, seen + len(x)) % every == 0).nonzero().flatten()
+        inputs += [t.clone() for t in x[pick]]  # each its own storage, so that dropping one frees it
+        outputs += [t.clone() for t in y[pick]]
+        seen += len(x)
+        while len(inputs) > 1 and len(inputs) * per_image > memory:  # images 0, 2e, 4e, ... of 0, e, 2e, ...
+            inputs, outputs, every = inputs[::2], outputs[::2], every * 2
+    return torch.stack(inputs), torch.stack(outputs)
 
 
 def _error(block: nn.Module, x: Tensor, y: Tensor, scale: Tensor) -> float:

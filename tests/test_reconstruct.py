@@ -123,3 +123,23 @@ def test_batchnorm_alignment_keeps_the_function_and_makes_training_mode_agree():
     # Training mode (batch statistics) now computes what eval mode does; before, it did not.
     assert (trained_before - before).abs().max() > 0.1
     torch.testing.assert_close(trained_after, before, rtol=1e-3, atol=1e-3)
+
+
+def test_activations_beyond_the_memory_bound_are_a_spread_of_the_images(checkpoint_factory):
+    from surgeon.reconstruct import _held
+
+    source = checkpoint_factory("yolov8n.yaml")
+    result = surgeon.apply(source, "dw_backbone", imgsz=IMGSZ)
+    original, model = result.loaded.model.eval(), result.model.eval()
+    block, target = model.get_submodule("model.2"), original.get_submodule("model.2")  # a rewritten C2f
+    images = image_batch(IMGSZ, 16, seed=2)
+    every_x, every_y = _held(model, original, block, target, images.split(3), 1 << 40)
+    assert len(every_x) == 16
+    per_image = every_x[0].numel() * every_x.element_size() + every_y[0].numel() * every_y.element_size()
+    # Room for 5 of 16 images: every fourth one (0, 4, 8, 12), not the first five.
+    x, y = _held(model, original, block, target, images.split(3), 5 * per_image)
+    torch.testing.assert_close(x, every_x[::4])
+    torch.testing.assert_close(y, every_y[::4])
+    # Room for none: the first image still.
+    x, _ = _held(model, original, block, target, images.split(3), 1)
+    torch.testing.assert_close(x, every_x[:1])
