@@ -110,15 +110,19 @@ def _held(model: nn.Module, original: nn.Module, block: nn.Module, target: nn.Mo
     over all of `batches`: every image while they fit, then every second one, every fourth, ... (at least one)."""
     inputs: list[Tensor] = []
     outputs: list[Tensor] = []
-    every = seen = 0
+    every, seen = 1, 0
     for batch in batches:
-        x, y = _capture(model, block, batch, output=False), _capture(original, target, batch, output=True)
+        # Only the images kept at the current rate are run (a halving never brings back one left out); those are
+        # all even-numbered once the bound is reached, so `_held_out_images` (every fourth, from the fourth) are
+        # never trained on.
+        pick = (torch.arange(seen, seen + len(batch)) % every == 0).nonzero().flatten()
+        seen += len(batch)
+        if not len(pick):
+            continue
+        x, y = _capture(model, block, batch[pick], output=False), _capture(original, target, batch[pick], output=True)
         per_image = x[0].numel() * x.element_size() + y[0].numel() * y.element_size()
-        every = every or 1
-        pick = (torch.arange(seen, seen + len(x)) % every == 0).nonzero().flatten()
-        inputs += [t.clone() for t in x[pick]]  # each its own storage, so that dropping one frees it
-        outputs += [t.clone() for t in y[pick]]
-        seen += len(x)
+        inputs += [t.clone() for t in x]  # each its own storage, so that dropping one frees it
+        outputs += [t.clone() for t in y]
         while len(inputs) > 1 and len(inputs) * per_image > memory:  # images 0, 2e, 4e, ... of 0, e, 2e, ...
             inputs, outputs, every = inputs[::2], outputs[::2], every * 2
     return torch.stack(inputs), torch.stack(outputs)
