@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextvars
 import io
+import keyword
 import pickle
 import re
 import types
@@ -420,17 +421,37 @@ def check_result(obj: Any) -> None:
         todo.extend((child, depth + 1) for child in children)
 
 
+def _is_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_MODULE_NAME.fullmatch(name)) and not keyword.iskeyword(name)
+
+
+def _class_attribute(module: nn.Module, function: Any) -> Any:
+    name = getattr(function, "__name__", None)
+    return getattr(type(module), name, None) if isinstance(name, str) else None
+
+
 def _check_module(module: nn.Module) -> None:
     state = vars(module)
+    kind = type(module).__name__
     for key, value in state.items():
+        # torch.fx names a constant after the attribute that holds it (any key of a module's __dict__, not only
+        # parameters and buffers) and pastes that name into the code it generates.
+        if not _is_name(key):
+            raise RefusedPickle(f"refused a {kind} with an attribute named {key!r}: attribute names are identifiers")
         if key.endswith(_HOOKS) and value:
-            raise RefusedPickle(f"refused a {type(module).__name__} that registers {key}: checkpoints written by "
-                                "torch.save carry no hooks")
+            raise RefusedPickle(f"refused a {kind} that registers {key}: checkpoints written by torch.save carry no "
+                                "hooks")
+        if isinstance(value, types.MethodType) and not (
+                value.__self__ is module and _class_attribute(module, value.__func__) is value.__func__):
+            # A fused block's ``forward = forward_fuse`` is its own class's method; anything else runs other code
+            # (another object's forward, with its attributes) where the model's own forward would run.
+            raise RefusedPickle(f"refused a {kind} whose attribute {key!r} is a method of "
+                                f"{type(value.__self__).__name__}, not of the module itself")
     for table in ("_modules", "_parameters", "_buffers"):
         for name in state.get(table) or {}:
-            if not (isinstance(name, str) and _MODULE_NAME.fullmatch(name)):
-                raise RefusedPickle(f"refused a {type(module).__name__} with a {table[1:-1]} named {name!r}: module "
-                                    "names are identifiers or indices")
+            if not _is_name(name):
+                raise RefusedPickle(f"refused a {kind} with a {table[1:-1]} named {name!r}: module names are "
+                                    "identifiers or indices")
 
 
 def pickle_module(policy: Policy, records: Mapping[str, int] | None = None) -> types.ModuleType:

@@ -142,9 +142,31 @@ def central_directory_lie(path: Path) -> Path:
 
 def fx_injection(target: Path) -> nn.Module:
     """A submodule name that torch.fx would paste, unescaped, into the Python it generates and executes."""
-    name = (f'x")\rfrom os import system\rsystem("touch {target}")\r'
-            'def _f(self, input_1):\r    return getattr(self,"x')
-    return nn.Sequential(OrderedDict([(name, nn.Conv2d(3, 8, 3))]))
+    return nn.Sequential(OrderedDict([(_code(target), nn.Conv2d(3, 8, 3))]))
+
+
+def _code(target: Path) -> str:
+    """Text that, pasted into torch.fx's generated source as a name, closes the string and runs a command."""
+    return f'x")\rfrom os import system\rsystem("touch {target}")\rdef _f(self, input_1):\r    return getattr(self,"x'
+
+
+def fx_constant_injection(target: Path, conv: nn.Conv2d | None = None) -> nn.Conv2d:
+    """A convolution whose weight is a plain tensor attribute, held under a second key too: torch.fx names the
+    constant it reads after the ``__dict__`` key that holds it and pastes that name into its generated source."""
+    conv = conv if conv is not None else nn.Conv2d(3, 8, 3)
+    weight = conv._parameters.pop("weight").detach()
+    conv.__dict__["weight"] = weight
+    conv.__dict__[_code(target)] = weight
+    return conv
+
+
+def fx_constant_injection_in_a_yolo(target: Path) -> nn.Module:
+    """The same inside a real detection model, reached through a block whose ``forward`` is its convolution's."""
+    model = detection_model()
+    block = model.model[0]
+    fx_constant_injection(target, block.conv)
+    block.forward = block.conv.forward
+    return model
 
 
 def big_view_conv() -> nn.Module:
@@ -262,6 +284,10 @@ CORPUS = {
     "storage-missing-record": lambda t, s: raw(t / "f.pt", storage_pickle("7", 2)),
     # Names, sizes and shapes that the rest of the tool would turn into code, memory or time.
     "fx-codegen-injection": lambda t, s: saved({"model": fx_injection(s)}, t / "f.pt"),
+    "fx-constant-name-injection": lambda t, s: saved({"model": fx_constant_injection(s)}, t / "f.pt"),
+    "fx-constant-name-in-a-yolo": lambda t, s: saved({"model": fx_constant_injection_in_a_yolo(s)}, t / "f.pt"),
+    "keyword-module-name": lambda t, s: saved({"model": nn.Sequential(OrderedDict([("class", nn.Conv2d(3, 4, 1))]))},
+                                              t / "f.pt"),
     "terminal-escape-name": lambda t, s: saved({"model": nn.Sequential(OrderedDict(
         [("a\x1b]0;TITLE\x07\x1b[31m[bold]B[/bold]", nn.Conv2d(3, 4, 1))]))}, t / "f.pt"),
     "zero-stride-buffer": lambda t, s: saved(
@@ -322,6 +348,9 @@ def test_corpus_is_large_and_payloads_are_live(tmp_path):
     path = CORPUS["reduce-detection-model"](tmp_path, target)
     with torch.serialization.safe_globals([DetectionModel]):
         torch.load(path, weights_only=True)
+    assert target.exists()
+    target.unlink()
+    torch.fx.symbolic_trace(fx_constant_injection(target))  # torch.fx itself runs a name it pastes
     assert target.exists()
 
 
