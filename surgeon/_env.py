@@ -26,3 +26,10 @@ def offline_ultralytics() -> None:
         source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
         font.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, font)
+
+
+def datasets_dir() -> Path:
+    """Ultralytics' datasets folder (its settings' ``datasets_dir``), where it looks for a relative dataset path."""
+    from ultralytics.utils import DATASETS_DIR
+
+    return Path(DATASETS_DIR)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import yaml
 
+from surgeon._files import read_text, read_yaml
 from surgeon.errors import SurgeonError
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
@@ -149,6 +150,121 @@ def image_batch(imgsz: int, n: int, seed: int = 0) -> torch.Tensor:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+MAX_IMAGE_LIST = 64 << 20
+"""Bytes a ``.txt`` image list may have (COCO's train2017.txt, 118k lines, is 4 MB)."""
+MAX_CLASSES = 10_000
+_SPLIT_KEYS = ("train", "val", "test", "minival")
+_PASSED_KEYS = {"kpt_shape": list, "flip_idx": list, "kpt_names": dict, "channels": int}
+
+
+def resolve_dataset(source: str | Path, splits: tuple[str, ...] = ("val",)) -> dict:
+    """A detection dataset YAML read, checked and resolved to absolute paths, as the one reading of it that every
+    command uses and the only one handed to Ultralytics.
+
+    A relative ``path`` is taken from the YAML's own folder and, where nothing is there, where Ultralytics looks
+    (the current folder, then its datasets folder); without ``path``, the YAML's folder. Split entries are relative
+    to that root. ``download`` is dropped: Ultralytics runs it (Python or shell) when images are missing, and a file
+    from elsewhere must not run anything; missing images are an error instead.
+
+    Args:
+        source: The dataset YAML.
+        splits: Splits that must be present and exist (``val`` for images; ``train`` too for training).
+
+    Returns:
+        ``path``, the splits present (absolute text, or lists of it), ``names`` (index -> name), ``nc``, and the
+        Ultralytics keys kept (``kpt_shape``, ``flip_idx``, ``kpt_names``, ``channels``).
+
+    Raises:
+        SurgeonError: What is wrong, in one line.
+    """
+    source = Path(source)
+    spec = read_yaml(source, "dataset YAML")
+    if not isinstance(spec, dict):
+        raise SurgeonError(f"{source}: a dataset YAML is a mapping (path, train, val, names)")
+    names = _names(source, spec.get("names"), spec.get("nc"))
+    root = _root(source, spec.get("path"))
+    data: dict = {"path": str(root), "names": names, "nc": len(names)}
+    for split in _SPLIT_KEYS:
+        entry = spec.get(split)
+        if entry is None:
+            if split in splits:
+                raise SurgeonError(f"{source}: the dataset has no {split!r} entry")
+            continue
+        entries = entry if isinstance(entry, list) else [entry]
+        if not entries or len(entries) > 64 or not all(isinstance(e, str) and e for e in entries):
+            raise SurgeonError(f"{source}: {split!r} is a path or a list of up to 64 paths")
+        resolved = [str(Path(e) if Path(e).is_absolute() else root / e) for e in entries]
+        for text, original in zip(resolved, entries):
+            if not Path(text).exists():
+                raise SurgeonError(f"{source}: {split} {original!r} is not at {text} (a dataset's download script is "
+                                   "never run: fetch the images first)")
+        data[split] = resolved if isinstance(entry, list) else resolved[0]
+    for key, kind in _PASSED_KEYS.items():
+        if key in spec:
+            value = spec[key]
+            if not isinstance(value, kind) or isinstance(value, bool) or (
+                    isinstance(value, (list, dict)) and len(value) > 1000):
+                raise SurgeonError(f"{source}: {key!r} must be a {kind.__name__} (at most 1000 entries)")
+            data[key] = value
+    if "kpt_shape" in data and not (len(data["kpt_shape"]) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1000 for v in data["kpt_shape"])):
+        raise SurgeonError(f"{source}: kpt_shape is [keypoints, 2 or 3]")
+    if "channels" in data and not 0 < data["channels"] <= 16:
+        raise SurgeonError(f"{source}: channels must be between 1 and 16")
+    return data
+
+
+def _names(source: Path, names: object, nc: object) -> dict[int, str]:
+    if nc is not None and not (isinstance(nc, int) and not isinstance(nc, bool) and 0 < nc <= MAX_CLASSES):
+        raise SurgeonError(f"{source}: nc must be a whole number of classes from 1 to {MAX_CLASSES}")
+    if names is None:
+        if nc is None:
+            raise SurgeonError(f"{source}: the dataset names no classes (names: or nc:)")
+        return {i: f"class{i}" for i in range(nc)}
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not (isinstance(names, dict) and 0 < len(names) <= MAX_CLASSES):
+        raise SurgeonError(f"{source}: names is a list or a mapping of 1 to {MAX_CLASSES} class names")
+    if sorted(names) != list(range(len(names))) or any(isinstance(k, bool) for k in names):
+        raise SurgeonError(f"{source}: class indices must run 0, 1, ... {len(names) - 1} without gaps")
+    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in names.values()):
+        raise SurgeonError(f"{source}: class names must be text")
+    if nc is not None and nc != len(names):
+        raise SurgeonError(f"{source}: nc is {nc} but names lists {len(names)} classes")
+    return {int(k): str(v) for k, v in sorted(names.items())}
+
+
+def _root(source: Path, path: object) -> Path:
+    if path is None or path == "":
+        return source.parent.resolve()
+    if not isinstance(path, str):
+        raise SurgeonError(f"{source}: path must be a folder path, not {type(path).__name__}")
+    given = Path(path)
+    if given.is_absolute():
+        return given
+    from surgeon._env import datasets_dir
+
+    candidates = [source.parent / given, Path.cwd() / given, datasets_dir() / given]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise SurgeonError(f"{source}: the dataset folder {path!r} is not next to the YAML, here or in the datasets "
+                       f"folder ({', '.join(str(c) for c in candidates)})")
+
+
+def image_list(path: str | Path) -> list[Path]:
+    """The images a ``.txt`` list names, read as Ultralytics reads it: ``./`` starts a path relative to the list's
+    folder; other relative paths are relative to the current folder; absolute paths stand.
+
+    Raises:
+        SurgeonError: The list is unreadable, too large or not UTF-8.
+    """
+    path = Path(path)
+    parent = path.parent
+    lines = [line.strip() for line in read_text(path, "image list", MAX_IMAGE_LIST).splitlines() if line.strip()]
+    return [parent / line[2:] if line.startswith("./") else Path(line) for line in lines]
+
+
 def image_paths(source: str | Path) -> list[Path]:
     """The image files of `source`: a folder (recursive, sorted), or a dataset YAML, whose ``val`` images (a folder,
     a list of folders, or a ``.txt`` list of files, relative to its ``path``) are taken and whose labels are ignored.
@@ -157,23 +273,13 @@ def image_paths(source: str | Path) -> list[Path]:
         SurgeonError: The source is missing, not a folder or dataset YAML, or names no image.
     """
     source = Path(source)
-    if source.is_file() and source.suffix.lower() in (".yaml", ".yml"):
-        try:
-            spec = yaml.safe_load(source.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise SurgeonError(f"{source}: not a readable dataset YAML ({type(error).__name__})") from None
-        if not isinstance(spec, dict) or not spec.get("val"):
-            raise SurgeonError(f"{source}: a dataset YAML needs a 'val' entry")
-        root = Path(spec.get("path") or source.parent)
-        root = root if root.is_absolute() else source.parent / root
-        entries = spec["val"] if isinstance(spec["val"], list) else [spec["val"]]
+    if source.suffix.lower() in (".yaml", ".yml") and not source.is_dir():
+        val = resolve_dataset(source)["val"]
         paths: list[Path] = []
-        for entry in entries:
-            where = Path(str(entry))
-            where = where if where.is_absolute() else root / where
+        for entry in val if isinstance(val, list) else [val]:
+            where = Path(entry)
             if where.is_file() and where.suffix == ".txt":
-                lines = [line.strip() for line in where.read_text().splitlines() if line.strip()]
-                paths += [Path(line) if Path(line).is_absolute() else root / line for line in lines]
+                paths += image_list(where)
             elif where.is_dir():
                 paths += _folder(where)
             else:

@@ -626,7 +626,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         SurgeonError: Neither or both of `images` and `data`, a teacher that does not fit the student, or
             `features` for a student whose recipe names no rewritten layer.
     """
-    from surgeon.data import image_paths
+    from surgeon.data import image_paths, resolve_dataset
     from surgeon.finetune import finetune
     from surgeon.io import load
 
@@ -660,11 +660,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         raise SurgeonError(f"{data}: a classifier takes a classification folder (train/ and val/ of class folders), "
                            "a detector a dataset YAML")
     if data is not None and not classifier:
-        try:
-            spec = yaml.safe_load(Path(data).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise SurgeonError(f"{data}: not a readable dataset YAML ({type(error).__name__})") from None
-        count = len(spec.get("names") or []) if isinstance(spec, dict) else 0
+        count = resolve_dataset(data, splits=("train", "val"))["nc"]
         if count != original.model[-1].nc:
             raise SurgeonError(f"{data} has {count} classes, the teacher {original.model[-1].nc}: distillation "
                                "matches the teacher's class scores, so the dataset must use its classes")

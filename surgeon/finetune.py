@@ -41,6 +41,7 @@ offline_ultralytics()  # before Ultralytics is first imported: it reads these se
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from ultralytics.data.utils import check_det_dataset  # noqa: E402
 from ultralytics.engine.model import Model  # noqa: E402
 from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
 from ultralytics.models.yolo.classify import ClassificationTrainer  # noqa: E402
@@ -363,6 +364,25 @@ class _KeepRewrittenModel:
             _match_class_count(model, int(self.data["nc"]), verbose=verbose and RANK in {-1, 0})
         return model
 
+    def get_dataset(self):
+        """The dataset as `surgeon.data.resolve_dataset` reads it: Ultralytics is handed that resolved copy, never
+        the user's file, so a dataset's ``download`` script cannot run and relative paths mean one thing."""
+        data = str(self.args.data)
+        if data.lower().endswith(".ndjson"):
+            raise SurgeonError(f"{data}: NDJSON datasets download their images; convert it to a YOLO dataset first")
+        if self.args.task == "classify":
+            if not Path(data).is_dir():
+                raise SurgeonError(f"{data}: a classifier trains on a folder (train/ and val/ of class folders)")
+            return super().get_dataset()
+        resolved = Path(self.save_dir) / "dataset.yaml"
+        if RANK in {-1, 0}:
+            write_resolved_dataset(data, resolved)
+        self.args.data = str(resolved)  # what the validators, a DDP worker and a resume read again
+        data = check_det_dataset(str(resolved), autodownload=False, split=self.args.split)
+        if self.args.single_cls:  # as Ultralytics' own get_dataset
+            data["names"], data["nc"] = {0: "item"}, 1
+        return data
+
     def setup_model(self):
         """Keep a model already set; otherwise read the rewritten one from ``args.model`` (never from YAML)."""
         if isinstance(self.model, nn.Module) or getattr(self, "resume", False):
@@ -630,6 +650,25 @@ def ultralytics_verbosity(verbose: bool):
             os.environ["YOLO_VERBOSE"] = saved[2]
 
 
+def write_resolved_dataset(source: str | os.PathLike, target: Path) -> None:
+    """Write the detection dataset YAML `source` as `surgeon.data.resolve_dataset` reads it (absolute paths, no
+    ``download``) to `target`, the copy a run hands to Ultralytics; `target` itself is left as it is.
+
+    Raises:
+        SurgeonError: The YAML is invalid, or its train or val images are missing.
+    """
+    import yaml
+
+    from surgeon.data import resolve_dataset
+
+    resolved = resolve_dataset(source, splits=("train", "val"))
+    if Path(source).resolve() == target.resolve():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"# {source}, as surgeon read it: absolute paths, and no download script\n"
+                      + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
 def _surgeon_cause(error: BaseException) -> SurgeonError | None:
     seen = set()
     while error is not None and id(error) not in seen:
@@ -683,6 +722,10 @@ def finetune(
         raise SurgeonError("finetune picks the trainer itself; do not pass 'trainer'")
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
+    if trainer_cls is not RewrittenClassificationTrainer and not train_args.get("resume"):
+        from surgeon.data import resolve_dataset
+
+        resolve_dataset(data, splits=("train", "val"))  # a bad dataset is refused before the run folder is made
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
     for event, functions in (callbacks or {}).items():
         for function in functions:

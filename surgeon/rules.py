@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from surgeon._files import read_yaml
 from surgeon.blocks import REGIONS, ConvBlock, LayerTarget
 from surgeon.errors import RuleError
 from surgeon.registry import Registry
@@ -381,15 +382,7 @@ def load_rule(name_or_path: str | Path, registry: Registry) -> Rule:
         if not path.exists():
             raise RuleError(f"no rule named {name_or_path!r} (built-in rules: {', '.join(builtin_rule_names())}; "
                             "or give a path to a .yaml rule file)")
-    if not path.is_file():
-        raise RuleError(f"{path}: no such rule file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RuleError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    except UnicodeDecodeError:
-        raise RuleError(f"{path}: not a text file") from None
-    return parse_rule(data, str(path), registry)
+    return parse_rule(read_yaml(path, "rule file", error=RuleError), str(path), registry)
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str | None, dict[str, Any]]:

@@ -125,3 +125,150 @@ def test_all_shape_classes_draw(tmp_path):
     root = make_dataset(tmp_path / "ds", n_train=24, n_val=1, imgsz=64, n_classes=len(SHAPES)).parent
     seen = {int(row[0]) for p in (root / "labels" / "train").glob("*.txt") for row in _labels(p)}
     assert seen == set(range(len(SHAPES)))
+
+
+# --- dataset YAMLs from elsewhere -------------------------------------------------------------------------------------
+
+PAYLOADS = {  # what Ultralytics' check_det_dataset runs from `download:` when the val images are missing
+    "python": lambda s: f"import pathlib; pathlib.Path({str(s)!r}).touch()",
+    "shell": lambda s: f"bash -c 'touch {s}'",
+}
+
+
+def _hostile_yaml(folder: Path, sentinel: Path, kind: str, **spec) -> Path:
+    path = folder / "evil.yaml"
+    path.write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": {0: "circle", 1: "square",
+                                    2: "triangle"}, **spec, "download": PAYLOADS[kind](sentinel)}))
+    return path
+
+
+@pytest.mark.parametrize("kind", list(PAYLOADS))
+@pytest.mark.parametrize("command", ["finetune", "distill", "calibrate", "images"])
+def test_a_dataset_download_script_never_runs(command, kind, checkpoint_factory, tmp_path):
+    """The images are missing, so Ultralytics would run the file's download script; every command that reads a
+    dataset YAML refuses it in one line instead."""
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    good = checkpoint_factory("yolov8n.yaml")
+    sentinel = tmp_path / "SENTINEL"
+    data = _hostile_yaml(tmp_path, sentinel, kind)
+    out = tmp_path / "out.pt"
+    args = {
+        "finetune": ["finetune", good, "--data", str(data), "--epochs", "1", "--project", str(tmp_path / "runs")],
+        "distill": ["distill", good, "--teacher", good, "--data", str(data), "--epochs", "1",
+                    "--project", str(tmp_path / "runs")],
+        "calibrate": ["apply", good, "-r", "dw_backbone", "--calibrate", str(data), "-o", str(out), "--imgsz", "64"],
+        "images": ["diff", good, good, "--images", str(data), "--imgsz", "64"],
+    }[command]
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:  # click 8.2 keeps stderr apart by default
+        runner = CliRunner()
+    result = runner.invoke(main, args)
+    assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {data}: ") and "never run" in lines[0], result.stderr
+    assert not sentinel.exists(), "the dataset file ran code"
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_relative_path_means_the_same_to_surgeon_and_to_the_trainer(checkpoint_factory, tmp_path, monkeypatch):
+    """``path: shapes`` next to the YAML: surgeon found those images while Ultralytics (current folder, then its
+    datasets folder) did not and ran the download script. Both now read the one resolved dataset: distillation runs
+    on the images next to the YAML and nothing runs."""
+    from surgeon.distill import distill
+
+    root = tmp_path / "project"
+    make_dataset(root / "shapes", n_train=4, n_val=2, imgsz=64)
+    sentinel = tmp_path / "SENTINEL"
+    data = _hostile_yaml(root, sentinel, "python", path="shapes", names=[f"c{i}" for i in range(80)])  # teacher's
+    monkeypatch.chdir(tmp_path)  # not the YAML's folder
+    good = checkpoint_factory("yolov8n.yaml")
+
+    result = distill(good, good, data=data, epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False,
+                     project=str(tmp_path / "runs"), name="kd", quiet=True)
+
+    assert not sentinel.exists(), "the dataset file ran code"
+    assert result.last.is_file()
+    from surgeon.io import load
+
+    resolved = result.save_dir / "dataset.yaml"  # what the run trained and validated on, and resumes from
+    assert load(result.last).checkpoint["train_args"]["data"] == str(resolved)
+    assert yaml.safe_load(resolved.read_text()) == {"path": str(root / "shapes"), "names": dict(enumerate(
+        f"c{i}" for i in range(80))), "nc": 80, "train": str(root / "shapes" / "images" / "train"),
+        "val": str(root / "shapes" / "images" / "val")}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("path: 5\ntrain: a\nval: a\nnames: [x]\n", "path must be a folder path"),
+    ("train: a\nval: a\nnames: 80\n", "names is a list or a mapping"),
+    ("train: a\nval: a\nnc: 1e7\n", "nc must be a whole number"),
+    ("train: a\nval: a\nnames: {0: x, 2: y}\n", "without gaps"),
+    ("train: a\nval: a\nnames: [x]\nnc: 2\n", "nc is 2 but names lists 1"),
+    ("- a\n- b\n", "is a mapping"),
+    ("train: a\nval: a\nnames: [x]\nkpt_shape: [1e9, 3]\n", "kpt_shape"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nnames: *b\n", "aliases"),
+    ("train: a\nval: [a, 5]\nnames: [x]\n", "'val' is a path or a list"),
+    ("train: a\nval: nowhere\nnames: [x]\n", "'nowhere' is not at"),
+    ("train: a\nnames: [x]\n", "no 'val' entry"),
+    ("names: [x]\nval: a\n\tbad: [\n", r"is not valid YAML \(line 3\)"),
+])
+def test_resolve_dataset_refuses_bad_values_in_one_line(text, message, tmp_path):
+    from surgeon.data import resolve_dataset
+
+    (tmp_path / "a").mkdir()
+    path = tmp_path / "d.yaml"
+    path.write_text(text)
+    with pytest.raises(SurgeonError, match=message) as error:
+        resolve_dataset(path)
+    assert len(str(error.value).splitlines()) == 1 and len(str(error.value)) < 400
+
+
+def test_resolve_dataset_refuses_files_that_are_not_text(tmp_path):
+    import os
+
+    from surgeon.data import image_paths, read_text, resolve_dataset
+
+    binary = tmp_path / "d.yaml"
+    binary.write_bytes(b"names: [\xff\xfe]\n")
+    with pytest.raises(SurgeonError, match="not UTF-8"):
+        resolve_dataset(binary)
+    fifo = tmp_path / "f.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SurgeonError, match="must be a file"):
+        resolve_dataset(fifo)  # opening a FIFO would block for ever
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(SurgeonError, match="more than 1 MB"):
+        resolve_dataset(big)
+    dangling = tmp_path / "link.yaml"
+    dangling.symlink_to(tmp_path / "missing.yaml")
+    with pytest.raises(SurgeonError, match="no such dataset YAML"):
+        resolve_dataset(dangling)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "val.txt").write_bytes(b"./images/\xff.jpg\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("val: val.txt\nnames: [x]\n")
+    with pytest.raises(SurgeonError, match="image list is not UTF-8"):
+        image_paths(listed)
+    assert read_text(listed, "file") == "val: val.txt\nnames: [x]\n"
+
+
+def test_resolve_dataset_resolves_relative_paths_once(tmp_path, monkeypatch):
+    from surgeon.data import image_paths, resolve_dataset
+
+    make_dataset(tmp_path / "sets" / "shapes", n_train=2, n_val=2, imgsz=32)
+    (tmp_path / "sets" / "list.txt").write_text("./shapes/images/val/0.png\n")
+    path = tmp_path / "sets" / "d.yaml"
+    path.write_text("path: shapes\ntrain: images/train\nval: images/val\nnames: [a, b, c]\ndownload: x\n")
+    monkeypatch.chdir(tmp_path)
+    data = resolve_dataset(path, splits=("train", "val"))
+    assert data == {"path": str((tmp_path / "sets" / "shapes").resolve()), "names": {0: "a", 1: "b", 2: "c"},
+                    "nc": 3, "train": str(tmp_path / "sets" / "shapes" / "images" / "train"),
+                    "val": str(tmp_path / "sets" / "shapes" / "images" / "val")}  # no download
+    listed = tmp_path / "sets" / "l.yaml"
+    listed.write_text("val: list.txt\nnames: [a, b, c]\n")  # no path: the YAML's folder
+    assert image_paths(listed) == [tmp_path / "sets" / "shapes" / "images" / "val" / "0.png"]
