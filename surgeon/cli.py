@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,16 +12,39 @@ import click
 from surgeon._env import offline_ultralytics
 from surgeon.errors import SurgeonError
 
+DEBUG = "SURGEON_DEBUG"
+"""Environment variable: set to 1 to see the traceback of a failure instead of its one line."""
+_UNEXPECTED_EXIT = 70  # EX_SOFTWARE: a failure surgeon has no message of its own for
+
 
 class _Group(click.Group):
-    """Turns every expected failure into one line on stderr and the error's exit code."""
+    """The command line's one boundary: whatever fails while a command handles its input ends in one ``error:``
+    line on stderr and a non-zero exit (the error's own code, or 70 for a failure without a message of
+    surgeon's), never a traceback; ``SURGEON_DEBUG=1`` shows the traceback instead."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SurgeonError as error:
-            click.echo(f"error: {error}", err=True)
+            if os.environ.get(DEBUG):
+                raise
+            click.echo(f"error: {_one_line(str(error))}", err=True)
             sys.exit(error.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the boundary itself
+            if os.environ.get(DEBUG):
+                raise
+            kind = type(error).__name__
+            text = _one_line(str(error)) or "no message"
+            click.echo(f"error: {kind}: {text} (unexpected; {DEBUG}=1 shows the traceback)", err=True)
+            sys.exit(_UNEXPECTED_EXIT)
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """`text` on one line and at most `limit` characters (a message can quote a file's contents)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @click.group(cls=_Group)

@@ -462,3 +462,42 @@ def test_damaged_copies_give_one_line_and_a_non_zero_exit(runner, checkpoint_fac
                 or not lines[0].startswith(f"error: {path}")):
             failures.append(f"{path.name}: exit {result.exit_code}, {result.exception!r}, {result.stderr[-300:]!r}")
     assert not failures, "\n".join(failures)
+
+
+# --- values a rule or a user sets: bounded where they are read ---------------------------------------------------------
+
+ODD_ARGUMENTS = [
+    ("dyn_head", ["--set", "ratio=.inf"], "ratio must be a positive finite number"),
+    ("dyn_head", ["--set", "ratio=600.0"], "ratio must be at most"),
+    ("dyn_head", ["--set", "temperature=.nan"], "temperature must be a positive finite number"),
+    ("dyn_head", ["--set", "experts=abc"], "experts must be"),
+    ("cot_neck", ["--set", "kernel_size=1001"], "odd kernel_size from 1 to 15"),
+]
+
+
+@pytest.mark.parametrize(("rule", "extra", "message"), ODD_ARGUMENTS)
+def test_rule_arguments_out_of_range_are_one_line(rule, extra, message, runner, checkpoint_factory, tmp_path):
+    out = tmp_path / "out.pt"
+    result = runner.invoke(main, ["apply", checkpoint_factory("yolov8n.yaml"), "-r", rule, *extra, "-o", str(out),
+                                  "--imgsz", "64"])
+    assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(runner, checkpoint_factory, monkeypatch):
+    """The command line's boundary: a failure surgeon has no message for still ends in one line and exit 70."""
+    import surgeon.api
+
+    def broken(*args, **kwargs):
+        raise KeyError("a\nvalue\nsurgeon did not expect " + "x" * 2000)
+
+    monkeypatch.setattr(surgeon.api, "inspect_model", broken)
+    result = runner.invoke(main, ["inspect", checkpoint_factory("yolov8n.yaml"), "--imgsz", "64"])
+    assert result.exit_code == 70, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: KeyError: ") and "SURGEON_DEBUG=1" in line and len(line) < 700
+    monkeypatch.setenv("SURGEON_DEBUG", "1")
+    result = runner.invoke(main, ["inspect", checkpoint_factory("yolov8n.yaml"), "--imgsz", "64"])
+    assert isinstance(result.exception, KeyError)

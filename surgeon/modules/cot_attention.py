@@ -26,6 +26,10 @@ _KEY_GROUPS = 4  # grouped k x k key convolution, as in the paper's CoT block
 _ATTENTION_FACTOR = 4  # channel reduction of the attention embedding
 
 
+MAX_KERNEL = 15
+"""Largest key-embedding kernel (the paper uses 3; 1001 asked for gigabytes)."""
+
+
 class CoTAttention(nn.Module):
     """Contextual Transformer attention (reference-implementation form); shape in = shape out.
 
@@ -50,8 +54,9 @@ class CoTAttention(nn.Module):
                 f"CoTAttention needs channels divisible by {_KEY_GROUPS} (its key convolution has "
                 f"{_KEY_GROUPS} groups), got channels={channels}"
             )
-        if kernel_size <= 0 or kernel_size % 2 == 0:
-            raise ValueError(f"CoTAttention needs an odd positive kernel_size to keep H and W, got {kernel_size}")
+        if not (isinstance(kernel_size, int) and 0 < kernel_size <= MAX_KERNEL and kernel_size % 2):
+            raise ValueError(f"CoTAttention needs an odd kernel_size from 1 to {MAX_KERNEL} to keep H and W, got "
+                             f"{kernel_size!r}")
         self.channels = channels
         self.kernel_size = kernel_size
         hidden = 2 * channels // _ATTENTION_FACTOR

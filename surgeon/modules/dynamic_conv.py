@@ -388,8 +388,15 @@ class CondConv2d(MixtureConv2d):
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, not {value}")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+    if values.get("ratio", 0) > MAX_RATIO:
+        raise ValueError(f"ratio must be at most {MAX_RATIO} (the router's hidden width over its input channels), "
+                         f"not {values['ratio']}")
+
+
+MAX_RATIO = 4.0
+"""Largest router width ratio (the papers use 1/4; beyond a few the router outgrows the convolution)."""
 
 
 _INITS = ("upcycle", "copies", "random")
