@@ -300,6 +300,43 @@ def _folder(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+MAX_IMAGE_PIXELS = 64_000_000
+"""Pixels an image may have (an 8K frame is 33 M): its header is checked before decoding, since a 1 MB PNG can
+decode to 20,000 x 20,000 pixels (1.2 GB)."""
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the header of the regular image file `path`, without decoding it; None when it is
+    not a regular file (a FIFO named ``.jpg`` would block for ever) or not an image.
+
+    Raises:
+        SurgeonError: The image has more than `MAX_IMAGE_PIXELS` pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    too_many = f"more than the {MAX_IMAGE_PIXELS // 1_000_000} M pixels an image may have; downscale it"
+    try:
+        if not path.is_file():
+            return None
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:  # Pillow's own, larger bound
+        raise SurgeonError(f"{path}: {too_many}") from None
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SurgeonError(f"{path}: {width} x {height} pixels, {too_many}")
+    return width, height
+
+
+def read_image(path: Path) -> np.ndarray | None:
+    """The BGR pixels of image file `path` once `image_size` accepts its header; None for a file that is not a
+    readable image."""
+    if image_size(path) is None:
+        return None
+    return cv2.imread(str(path))
+
+
 def letterboxed(paths: list[Path], imgsz: int, batch: int = 8, limit: int | None = None):
     """Batches ``(b, 3, imgsz, imgsz)`` in [0, 1] (RGB) of the readable images among `paths`, letterboxed as
     Ultralytics' predictor does (grey padding to a square), at most `limit` images; unreadable files are skipped.
@@ -314,7 +351,7 @@ def letterboxed(paths: list[Path], imgsz: int, batch: int = 8, limit: int | None
     for path in paths:
         if limit is not None and seen >= limit:
             break
-        image = cv2.imread(str(path))
+        image = read_image(path)
         if image is None:
             continue
         images.append(box(image=image)[..., ::-1])  # BGR -> RGB

@@ -853,13 +853,18 @@ def _cropped(paths: list[Path], imgsz: int, batch: int = 8):
     from PIL import Image
     from ultralytics.data.augment import classify_transforms
 
+    from surgeon.data import image_size
+
     transform = classify_transforms(imgsz)
     for start in range(0, len(paths), batch):
         tensors = []
         for path in paths[start:start + batch]:
+            if image_size(path) is None:
+                continue
             with Image.open(path) as image:
                 tensors.append(transform(image.convert("RGB")))
-        yield torch.stack(tensors)
+        if tensors:
+            yield torch.stack(tensors)
 
 
 @torch.no_grad()

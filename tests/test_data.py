@@ -272,3 +272,41 @@ def test_resolve_dataset_resolves_relative_paths_once(tmp_path, monkeypatch):
     listed = tmp_path / "sets" / "l.yaml"
     listed.write_text("val: list.txt\nnames: [a, b, c]\n")  # no path: the YAML's folder
     assert image_paths(listed) == [tmp_path / "sets" / "shapes" / "images" / "val" / "0.png"]
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few bytes whose header claims `width` x `height` pixels (decoded, far more than its size)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_images_are_regular_files_within_the_pixel_bound(tmp_path):
+    """A FIFO named .jpg (reading it blocks for ever) is skipped; a PNG whose header claims 20,000 x 20,000 pixels
+    is refused in one line before it is decoded."""
+    import os
+
+    from surgeon.data import folder_images, image_paths, letterboxed
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), draw_image(64, 3, (0, 0))[0])
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'pipe.jpg'}\n{folder / 'a.png'}\n")
+    (tmp_path / "d.yaml").write_text("val: list.txt\nnames: [x]\n")
+    assert image_paths(tmp_path / "d.yaml") == [tmp_path / "pipe.jpg", folder / "a.png"]
+    assert folder_images(tmp_path / "d.yaml", 32).shape == (1, 3, 32, 32)  # the FIFO skipped, not opened
+
+    _png_header(folder / "huge.png", 20_000, 20_000)
+    with pytest.raises(SurgeonError, match="more than the 64 M pixels an image may have"):
+        list(letterboxed(image_paths(folder), 32))
+    _png_header(folder / "huge.png", 10_000, 8_000)  # under Pillow's own bound, over surgeon's
+    with pytest.raises(SurgeonError, match="10000 x 8000 pixels, more than"):
+        list(letterboxed(image_paths(folder), 32))
