@@ -1,6 +1,7 @@
 # Two entry points, each sets itself up on a fresh machine:
 #   make demo   build a YOLOv5s checkpoint from Ultralytics' own yolov5s.yaml and run surgeon on it
 #   make test   run the whole test suite (installs the test extras, including the classic yolov5 package)
+#   make fuzz   the generated hostile inputs at 1000 examples each (CI runs 25)
 #   make wheel-check   build the wheel, install it in a fresh venv, run the README's commands with it (CI)
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ DEMO := demo
 
 WHEEL_VENV := .venv-wheel
 
-.PHONY: demo test wheel-check
+.PHONY: demo test fuzz wheel-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+fuzz: $(VENV)/.installed-test
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/test_generated_inputs.py
 
 # What a user gets from `pip install`: a wheel in a fresh virtual environment (not editable), and the
 # README's commands run with its console script and Python (tests/test_readme.py). It needs no .venv,
