@@ -11,21 +11,36 @@ from surgeon._env import offline_ultralytics  # noqa: E402
 
 offline_ultralytics()
 
+import platform  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import SEED, THREADS  # noqa: E402
+
+
+def pytest_report_header(config):
+    """Where the numbers came from: a test that trains can hold on one CPU's rounding and not on another's."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return (f"cpu: {cpu}; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"{THREADS} thread(s), seed offset {SEED} (SURGEON_TEST_THREADS, SURGEON_TEST_SEED)")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_thread():
+def _threads():
     # The test inputs are small: intra-op threads gain little on them, and on a shared 2-core machine they
     # wait on each other (measured 5-30x slower). Benchmarks keep torch's default.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
+    if SEED:  # Ultralytics' trainer seeds itself from its `seed` argument (default 0), not from torch
+        from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT
+
+        DEFAULT_CFG.seed = DEFAULT_CFG_DICT["seed"] = SEED
     yield
     torch.set_num_threads(threads)
 

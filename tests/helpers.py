@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The audit of tests that train or draw random data runs them under other seeds and thread counts: every seed a
+# test fixes is offset by SEED, and `below`/`above` log each measured value beside its bound to MARGINS.
+SEED = int(os.environ.get("SURGEON_TEST_SEED", "0"))
+THREADS = int(os.environ.get("SURGEON_TEST_THREADS", "1"))
+MARGINS = os.environ.get("SURGEON_TEST_MARGINS")
+
+
+def seeded(seed: int) -> int:
+    """`seed` moved by the audit's offset (itself when no offset is set)."""
+    return seed + SEED
+
+
+def _log(value: float, bound: float, sense: str) -> None:
+    if MARGINS:
+        with open(MARGINS, "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0], "seed": SEED,
+                                "threads": THREADS, "capability": torch.backends.cpu.get_cpu_capability(),
+                                "value": float(value), "bound": float(bound), "sense": sense}) + "\n")
+
+
+def below(value: float, bound: float) -> bool:
+    """``value < bound``, with the pair logged for the margin audit."""
+    _log(value, bound, "<")
+    return float(value) < float(bound)
+
+
+def above(value: float, bound: float) -> bool:
+    """``value > bound``, with the pair logged for the margin audit."""
+    _log(value, bound, ">")
+    return float(value) > float(bound)
 
 
 def make_conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,

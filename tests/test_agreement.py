@@ -8,6 +8,7 @@ import cv2
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import below
 
 import surgeon
 from surgeon.agreement import compare_detections, detections, match
@@ -154,7 +155,7 @@ def test_diff_reports_agreement_in_every_format(checkpoint_factory, folder, tmp_
     assert identical["images"] == 4 and identical["reference"] > 0
     assert identical["f1"] == 1.0 and identical["mean_iou"] == pytest.approx(1.0) and identical["score_change"] == 0
     moved = json.loads((tmp_path / "dw.json").read_text())["agreement"]
-    assert moved["reference"] == identical["reference"] and moved["f1"] < 0.9  # a lossy rewrite moves detections
+    assert moved["reference"] == identical["reference"] and below(moved["f1"], 0.9)  # a lossy rewrite moves detections
     assert "F1" in changed.output and "detections per class" in changed.output
     assert "## Agreement" in (tmp_path / "dw.md").read_text() and "F1" in (tmp_path / "dw.svg").read_text()
 

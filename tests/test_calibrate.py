@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import below, seeded
 from torch import nn
 
 import surgeon
@@ -30,24 +31,25 @@ def feature_error(original: nn.Module, rewritten: nn.Module, images: torch.Tenso
     return max(relative_error(b, a) for a, b in zip(head_inputs(original, images), head_inputs(rewritten, images)))
 
 
-# Measured on these calibrated random-init models (held-out feature error, data-free -> calibrated): yolov5s
-# 0.970 -> 0.857, yolov8n 0.996 -> 0.997. Rank-1 pairs in every 3x3 layer leave almost nothing of the features,
-# and where the data cannot fix that the validated damping keeps the refit from making it worse.
-@pytest.mark.parametrize(("cfg", "factor"), [("yolov5s.yaml", 0.95), ("yolov8n.yaml", 1.01)])
-def test_calibration_on_other_images(cfg, factor, checkpoint_factory):
-    source = checkpoint_factory(cfg)
+# Held-out feature error of calibrated / data-free dwsep_all on yolov8n (a BatchNorm-calibrated random-init model):
+# 0.40-0.56 over 3 seeds and two kernel sets, bound 0.9. With 4 calibration images it stayed at 1.000-1.003 (the validated damping keeping a refit the data
+# cannot support from making it worse), against a bound of 1.01 that rounding could cross; 16 images do fix its
+# rank-1 pairs. yolov5s is not here: on generated images its gain from 16 ranged 0.54-0.97x with the held-out draw
+# (every level alike); the folder test below covers its calibration.
+def test_calibration_on_other_images(checkpoint_factory):
+    source = checkpoint_factory("yolov8n.yaml")
     original = surgeon.load(source).model
-    held_out = image_batch(IMGSZ, 2, seed=5)  # calibration draws seed 0
+    held_out = image_batch(IMGSZ, 8, seed=seeded(5))  # calibration draws seed 0
     plain = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ)
-    calibrated = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ, calibrate=4, calibrate_imgsz=IMGSZ)
+    calibrated = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ, calibrate=16, calibrate_imgsz=IMGSZ)
     before, after = feature_error(original, plain.model, held_out), feature_error(original, calibrated.model, held_out)
-    assert after < factor * before
+    assert below(after / before, 0.9), (before, after)
     # Only the pointwise weights move; the records carry the refitted kernels' errors.
     for record in calibrated.replaced:
         new, old = calibrated.model.get_submodule(record.conv), plain.model.get_submodule(record.conv)
         assert torch.equal(new.depthwise.weight, old.depthwise.weight)
         assert record.init_error == new.init_error
-    assert calibrated.recipe()["calibration"]["images"] == 4
+    assert calibrated.recipe()["calibration"]["images"] == 16
     assert set(calibrated.recipe()["calibration"]["output_errors"]) == {r.conv for r in calibrated.replaced}
 
 
@@ -127,7 +129,7 @@ def test_grouped_refit_recovers_a_grouped_teacher():
     """A dwconv op fitted on patches of real inputs reproduces a convolution that is itself grouped."""
     from surgeon.modules.dw_conv import dwconv, refine_grouped
 
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     teacher = nn.Conv2d(8, 12, 3, padding=1, stride=2, bias=False)
     with torch.no_grad():  # a dense kernel whose off-block-diagonal part is smaller, like a real layer's
         dense = torch.randn_like(teacher.weight) * 0.3
@@ -135,8 +137,9 @@ def test_grouped_refit_recovers_a_grouped_teacher():
             dense[3 * g:3 * g + 3, 2 * g:2 * g + 2] += torch.randn(3, 2, 3, 3)
         teacher.weight.copy_(dense)
     op = dwconv(teacher)
-    # Correlated channels, as real activations are: what the dropped blocks saw is partly in each group's own.
-    mixing = torch.eye(8) + 0.5 * torch.randn(8, 8)
+    # Correlated channels, as real activations are: what the dropped blocks saw is partly in each group's own. At a
+    # mixing of 0.5 the refit's gain over 8 seeds was 0.84-0.94x, too near the bound; at 1.0 it is 0.83-0.88x.
+    mixing = torch.eye(8) + 1.0 * torch.randn(8, 8)
     x = torch.einsum("dc,nchw->ndhw", mixing, torch.randn(6, 8, 16, 16))
     before = relative_error(op(x), teacher(x))
     error = refine_grouped(op, [(x[:3], teacher(x[:3])), (x[3:], teacher(x[3:]))], teacher)
@@ -155,7 +158,7 @@ def test_grouped_refit_recovers_a_grouped_teacher():
     refine_grouped(undamped, [(x, teacher(x))], teacher, ridge=1e-9)
     assert relative_error(undamped(x), teacher(x)) == pytest.approx(float(floor), rel=1e-3)
     # The validated damping (fit on even images, checked on odd ones) trades some of that for held-out error.
-    assert float(floor) <= after < 0.95 * before, (before, after, float(floor))
+    assert float(floor) <= after and below(after / before, 0.95), (before, after, float(floor))
     assert error == pytest.approx(after, rel=1e-3)
     assert op.init_error == pytest.approx(relative_error(_dense(op), dense), rel=1e-4)
 
@@ -172,8 +175,8 @@ def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_fa
 
     source = checkpoint_factory("yolov5s.yaml")
     original = surgeon.load(source).model
-    _write_photos(tmp_path / "photos" / "a", 3, 160, seed=7)
-    _write_photos(tmp_path / "photos" / "b", 3, 96, seed=8)  # other sizes: letterboxed to the calibration size
+    _write_photos(tmp_path / "photos" / "a", 3, 160, seed=seeded(7))
+    _write_photos(tmp_path / "photos" / "b", 3, 96, seed=seeded(8))  # other sizes: letterboxed to the calibration size
     passes = []
     real = calibrate_module._capture
     monkeypatch.setattr(calibrate_module, "_capture",
@@ -182,10 +185,10 @@ def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_fa
 
     plain = surgeon.apply(source, rule, imgsz=IMGSZ)
     calibrated = surgeon.apply(source, rule, imgsz=IMGSZ, calibrate=tmp_path / "photos", calibrate_imgsz=IMGSZ)
-    held_out = image_batch(IMGSZ, 2, seed=5)
+    held_out = image_batch(IMGSZ, 2, seed=seeded(5))
     before, after = feature_error(original, plain.model, held_out), feature_error(original, calibrated.model, held_out)
     # Measured: dw_backbone 1.51 -> 1.38, dwsep_all 0.97 -> 0.79, ds4_all 0.77 -> 0.58.
-    assert after < 0.97 * before, (before, after)
+    assert below(after / before, 0.97), (before, after)
     recipe = calibrated.recipe()["calibration"]
     assert recipe["images"] == 6 and recipe["source"] == str(tmp_path / "photos") and recipe["imgsz"] == IMGSZ
     refitted = len(recipe["output_errors"])

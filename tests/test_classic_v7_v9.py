@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import evil
+from helpers import below, evil, seeded
 from torch import nn
 from ultralytics.nn.modules import RepConv
 
@@ -679,20 +679,26 @@ def test_distill_moves_a_lossy_rewrite_towards_its_original(name, yolov7, yolov9
     student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / f"{name}-dwsep.pt")
     photos = tmp_path / "photos"
     photos.mkdir()
-    for i, image in enumerate(image_batch(64, 16, seed=11)):  # 8 were too few for YOLOv7 (loss 1.45 -> 1.60)
+    # 48 optimiser steps or more (32 images, batch 4, 6 epochs), measured on 32 held-out images. With 24 steps the
+    # YOLOv9 and GELAN ratios (0.96-0.98 under AVX-512 or AVX2 kernels, 0.90 where written) hung on one CPU's rounding;
+    # with 8 held-out images the loss before training alone ranged 0.67-1.45 over seeds (YOLOv7 then "rose" 1.08x).
+    for i, image in enumerate(image_batch(64, 32, seed=seeded(11))):
         cv2.imwrite(str(photos / f"{i}.jpg"), (image.permute(1, 2, 0).numpy()[..., ::-1] * 255).astype("uint8"))
-    held_out = image_batch(64, 8, seed=12)
+    held_out = image_batch(64, 32, seed=seeded(12))
     original = surgeon.load(teacher).model.float()
-    before = distill_loss(original, surgeon.load(student).model.float(), lambda: iter(held_out.split(4)))
+    before = distill_loss(original, surgeon.load(student).model.float(), lambda: iter(held_out.split(8)))
 
-    result = distill(student, teacher, images=photos, epochs=6, imgsz=64, batch=4, nbs=4, warmup_epochs=0,
+    # YOLOv9's dual head moves slowest: 6 epochs left it at 0.78-0.91x, 10 at 0.72-0.84x.
+    epochs = 10 if name == "yolov9" else 6
+    result = distill(student, teacher, images=photos, epochs=epochs, imgsz=64, batch=4, nbs=4, warmup_epochs=0,
                      optimizer="AdamW", lr0=0.002, workers=0, device="cpu", plots=False,
                      project=str(tmp_path / "runs"), name="kd", quiet=True)
 
     loaded = surgeon.load(result.last)
-    after = distill_loss(original, loaded.model.float(), lambda: iter(held_out.split(4)))
-    # Measured: yolov7 1.454 -> 1.085, yolov9 54.4 -> 49.0, gelan-ddetect 47.8 -> 39.4.
-    assert after < 0.95 * before, (before, after)
+    after = distill_loss(original, loaded.model.float(), lambda: iter(held_out.split(8)))
+    # Held-out loss after / before over 3 seeds, 1-2 threads, AVX-512/AVX2/default kernels: YOLOv7 0.40-0.81,
+    # YOLOv9 0.72-0.84, GELAN 0.77-0.80; bound 0.95.
+    assert below(after / before, 0.95), (before, after)
     assert loaded.format == "classic" and type(loaded.model.model[-1]) is head_type
     with open(result.save_dir / "results.csv") as f:
         header = f.readline()

@@ -9,6 +9,7 @@ import cv2
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import above, below, seeded
 
 import surgeon
 from surgeon.cli import main
@@ -24,17 +25,23 @@ def teacher(checkpoint_factory):
     return checkpoint_factory("yolov8n.yaml")
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    for i, image in enumerate(image_batch(IMGSZ, 8, seed=11)):
+def _write_photos(folder: Path, n: int) -> Path:
+    for i, image in enumerate(image_batch(IMGSZ, n, seed=seeded(11))):
         cv2.imwrite(str(folder / f"{i}.jpg"), (image.permute(1, 2, 0).numpy()[..., ::-1] * 255).astype("uint8"))
     return folder
 
 
-def _scores(model, images):
-    with torch.no_grad():
-        return model.eval()(images)[0][:, 4:]  # class probabilities per anchor
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """8 photos: enough for a run to go through, too few for a short run to generalise."""
+    return _write_photos(tmp_path_factory.mktemp("photos"), 8)
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    """32 photos, for the runs whose held-out recovery is measured: after 6 epochs on 8 photos, a dwsep_all yolov8n's
+    held-out distillation loss moved 0.99-1.01x, with 32 photos 0.75x (with or without other seeds and kernels)."""
+    return _write_photos(tmp_path_factory.mktemp("many-photos"), 32)
 
 
 def test_loss_is_at_its_minimum_for_the_teacher_itself(teacher):
@@ -54,31 +61,32 @@ def test_loss_is_at_its_minimum_for_the_teacher_itself(teacher):
 
 
 @pytest.mark.slow
-def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, photos, tmp_path):
+def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, many_photos, tmp_path):
+    photos = many_photos
     student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
     original = surgeon.load(teacher).model.float()
-    held_out = image_batch(IMGSZ, 4, seed=12)
-    before = (_scores(surgeon.load(student).model.float(), held_out) - _scores(original, held_out)).abs().mean()
+    held_out = _held_out()
+    before = distill_loss(original, surgeon.load(student).model.float(), held_out)
     listing = sorted(os.listdir(photos))
 
-    result = distill(student, teacher, images=photos, epochs=10, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
+    result = distill(student, teacher, images=photos, epochs=6, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
                      optimizer="AdamW", lr0=0.002, warmup_bias_lr=0.02,
                      workers=0, device="cpu", plots=False, project=str(tmp_path / "runs"), name="kd", quiet=True)
 
-    after = (_scores(surgeon.load(result.last).model.float(), held_out) - _scores(original, held_out)).abs().mean()
+    after = distill_loss(original, surgeon.load(result.last).model.float(), held_out)
     # BatchNorm re-estimation alone (part of the run) is not what moves it.
     from surgeon.data import image_paths, letterboxed
     from surgeon.distill import reestimate_batchnorm
 
     rebalanced = surgeon.load(student).model.float()
     reestimate_batchnorm(rebalanced, lambda: letterboxed(image_paths(photos), IMGSZ))
-    bn_only = (_scores(rebalanced, held_out) - _scores(original, held_out)).abs().mean()
-    assert after < 0.9 * before and after < 0.95 * bn_only, (float(before), float(bn_only), float(after))
+    bn_only = distill_loss(original, rebalanced, held_out)
+    assert below(after / before, 0.9) and below(after / bn_only, 0.95), (before, bn_only, after)
     assert sorted(os.listdir(photos)) == listing  # nothing written next to the user's images
     recipe = surgeon.load(result.last).checkpoint["surgeon"]
     assert recipe["rules"][0]["name"] == "dwsep_all"  # the surgery's recipe, plus the run
-    assert recipe["distill"]["teacher"]["name"] == os.path.basename(teacher) and recipe["distill"]["epochs"] == 10
-    assert result.agreement["images"] == 8 and recipe["distill"]["agreement_f1"] == result.agreement["f1"]
+    assert recipe["distill"]["teacher"]["name"] == os.path.basename(teacher) and recipe["distill"]["epochs"] == 6
+    assert result.agreement["images"] == 32 and recipe["distill"]["agreement_f1"] == result.agreement["f1"]
     assert any(isinstance(m, surgeon.modules.dw_conv.DepthwiseSeparableConv2d)
                for m in surgeon.load(result.best).model.modules())
     assert _run_args(result.save_dir)["warmup_bias_lr"] == 0.02  # the user's value wins over distill's default
@@ -194,8 +202,8 @@ def classic_teacher(tmp_path_factory):
     return str(path)
 
 
-def _held_out(n=16):
-    images = image_batch(IMGSZ, n, seed=12)  # other images than the photos (seed 11)
+def _held_out(n=32):
+    images = image_batch(IMGSZ, n, seed=seeded(12))  # other images than the photos (seed 11)
     return lambda: iter(images.split(8))
 
 
@@ -245,15 +253,16 @@ def test_feature_taps_measure_the_rewritten_layers_and_leave_nothing_behind(teac
 
 
 @pytest.mark.slow
-def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic_teacher, photos, tmp_path):
+def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic_teacher, many_photos, tmp_path):
     from surgeon.classic import ClassicDetectionModel
 
+    photos = many_photos
     student = surgeon.apply(classic_teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
     original = surgeon.load(classic_teacher).model.float()
     before = distill_loss(original, surgeon.load(student).model.float(), _held_out())
     f1_before = _agreement_f1(original, student)
 
-    result = distill(student, classic_teacher, images=photos, epochs=6, imgsz=IMGSZ, batch=4, nbs=4,
+    result = distill(student, classic_teacher, images=photos, epochs=12, imgsz=IMGSZ, batch=4, nbs=4,
                      warmup_epochs=0, optimizer="AdamW", lr0=0.002, workers=0, device="cpu", plots=False,
                      project=str(tmp_path / "runs"), name="kd", quiet=True)
 
@@ -261,21 +270,22 @@ def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic
     f1_after = _agreement_f1(original, result.last)
     # Measured: loss 1.214 -> 1.160, F1 0.0 -> 0.153 (BatchNorm statistics kept: re-estimated on 4 of the 8 images
     # they did worse on the other 4).
-    assert after < 0.97 * before and f1_after > f1_before, (before, after, f1_before, f1_after)
+    assert below(after / before, 0.97) and above(f1_after - f1_before, 0), (before, after, f1_before, f1_after)
     loaded = surgeon.load(result.last)
     assert loaded.format == "classic" and isinstance(loaded.model, ClassicDetectionModel)
     record = loaded.checkpoint["surgeon"]["distill"]
     assert record["losses"].startswith("objectness-scaled") and record["features"] is None
-    assert result.agreement["images"] == 8 and record["agreement_f1"] == result.agreement["f1"]
+    assert result.agreement["images"] == 32 and record["agreement_f1"] == result.agreement["f1"]
     with open(result.save_dir / "results.csv") as f:
         header = f.readline()
     assert "kd_obj" in header and "kd_feat" not in header
 
 
 @pytest.mark.slow
-def test_cli_distills_features_at_the_rewritten_layers(teacher, photos, tmp_path):
+def test_cli_distills_features_at_the_rewritten_layers(teacher, many_photos, tmp_path):
     import csv
 
+    photos = many_photos
     student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
     original = surgeon.load(teacher).model.float()
     paths = surgeon.load(student).checkpoint["surgeon"]["replaced"]
@@ -284,13 +294,13 @@ def test_cli_distills_features_at_the_rewritten_layers(teacher, photos, tmp_path
     features_before = feature_distance(original, surgeon.load(student).model.float(), paths, held_out)
 
     result = CliRunner().invoke(main, ["distill", str(student), "--teacher", teacher, "--images", str(photos),
-                                       "--features", "--feature-weight", "50", "--epochs", "6", "--imgsz",
+                                       "--features", "--feature-weight", "50", "--epochs", "10", "--imgsz",
                                        str(IMGSZ), "--batch", "4",
                                        "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"),
                                        "--name", "kd", "--quiet", "plots=False", "nbs=4", "warmup_epochs=0",
                                        "optimizer=AdamW", "lr0=0.005"])
     assert result.exit_code == 0, result.output
-    assert "agreement with the teacher on 8 images" in result.output
+    assert "agreement with the teacher on 32 images" in result.output
     last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
     with open(last.parent.parent / "results.csv") as f:
         assert all(float(row["train/kd_feat"]) > 0 for row in csv.DictReader(f))  # the term was trained on
@@ -301,8 +311,8 @@ def test_cli_distills_features_at_the_rewritten_layers(teacher, photos, tmp_path
     features_after = feature_distance(original, trained, paths, held_out)
     after = distill_loss(original, trained, held_out)
     # Measured: feature distance 1.243 -> 1.191, output loss 44.06 -> 42.65 (BatchNorm statistics kept).
-    assert features_after < 0.98 * features_before and after < 0.99 * before, (features_before, features_after,
-                                                                               before, after)
+    assert below(features_after / features_before, 0.98) and below(after / before, 0.99), (
+        features_before, features_after, before, after)
     record = surgeon.load(last).checkpoint["surgeon"]["distill"]
     assert record["features"]["layers"] == paths and record["features"]["weight"] == 50.0
     assert all(record["features"][key] > 0 for key in ("distance_before", "distance_after"))  # on the photos
@@ -345,7 +355,7 @@ def test_task_terms_pull_a_perturbed_task_branch_back_to_the_teacher(cfg, term, 
     original = surgeon.load(checkpoint_factory(cfg)).model.float().eval()
     student = copy.deepcopy(original)
     criterion = DistillLoss(original, student)
-    images = image_batch(IMGSZ, 4, seed=3)
+    images = image_batch(IMGSZ, 4, seed=seeded(3))
 
     def task_term():
         return float(criterion(student(images), {"img": images})[1][term])
@@ -353,7 +363,7 @@ def test_task_terms_pull_a_perturbed_task_branch_back_to_the_teacher(cfg, term, 
     assert task_term() == pytest.approx(0.0, abs=1e-5)
     head = student.model[-1]
     params = [p for name in branches for p in getattr(head, name).parameters()]
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     with torch.no_grad():
         for p in params:
             p.mul_(1 + 0.3 * torch.randn_like(p))
@@ -366,7 +376,7 @@ def test_task_terms_pull_a_perturbed_task_branch_back_to_the_teacher(cfg, term, 
         optimiser.step()
     with torch.no_grad():
         after = task_term()
-    assert before > 1e-3 and after < 0.5 * before, (before, after)
+    assert before > 1e-3 and below(after / before, 0.5), (before, after)
 
 
 @pytest.mark.slow
@@ -408,23 +418,27 @@ def test_teacher_labelled_folder_files_every_image_under_the_teachers_class(chec
 
 
 @pytest.mark.slow
-def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_factory, photos, tmp_path):
+def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_factory, many_photos, tmp_path):
     from surgeon.distill import _batches, top1_agreement
 
+    photos = many_photos
     teacher = checkpoint_factory("yolov8n-cls.yaml")
     student = surgeon.apply(teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
     original = surgeon.load(teacher).model.float()
     held_out = _held_out()
     before = distill_loss(original, surgeon.load(student).model.float(), held_out)
 
+    # Without the classification trainer's random erasing, RandAugment and colour jitter: with them the held-out KL
+    # after 6 epochs ranged 0.74-1.18x of its start over seeds, without them 0.58-0.61x.
     result = distill(student, teacher, images=photos, epochs=6, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
-                     optimizer="AdamW", lr0=0.002, workers=0, device="cpu", plots=False,
+                     optimizer="AdamW", lr0=0.002, workers=0, device="cpu", plots=False, erasing=0.0,
+                     auto_augment=None, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0,
                      project=str(tmp_path / "runs"), name="kd", quiet=True)
 
     trained = surgeon.load(result.last)
     after = distill_loss(original, trained.model.float(), held_out)
-    # Measured: KL to the teacher's softmax on held-out images 2.33 -> 2.00 (16 photos; 8 here).
-    assert after < 0.95 * before, (before, after)
+    # KL to the teacher's softmax on 32 held-out images, after / before: 0.58-0.61 over seeds; bound 0.95.
+    assert below(after / before, 0.95), (before, after)
     assert dict(trained.model.names) == dict(original.names)  # the teacher's classes, in its order
     record = trained.checkpoint["surgeon"]["distill"]
     assert record["losses"].startswith("softmax KL") and "agreement_f1" not in record
@@ -525,7 +539,7 @@ def test_query_distillation_pulls_a_perturbed_box_head_back(checkpoint_factory):
     student = copy.deepcopy(original)
     head = student.model[-1]
     params = [p for name in ("dec_bbox_head", "enc_bbox_head") for p in getattr(head, name).parameters()]
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     with torch.no_grad():
         for p in params:  # additive: RT-DETR starts its box heads' last layers at zero
             p.add_(0.02 * torch.randn_like(p))
@@ -540,7 +554,7 @@ def test_query_distillation_pulls_a_perturbed_box_head_back(checkpoint_factory):
 
     before = box_terms()
     optimiser = torch.optim.Adam(params, lr=1e-3)
-    for _ in range(15):
+    for _ in range(30):  # 15 steps left 0.41-0.50 of the terms against the bound of 0.5
         student.train()
         for m in student.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -552,4 +566,4 @@ def test_query_distillation_pulls_a_perturbed_box_head_back(checkpoint_factory):
         optimiser.step()
     tap.remove()
     after = box_terms()
-    assert before > 0.1 and after < 0.5 * before, (before, after)
+    assert before > 0.1 and below(after / before, 0.5), (before, after)

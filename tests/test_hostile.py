@@ -464,7 +464,7 @@ def test_damaged_copies_give_one_line_and_a_non_zero_exit(runner, checkpoint_fac
     assert not failures, "\n".join(failures)
 
 
-# --- values a rule or a user sets: bounded where they are read ---------------------------------------------------------
+# --- values a rule or a user sets: bounded where they are read --------------------------------------------------
 
 ODD_ARGUMENTS = [
     ("dyn_head", ["--set", "ratio=.inf"], "ratio must be a positive finite number"),

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import above, below, seeded
 
 import surgeon
 from surgeon.cli import main
@@ -69,7 +70,8 @@ def test_inspect_reports_and_flags_mixture_layers(yolov8n, tmp_path):
     assert flagged["mixtures"] and all(m["identical"] and m["expert_spread"] == 0 for m in flagged["mixtures"])
     mixtures = as_json["mixtures"]
     assert len(mixtures) == len(surgeon.apply(yolov8n, "dyn_head", imgsz=IMGSZ).report.changes)
-    assert all(not m["identical"] and 0.03 < m["expert_spread"] < 0.08 for m in mixtures)  # antithetic noise 0.05
+    assert all(not m["identical"] and above(m["expert_spread"], 0.03) and below(m["expert_spread"], 0.08)
+               for m in mixtures)  # antithetic noise 0.05
     assert all(m["routing_entropy"] < 0.999 and m["routing_spread"] > 0 for m in mixtures)  # input-dependent
     assert surgeon.inspect(yolov8n, imgsz=IMGSZ).to_dict()["mixtures"] == []
 
@@ -99,7 +101,7 @@ def test_finetune_logs_mixture_statistics_per_epoch(yolov8n, tmp_path):
     from surgeon.data import make_dataset
     from surgeon.finetune import finetune
 
-    data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ)
+    data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=seeded(0))
     out = surgeon.apply(yolov8n, "condconv_head", imgsz=IMGSZ).save(tmp_path / "cc.pt")
     result = finetune(out, data, epochs=2, imgsz=IMGSZ, batch=4, nbs=4, workers=0, device="cpu", plots=False,
                       project=str(tmp_path / "runs"), name="mix", quiet=True)
@@ -111,7 +113,7 @@ def test_finetune_logs_mixture_statistics_per_epoch(yolov8n, tmp_path):
             "routing_spread_mean"} <= set(rows[0])
     # CondConv's experts start identical; paired gates pull them apart from the first steps on.
     assert all(float(r["identical_layers"]) == 0 and float(r["expert_spread_min"]) > 1e-5 for r in rows)
-    assert float(rows[1]["expert_spread_median"]) > float(rows[0]["expert_spread_median"])
+    assert above(float(rows[1]["expert_spread_median"]) / float(rows[0]["expert_spread_median"]), 1.0)
     assert all(0 < float(r["routing_spread_mean"]) and float(r["routing_entropy_mean"]) < 0.999 for r in rows)
 
 

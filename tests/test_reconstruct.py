@@ -6,6 +6,7 @@ import copy
 
 import torch
 from click.testing import CliRunner
+from helpers import below, seeded
 
 import surgeon
 from surgeon.cli import main
@@ -35,12 +36,12 @@ def test_reconstruction_brings_the_features_closer_than_the_refits_alone(checkpo
     common = {"imgsz": IMGSZ, "calibrate": 16, "calibrate_imgsz": IMGSZ}
     refitted = surgeon.apply(source, "dw_backbone", **common)
     rebuilt = surgeon.apply(source, "dw_backbone", reconstruct=150, **common)
-    held_out = image_batch(IMGSZ, 4, seed=5)  # calibration draws seed 0
+    held_out = image_batch(IMGSZ, 4, seed=seeded(5))  # calibration draws seed 0
     before, after = feature_error(original, refitted.model, held_out), feature_error(original, rebuilt.model, held_out)
-    assert after < 0.8 * before, (before, after)
+    assert below(after / before, 0.8), (before, after)
     record = rebuilt.recipe()["calibration"]["reconstruct"]
     assert record["steps"] == 150 and set(record["blocks"]) == _expected_blocks(rebuilt)
-    assert not record["kept"] and record["output_after"] < record["output_before"]
+    assert not record["kept"] and below(record["output_after"] / record["output_before"], 1.0)
     for block in record["blocks"].values():
         assert block["images"] == 12 and block["held_out"] == 4
         assert block["kept"] or block["after"] < block["before"]
@@ -73,12 +74,14 @@ def test_reconstruction_with_an_insert_rule_trains_the_moved_blocks(checkpoint_f
 
 def test_classic_checkpoint_reconstructs(classic_checkpoint, tmp_path):
     original = surgeon.load(classic_checkpoint).model
-    common = {"imgsz": IMGSZ, "calibrate": 16, "calibrate_imgsz": IMGSZ}
+    # 32 calibration images and 16 held-out ones: with 16 and 4, the ratio over held-out draws ranged 0.71-1.02 (the
+    # C3 blocks reconstruct less well from 12 images), with 32 and 16 0.73-0.82.
+    common = {"imgsz": IMGSZ, "calibrate": 32, "calibrate_imgsz": IMGSZ}
     refitted = surgeon.apply(classic_checkpoint, "dw_backbone", **common)
     rebuilt = surgeon.apply(classic_checkpoint, "dw_backbone", reconstruct=150, **common)
-    held_out = image_batch(IMGSZ, 4, seed=5)
+    held_out = image_batch(IMGSZ, 16, seed=seeded(5))
     before, after = feature_error(original, refitted.model, held_out), feature_error(original, rebuilt.model, held_out)
-    assert after < 0.97 * before, (before, after)  # measured 1.121 -> 1.042
+    assert below(after / before, 0.95), (before, after)  # 0.73-0.82 over held-out draws
     saved = rebuilt.save(tmp_path / "out.pt")
     assert surgeon.load(saved).checkpoint["surgeon"]["calibration"]["reconstruct"]["steps"] == 150
 
