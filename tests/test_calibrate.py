@@ -32,10 +32,10 @@ def feature_error(original: nn.Module, rewritten: nn.Module, images: torch.Tenso
 
 
 # Held-out feature error of calibrated / data-free dwsep_all on yolov8n (a BatchNorm-calibrated random-init model):
-# 0.40-0.56 over 3 seeds and two kernel sets, bound 0.9. With 4 calibration images it stayed at 1.000-1.003 (the validated damping keeping a refit the data
-# cannot support from making it worse), against a bound of 1.01 that rounding could cross; 16 images do fix its
-# rank-1 pairs. yolov5s is not here: on generated images its gain from 16 ranged 0.54-0.97x with the held-out draw
-# (every level alike); the folder test below covers its calibration.
+# 0.40-0.56 over 3 seeds and two kernel sets, bound 0.9. With 4 calibration images it stayed at 1.000-1.003 (the
+# validated damping keeping a refit the data cannot support from making it worse), against a bound of 1.01 that
+# rounding could cross; 16 images do fix its rank-1 pairs. yolov5s is not here: on generated images its gain from 16
+# ranged 0.54-0.97x with the held-out draw (every level alike); the folder test below covers its calibration.
 def test_calibration_on_other_images(checkpoint_factory):
     source = checkpoint_factory("yolov8n.yaml")
     original = surgeon.load(source).model
