@@ -234,3 +234,18 @@ def test_cli_rules_show_insert_rule_lists_the_layers_it_selects(checkpoint_facto
     assert f"# 2 of {len(inspection.layers)} layers" in result.output
     for match in expected:
         assert f"{match.target.path}  region=neck" in result.output
+
+
+def test_regular_expressions_from_rule_files_match_in_linear_time(tmp_path):
+    """``(a+)+$`` backtracks exponentially in Python's engine (about 19 s for one 30-character path); selectors are
+    compiled by RE2, whose matching is linear in the text. Constructs RE2 does not have are refused in one line,
+    naming the rule file."""
+    from surgeon.rules import _path_matches, _regex
+
+    assert type(_regex("(a+)+$")).__module__.startswith("re2")
+    assert not _path_matches("re:(a+)+$", block(path="a" * 40 + "b", conv="a" * 40 + "b.conv"))
+    assert _path_matches(r"re:model\.4\.cv.", block())
+    path = tmp_path / "backref.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "select": {"path": r"re:(a)\1"}, "replace": {"with": "dwconv"}}))
+    with pytest.raises(RuleError, match=r"backref.yaml: .*bad regular expression .*RE2: invalid escape sequence"):
+        load_rule(str(path), REGISTRY)
