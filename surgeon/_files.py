@@ -8,8 +8,9 @@ import yaml
 
 from surgeon.errors import SurgeonError
 
-MAX_TEXT_FILE = 1 << 20
-"""Bytes a rule file or dataset YAML may have."""
+MAX_TEXT_FILE = 256 << 10
+"""Bytes a rule file or dataset YAML may have (COCO's is 3 KB, ImageNet's 1,000 class names 30 KB). PyYAML reads some
+scalars (base-60 integers) in time quadratic in their length: 1 MB of one took about 30 s."""
 
 
 def read_yaml(path: str | Path, what: str, limit: int = MAX_TEXT_FILE,
@@ -32,6 +33,8 @@ def read_yaml(path: str | Path, what: str, limit: int = MAX_TEXT_FILE,
         mark = getattr(problem, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise error(f"{path}: the {what} is not valid YAML{where}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits; nesting deeper than Python's stack
+        raise error(f"{path}: the {what} holds a number too long or nesting too deep") from None
 
 
 def read_text(path: str | Path, what: str, limit: int = MAX_TEXT_FILE,
@@ -46,14 +49,18 @@ def read_text(path: str | Path, what: str, limit: int = MAX_TEXT_FILE,
         if not path.is_file():
             raise error(f"{path}: no such {what}" if not path.exists() else f"{path}: a {what} must be a file")
         if path.stat().st_size > limit:
-            raise error(f"{path}: a {what} of more than {limit >> 20} MB is refused")
+            raise error(f"{path}: a {what} of more than {_size(limit)} is refused")
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as problem:
         raise error(f"{path}: cannot read the {what} ({problem.strerror or type(problem).__name__})") from None
     if len(data) > limit:
-        raise error(f"{path}: a {what} of more than {limit >> 20} MB is refused")
+        raise error(f"{path}: a {what} of more than {_size(limit)} is refused")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise error(f"{path}: the {what} is not UTF-8 text") from None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KB"

@@ -152,6 +152,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 MAX_IMAGE_LIST = 64 << 20
 """Bytes a ``.txt`` image list may have (COCO's train2017.txt, 118k lines, is 4 MB)."""
+MAX_LISTED_IMAGES = 2_000_000
+"""Images a list may name (each costs a few hundred bytes as a path; Objects365 has 1.7 M)."""
 MAX_CLASSES = 10_000
 _SPLIT_KEYS = ("train", "val", "test", "minival")
 _PASSED_KEYS = {"kpt_shape": list, "flip_idx": list, "kpt_names": dict, "channels": int}
@@ -225,7 +227,8 @@ def _names(source: Path, names: object, nc: object) -> dict[int, str]:
         names = dict(enumerate(names))
     if not (isinstance(names, dict) and 0 < len(names) <= MAX_CLASSES):
         raise SurgeonError(f"{source}: names is a list or a mapping of 1 to {MAX_CLASSES} class names")
-    if sorted(names) != list(range(len(names))) or any(isinstance(k, bool) for k in names):
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in names) or sorted(names) != list(
+            range(len(names))):
         raise SurgeonError(f"{source}: class indices must run 0, 1, ... {len(names) - 1} without gaps")
     if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in names.values()):
         raise SurgeonError(f"{source}: class names must be text")
@@ -262,7 +265,24 @@ def image_list(path: str | Path) -> list[Path]:
     path = Path(path)
     parent = path.parent
     lines = [line.strip() for line in read_text(path, "image list", MAX_IMAGE_LIST).splitlines() if line.strip()]
+    if len(lines) > MAX_LISTED_IMAGES:
+        raise SurgeonError(f"{path}: an image list of more than {MAX_LISTED_IMAGES:,} images is refused")
     return [parent / line[2:] if line.startswith("./") else Path(line) for line in lines]
+
+
+def training_images(path: Path) -> list[Path]:
+    """The regular image files (any format Ultralytics trains on) of a split entry: a folder (recursive, sorted), a
+    ``.txt`` list (see `image_list`) or one image; names that would break a list file's lines are left out."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    if path.is_dir():
+        candidates = sorted(p for p in path.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+    elif path.suffix == ".txt":
+        candidates = image_list(path)
+    else:
+        candidates = [path]
+    return [p for p in candidates
+            if p.suffix[1:].lower() in IMG_FORMATS and "\n" not in str(p) and "\r" not in str(p) and p.is_file()]
 
 
 def image_paths(source: str | Path) -> list[Path]:

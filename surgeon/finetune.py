@@ -129,11 +129,19 @@ def ultralytics_reads_safely(trust: bool = False):
     ones that call `surgeon.io.read_checkpoint` and restored afterwards. File-like objects (not paths)
     pass through to Ultralytics' own function.
     """
+    import ultralytics.data.dataset as dataset
+    import ultralytics.data.utils as data_utils
     import ultralytics.nn.tasks as tasks
     import ultralytics.utils.patches as patches
     import ultralytics.utils.torch_utils as torch_utils
 
     originals = (tasks.torch_safe_load, patches.torch_load, torch_utils.torch_load)
+    cache_readers = (dataset.load_dataset_cache_file, data_utils.load_dataset_cache_file)
+
+    def no_label_cache(path):
+        # A *.cache file next to a dataset's labels is a pickle (np.load(allow_pickle=True)), which would run code
+        # from the dataset's folder; the labels are read again instead (Ultralytics' fallback for a stale cache).
+        raise FileNotFoundError(f"{path}: label caches are not read")
 
     def torch_safe_load(weight, safe_only=None):
         return read_checkpoint(weight, trust=trust), str(weight)
@@ -144,10 +152,12 @@ def ultralytics_reads_safely(trust: bool = False):
         return originals[1](f, *args, **kwargs)
 
     tasks.torch_safe_load, patches.torch_load, torch_utils.torch_load = torch_safe_load, torch_load, torch_load
+    dataset.load_dataset_cache_file = data_utils.load_dataset_cache_file = no_label_cache
     try:
         yield
     finally:
         tasks.torch_safe_load, patches.torch_load, torch_utils.torch_load = originals
+        dataset.load_dataset_cache_file, data_utils.load_dataset_cache_file = cache_readers
 
 
 class _CheckpointYOLO(YOLO):
@@ -320,6 +330,11 @@ def _has_annealer(callbacks: dict) -> bool:
 # --- trainers -------------------------------------------------------------------------------------------------------
 
 
+# Ultralytics reads a distill_model teacher with its own loader and rebuilds it from the teacher's YAML (eval-ing its
+# 'activation') when the channels differ: a file could run code that way.
+_NO_DISTILL_MODEL = "finetune does not take distill_model; distil with `surgeon distill --teacher`"
+
+
 class _KeepRewrittenModel:
     """Mixin for an Ultralytics trainer: train the given rewritten model instead of one built from YAML.
 
@@ -335,6 +350,8 @@ class _KeepRewrittenModel:
             print(f"run folder: {get_save_dir(get_cfg(cfg, overrides))}", flush=True)
         with ultralytics_reads_safely(trust=_TRUST.get()):  # __init__ reads the checkpoint to resume from
             super().__init__(cfg, overrides, _callbacks)
+        if getattr(self.args, "distill_model", None):  # given, or from the arguments of a checkpoint resumed
+            raise SurgeonError(_NO_DISTILL_MODEL)
         if not _has_annealer(self.callbacks):
             self.add_callback("on_train_epoch_start", TemperatureAnnealer())
         if not any(isinstance(c, MixtureLogger) for c in self.callbacks.get("on_fit_epoch_end", [])):
@@ -659,13 +676,22 @@ def write_resolved_dataset(source: str | os.PathLike, target: Path) -> None:
     """
     import yaml
 
-    from surgeon.data import resolve_dataset
+    from surgeon.data import resolve_dataset, training_images
 
     resolved = resolve_dataset(source, splits=("train", "val"))
     if Path(source).resolve() == target.resolve():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(f"# {source}, as surgeon read it: absolute paths, and no download script\n"
+    for split in ("train", "val", "test", "minival"):
+        if split in resolved:  # the files themselves: Ultralytics' own scan follows symlink loops and opens FIFOs
+            entries = resolved[split] if isinstance(resolved[split], list) else [resolved[split]]
+            files = [f for entry in entries for f in training_images(Path(entry))]
+            if not files:
+                raise SurgeonError(f"{source}: {split} holds no image file")
+            listing = target.parent / f"{split}.txt"
+            listing.write_text("".join(f"{f}\n" for f in files))
+            resolved[split] = str(listing)
+    target.write_text(f"# {source}, as surgeon read it: absolute paths to regular image files, no download script\n"
                       + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
 
@@ -720,6 +746,8 @@ def finetune(
         raise SurgeonError("finetune always starts from the rewritten weights; leave 'pretrained' unset")
     if "trainer" in train_args:
         raise SurgeonError("finetune picks the trainer itself; do not pass 'trainer'")
+    if train_args.get("distill_model"):
+        raise SurgeonError(_NO_DISTILL_MODEL)
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
     if trainer_cls is not RewrittenClassificationTrainer and not train_args.get("resume"):

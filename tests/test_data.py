@@ -198,8 +198,11 @@ def test_a_relative_path_means_the_same_to_surgeon_and_to_the_trainer(checkpoint
     resolved = result.save_dir / "dataset.yaml"  # what the run trained and validated on, and resumes from
     assert load(result.last).checkpoint["train_args"]["data"] == str(resolved)
     assert yaml.safe_load(resolved.read_text()) == {"path": str(root / "shapes"), "names": dict(enumerate(
-        f"c{i}" for i in range(80))), "nc": 80, "train": str(root / "shapes" / "images" / "train"),
-        "val": str(root / "shapes" / "images" / "val")}
+        f"c{i}" for i in range(80))), "nc": 80, "train": str(result.save_dir / "train.txt"),
+        "val": str(result.save_dir / "val.txt")}
+    for split, n in (("train", 4), ("val", 2)):  # the image files themselves, as surgeon listed them
+        assert (result.save_dir / f"{split}.txt").read_text().splitlines() == [
+            str(root / "shapes" / "images" / split / f"{i:05d}.png") for i in range(n)]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -215,6 +218,9 @@ def test_a_relative_path_means_the_same_to_surgeon_and_to_the_trainer(checkpoint
     ("train: a\nval: nowhere\nnames: [x]\n", "'nowhere' is not at"),
     ("train: a\nnames: [x]\n", "no 'val' entry"),
     ("names: [x]\nval: a\n\tbad: [\n", r"is not valid YAML \(line 3\)"),
+    ("train: a\nval: a\nnames: {0: a, x: b}\n", "without gaps"),
+    ("train: a\nval: a\nnc: " + "9" * 5000 + "\n", "a number too long or nesting too deep"),
+    ("train: a\nval: a\nnames: " + "[" * 5000 + "]" * 5000 + "\n", "a number too long or nesting too deep"),
 ])
 def test_resolve_dataset_refuses_bad_values_in_one_line(text, message, tmp_path):
     from surgeon.data import resolve_dataset
@@ -242,7 +248,7 @@ def test_resolve_dataset_refuses_files_that_are_not_text(tmp_path):
         resolve_dataset(fifo)  # opening a FIFO would block for ever
     big = tmp_path / "big.yaml"
     big.write_bytes(b"#" * (2 << 20))
-    with pytest.raises(SurgeonError, match="more than 1 MB"):
+    with pytest.raises(SurgeonError, match="more than 256 KB"):
         resolve_dataset(big)
     dangling = tmp_path / "link.yaml"
     dangling.symlink_to(tmp_path / "missing.yaml")
@@ -310,3 +316,49 @@ def test_images_are_regular_files_within_the_pixel_bound(tmp_path):
     _png_header(folder / "huge.png", 10_000, 8_000)  # under Pillow's own bound, over surgeon's
     with pytest.raises(SurgeonError, match="10000 x 8000 pixels, more than"):
         list(letterboxed(image_paths(folder), 32))
+
+
+@pytest.mark.slow
+def test_training_reads_no_label_cache_and_only_regular_image_files(checkpoint_factory, tmp_path):
+    """A dataset folder from elsewhere: a labels/*.cache file is a pickle Ultralytics would load (np.load with
+    allow_pickle), a symlink loop would make its recursive scan run for ever and a FIFO named .png would block it.
+    Training lists the regular image files itself and never reads a label cache."""
+    import os
+    import pickle
+
+    from surgeon.finetune import finetune
+
+    data = make_dataset(tmp_path / "shapes", n_train=4, n_val=2, imgsz=64)
+    sentinel = tmp_path / "SENTINEL"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    for split in ("train", "val"):
+        (tmp_path / "shapes" / "labels" / f"{split}.cache").write_bytes(pickle.dumps(Payload()))
+        os.symlink(".", tmp_path / "shapes" / "images" / split / "loop")
+        os.symlink(".", tmp_path / "shapes" / "images" / split / "loop2")
+        os.mkfifo(tmp_path / "shapes" / "images" / split / "pipe.png")
+    import numpy as np
+
+    np.load(tmp_path / "shapes" / "labels" / "val.cache", allow_pickle=True)  # the control: numpy runs it
+    assert sentinel.exists()
+    sentinel.unlink()
+
+    result = finetune(checkpoint_factory("yolov8n.yaml"), data, epochs=1, imgsz=64, batch=2, workers=0, device="cpu",
+                      plots=False, project=str(tmp_path / "runs"), name="ft", quiet=True)
+
+    assert result.last.is_file() and not sentinel.exists()
+    assert len((result.save_dir / "train.txt").read_text().splitlines()) == 4
+
+
+def test_finetune_refuses_a_distill_model(checkpoint_factory, tmp_path):
+    """Ultralytics rebuilds a distill_model teacher from its own YAML, eval-ing its 'activation'."""
+    from surgeon.finetune import finetune
+
+    data = make_dataset(tmp_path / "shapes", n_train=2, n_val=2, imgsz=32)
+    good = checkpoint_factory("yolov8n.yaml")
+    with pytest.raises(SurgeonError, match="does not take distill_model"):
+        finetune(good, data, distill_model=good, project=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

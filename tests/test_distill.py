@@ -553,8 +553,8 @@ def test_query_distillation_pulls_a_perturbed_box_head_back(checkpoint_factory):
         return float(items["kd_bbox"] + items["kd_giou"])
 
     before = box_terms()
-    optimiser = torch.optim.Adam(params, lr=1e-3)
-    for _ in range(30):  # 15 steps left 0.41-0.50 of the terms against the bound of 0.5
+    optimiser = torch.optim.Adam(params, lr=2e-3)
+    for _ in range(30):  # 15 steps at 1e-3 left 0.41-0.50 of the terms (bound 0.5); 30 at 2e-3 0.24-0.44
         student.train()
         for m in student.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
