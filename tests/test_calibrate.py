@@ -187,12 +187,42 @@ def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_fa
     calibrated = surgeon.apply(source, rule, imgsz=IMGSZ, calibrate=tmp_path / "photos", calibrate_imgsz=IMGSZ)
     held_out = image_batch(IMGSZ, 2, seed=seeded(5))
     before, after = feature_error(original, plain.model, held_out), feature_error(original, calibrated.model, held_out)
-    # Measured: dw_backbone 1.51 -> 1.38, dwsep_all 0.97 -> 0.79, ds4_all 0.77 -> 0.58.
-    assert below(after / before, 0.97), (before, after)
     recipe = calibrated.recipe()["calibration"]
+    if recipe["check"]["undone"]:
+        # On some draws of 6 photos dw_backbone's refits did worse than data-free on the photos checked on (1.5 %)
+        # and 30x worse on the held-out images: undone, the model is the data-free rewrite.
+        assert rule == "dw_backbone" and after == pytest.approx(before) and recipe["output_errors"] == {}
+    else:
+        # Held-out error calibrated / data-free over 3 seeds (1-2 threads, AVX-512/AVX2/default kernels): MARGIN_FOLDER.
+        assert below(after / before, 0.97), (before, after)
+        assert set(recipe["output_errors"]) == {r.conv for r in calibrated.replaced}
     assert recipe["images"] == 6 and recipe["source"] == str(tmp_path / "photos") and recipe["imgsz"] == IMGSZ
-    refitted = len(recipe["output_errors"])
-    assert refitted == len(calibrated.replaced) and max(passes) == 2 and len(passes) == refitted * 3 * 2
+    assert max(passes) == 2 and len(passes) == len(calibrated.replaced) * 3 * 2
+
+
+def test_calibration_that_does_worse_than_data_free_is_undone(checkpoint_factory, monkeypatch):
+    """Refits that leave the model further from the original, on the images that chose their dampings, than the
+    data-free rewrite are all undone (here a refit that ruins every kernel it fits)."""
+    import surgeon.calibrate as calibrate_module
+
+    source = checkpoint_factory("yolov8n.yaml")
+    real = calibrate_module.refine
+
+    def ruinous(original, model, replaced, images, **kwargs):
+        errors = real(original, model, replaced, images, **kwargs)
+        with torch.no_grad():
+            for record in replaced:
+                model.get_submodule(record.conv).weight.mul_(-3.0)
+        return errors
+
+    plain = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ)
+    monkeypatch.setattr(calibrate_module, "refine", ruinous)
+    undone = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ, calibrate=4, calibrate_imgsz=IMGSZ)
+    check = undone.recipe()["calibration"]["check"]
+    assert check["undone"] and check["output_calibrated"] > check["output_data_free"] and check["images"] == 2
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(value, undone.model.state_dict()[key]), key
+    assert undone.recipe()["calibration"]["output_errors"] == {}
 
 
 def test_calibration_uses_the_models_training_size_and_dataset_yamls(tmp_path):
