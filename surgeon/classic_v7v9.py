@@ -455,7 +455,7 @@ def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool =
     from surgeon.blocks import run_model, sample_input
     from surgeon.classic import ClassicDetectionModel
     from surgeon.io import load, save_checkpoint
-    from surgeon.outputs import prediction_tensor
+    from surgeon.outputs import compare, prediction_tensor
 
     output = Path(output)
     loaded = load(source, trust=trust)
@@ -475,7 +475,10 @@ def deploy(source, output, *, aux: bool = True, fuse: bool = True, trust: bool =
         raise SurgeonError(f"{source}: nothing to deploy (no auxiliary branch removal or RepConv fusion asked for)")
     with torch.no_grad():
         after = prediction_tensor(run_model(model, x))
-    if after.shape != before.shape or not torch.allclose(after, before, rtol=1e-3, atol=1e-3):
+    # Boxes to 0.1 % of the image, scores to 1e-3: fusing reorders float32 sums, and a box of hundreds of pixels then
+    # moves by hundredths of one (0.017 px at 451 px here), more than a fixed 1e-3 on the raw tensor allows.
+    parts = compare(model, before, after, imgsz) if after.shape == before.shape else {}
+    if not parts or parts["scores_max_abs"] > 1e-3 or parts.get("boxes_max_rel_image", 0.0) > 1e-3:
         raise SurgeonError(f"{source}: the deployed model's predictions differ from the original's; nothing written")
     max_abs = float((after - before).abs().max())
     recipe = {"deploy": {"removed_layers": removed, "fused_repconv": fused, "max_abs": max_abs, "imgsz": imgsz},

@@ -561,7 +561,17 @@ class AgreementFitness:
             ema = getattr(getattr(trainer, "ema", None), "ema", None)
             model = ema if ema is not None else getattr(trainer.model, "module", trainer.model)
             was_training = model.training
-            f1 = self.score(model)
+            # Scored as saved: last.pt and best.pt hold the EMA in float16, and a detection at the threshold can
+            # cross it by that rounding (the logged F1 was 0.579 and best.pt's 0.571 on one CPU).
+            exact = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+            with torch.no_grad():
+                for value in model.state_dict().values():
+                    if value.is_floating_point():
+                        value.copy_(value.half())
+            try:
+                f1 = self.score(model)
+            finally:
+                model.load_state_dict(exact, strict=False)
             model.train(was_training)
             best = trainer.best_fitness
             trainer.best_fitness = f1 if best is None else max(float(best), f1)

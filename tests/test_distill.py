@@ -166,7 +166,7 @@ def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoi
          "not both"),
         (["distill", teacher, "--teacher", teacher, "--data", str(tmp_path / "none.yaml")],
          "no such dataset YAML or folder"),
-        (["distill", teacher, "--teacher", teacher, "--data", str(broken)], "not a readable dataset YAML"),
+        (["distill", teacher, "--teacher", teacher, "--data", str(broken)], "the dataset YAML is not valid YAML"),
         (["distill", teacher, "--teacher", teacher, "--images", str(tmp_path / "none")], "no such folder"),
         (["distill", teacher, "--teacher", checkpoint_factory("yolov8n-cls.yaml"), "--images", str(photos)],
          "is a classifier, the other is not"),

@@ -471,7 +471,7 @@ ODD_ARGUMENTS = [
     ("dyn_head", ["--set", "ratio=600.0"], "ratio must be at most"),
     ("dyn_head", ["--set", "temperature=.nan"], "temperature must be a positive finite number"),
     ("dyn_head", ["--set", "experts=abc"], "experts must be"),
-    ("cot_neck", ["--set", "kernel_size=1001"], "odd kernel_size from 1 to 15"),
+    ("cot_neck", ["--set", "kernel_size=1001"], "odd positive kernel_size of at most 15"),
 ]
 
 

@@ -55,8 +55,8 @@ class CoTAttention(nn.Module):
                 f"{_KEY_GROUPS} groups), got channels={channels}"
             )
         if not (isinstance(kernel_size, int) and 0 < kernel_size <= MAX_KERNEL and kernel_size % 2):
-            raise ValueError(f"CoTAttention needs an odd kernel_size from 1 to {MAX_KERNEL} to keep H and W, got "
-                             f"{kernel_size!r}")
+            raise ValueError(f"CoTAttention needs an odd positive kernel_size of at most {MAX_KERNEL} to keep H and "
+                             f"W, got {kernel_size!r}")
         self.channels = channels
         self.kernel_size = kernel_size
         hidden = 2 * channels // _ATTENTION_FACTOR
