@@ -696,8 +696,8 @@ def test_distill_moves_a_lossy_rewrite_towards_its_original(name, yolov7, yolov9
 
     loaded = surgeon.load(result.last)
     after = distill_loss(original, loaded.model.float(), lambda: iter(held_out.split(8)))
-    # Held-out loss after / before over 3 seeds, 1-2 threads, AVX-512/AVX2/default kernels: YOLOv7 0.40-0.81,
-    # YOLOv9 0.72-0.84, GELAN 0.77-0.80; bound 0.95.
+    # Held-out loss after / before over 3 seeds, 1-2 threads, AVX-512/AVX2/default kernels: YOLOv7 0.39-0.81,
+    # YOLOv9 0.69-0.87, GELAN 0.77-0.86; bound 0.95.
     assert below(after / before, 0.95), (before, after)
     assert loaded.format == "classic" and type(loaded.model.model[-1]) is head_type
     with open(result.save_dir / "results.csv") as f:

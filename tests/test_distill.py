@@ -81,6 +81,7 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, many_p
     rebalanced = surgeon.load(student).model.float()
     reestimate_batchnorm(rebalanced, lambda: letterboxed(image_paths(photos), IMGSZ))
     bn_only = distill_loss(original, rebalanced, held_out)
+    # Over 3 seeds, 1-2 threads, 3 kernel sets: 0.65-0.76 of the start (bound 0.9), 0.71-0.81 of BatchNorm alone.
     assert below(after / before, 0.9) and below(after / bn_only, 0.95), (before, bn_only, after)
     assert sorted(os.listdir(photos)) == listing  # nothing written next to the user's images
     recipe = surgeon.load(result.last).checkpoint["surgeon"]
@@ -268,8 +269,8 @@ def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic
 
     after = distill_loss(original, surgeon.load(result.last).model.float(), _held_out())
     f1_after = _agreement_f1(original, result.last)
-    # Measured: loss 1.214 -> 1.160, F1 0.0 -> 0.153 (BatchNorm statistics kept: re-estimated on 4 of the 8 images
-    # they did worse on the other 4).
+    # Held-out loss after / before over 3 seeds, 1-2 threads, 3 kernel sets: 0.68-0.84 (bound 0.97); F1 0 -> 0.15-0.23
+    # (6 epochs on 8 photos gave 0.91-1.33).
     assert below(after / before, 0.97) and above(f1_after - f1_before, 0), (before, after, f1_before, f1_after)
     loaded = surgeon.load(result.last)
     assert loaded.format == "classic" and isinstance(loaded.model, ClassicDetectionModel)
@@ -310,7 +311,8 @@ def test_cli_distills_features_at_the_rewritten_layers(teacher, many_photos, tmp
     # and the student's BatchNorm on batch statistics against the teacher's running ones).
     features_after = feature_distance(original, trained, paths, held_out)
     after = distill_loss(original, trained, held_out)
-    # Measured: feature distance 1.243 -> 1.191, output loss 44.06 -> 42.65 (BatchNorm statistics kept).
+    # Over 3 seeds, 1-2 threads, 3 kernel sets: feature distance 0.79-0.90 of its start (bound 0.98), output loss
+    # 0.37-0.51 (bound 0.99); 6 epochs on 8 photos gave 0.94-0.96 and 0.96-0.98.
     assert below(features_after / features_before, 0.98) and below(after / before, 0.99), (
         features_before, features_after, before, after)
     record = surgeon.load(last).checkpoint["surgeon"]["distill"]
@@ -369,7 +371,7 @@ def test_task_terms_pull_a_perturbed_task_branch_back_to_the_teacher(cfg, term, 
             p.mul_(1 + 0.3 * torch.randn_like(p))
     before = task_term()
     optimiser = torch.optim.Adam(params, lr=1e-3)
-    for _ in range(60):
+    for _ in range(120):  # 60 steps left the OBB angle term at 0.23-0.47 of its start (bound 0.5)
         optimiser.zero_grad()
         loss, _ = criterion(student(images), {"img": images})
         loss.backward()

@@ -27,9 +27,8 @@ def _expected_blocks(result) -> set[str]:
     return out
 
 
-# Measured (head-input error on 4 held-out generated images, refits on 16 generated images alone -> and 150
-# steps a block): yolov8n dw_backbone 0.985 -> 0.618; classic yolov5s below 1.121 -> 1.042 (its C3 blocks
-# reconstruct less well from 12 images).
+# Head-input error on 4 held-out generated images, reconstructed / refitted alone (16 calibration images, 150
+# steps a block): yolov8n dw_backbone 0.49-0.66 over 3 seeds, 1-2 threads, 3 kernel sets (bound 0.8).
 def test_reconstruction_brings_the_features_closer_than_the_refits_alone(checkpoint_factory):
     source = checkpoint_factory("yolov8n.yaml")
     original = surgeon.load(source).model
@@ -81,7 +80,7 @@ def test_classic_checkpoint_reconstructs(classic_checkpoint, tmp_path):
     rebuilt = surgeon.apply(classic_checkpoint, "dw_backbone", reconstruct=150, **common)
     held_out = image_batch(IMGSZ, 16, seed=seeded(5))
     before, after = feature_error(original, refitted.model, held_out), feature_error(original, rebuilt.model, held_out)
-    assert below(after / before, 0.95), (before, after)  # 0.73-0.82 over held-out draws
+    assert below(after / before, 0.95), (before, after)  # 0.73-0.82 over 3 seeds, 1-2 threads, 3 kernel sets
     saved = rebuilt.save(tmp_path / "out.pt")
     assert surgeon.load(saved).checkpoint["surgeon"]["calibration"]["reconstruct"]["steps"] == 150
 
