@@ -81,7 +81,7 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, many_p
     rebalanced = surgeon.load(student).model.float()
     reestimate_batchnorm(rebalanced, lambda: letterboxed(image_paths(photos), IMGSZ))
     bn_only = distill_loss(original, rebalanced, held_out)
-    # Over 3 seeds, 1-2 threads, 3 kernel sets: 0.65-0.76 of the start (bound 0.9), 0.71-0.81 of BatchNorm alone.
+    # Over 3 seeds, 1-2 threads, 3 kernel sets: 0.58-0.76 of the start (bound 0.9), 0.60-0.81 of BatchNorm alone.
     assert below(after / before, 0.9) and below(after / bn_only, 0.95), (before, bn_only, after)
     assert sorted(os.listdir(photos)) == listing  # nothing written next to the user's images
     recipe = surgeon.load(result.last).checkpoint["surgeon"]
@@ -269,8 +269,9 @@ def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic
 
     after = distill_loss(original, surgeon.load(result.last).model.float(), _held_out())
     f1_after = _agreement_f1(original, result.last)
-    # Held-out loss after / before over 3 seeds, 1-2 threads, 3 kernel sets: 0.68-0.84 (bound 0.97); F1 0 -> 0.15-0.23
-    # (6 epochs on 8 photos gave 0.91-1.33).
+    # Held-out loss after / before: 0.68-0.84 over 3 seeds and 3 kernel sets with 1 thread (bound 0.97), but 1.04 and
+    # 1.09 with 2 threads on seeds 1 and 2 (batch 8 did not help: 0.59-1.10); F1 0 -> 0.15-0.23. 6 epochs on 8
+    # photos gave 0.91-1.33. The outcome is bimodal (~0.65 or ~1.05): open.
     assert below(after / before, 0.97) and above(f1_after - f1_before, 0), (before, after, f1_before, f1_after)
     loaded = surgeon.load(result.last)
     assert loaded.format == "classic" and isinstance(loaded.model, ClassicDetectionModel)
@@ -440,7 +441,8 @@ def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_f
 
     trained = surgeon.load(result.last)
     after = distill_loss(original, trained.model.float(), held_out)
-    # KL to the teacher's softmax on 32 held-out images, after / before: see the audit in the note; bound 0.95.
+    # KL to the teacher's softmax on 32 held-out images, after / before: 0.34 and 0.52 on seeds 1 and 2 (default
+    # kernels); bound 0.95.
     assert below(after / before, 0.95), (before, after)
     assert dict(trained.model.names) == dict(original.names)  # the teacher's classes, in its order
     record = trained.checkpoint["surgeon"]["distill"]
