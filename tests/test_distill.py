@@ -431,18 +431,18 @@ def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_f
     held_out = _held_out()
     before = distill_loss(original, surgeon.load(student).model.float(), held_out)
 
-    # Without the classification trainer's random erasing, RandAugment and colour jitter (with them the held-out KL
-    # after 6 epochs ranged 0.74-1.18x of its start over seeds), and in batches of 8: in batches of 4 it still rose
-    # to 1.08x on one seed's photos (1.42x on the photos themselves; BatchNorm on 4 images), in 8 it fell to 0.34-0.61.
-    result = distill(student, teacher, images=photos, epochs=12, imgsz=IMGSZ, batch=8, nbs=8, warmup_epochs=0,
+    # Without the classification trainer's random erasing, RandAugment and colour jitter: with them the held-out KL
+    # after 6 epochs ranged 0.74-1.18x of its start over seeds.
+    result = distill(student, teacher, images=photos, epochs=6, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
                      optimizer="AdamW", lr0=0.002, workers=0, device="cpu", plots=False, erasing=0.0,
                      auto_augment=None, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0,
                      project=str(tmp_path / "runs"), name="kd", quiet=True)
 
     trained = surgeon.load(result.last)
     after = distill_loss(original, trained.model.float(), held_out)
-    # KL to the teacher's softmax on 32 held-out images, after / before: 0.34 and 0.52 on seeds 1 and 2 (default
-    # kernels); bound 0.95.
+    # KL to the teacher's softmax on 32 held-out images, after / before: seed 0 0.61 (1 and 2 threads, AVX-512 and
+    # AVX2), seed 1 0.44-0.58, but seed 2 0.80 and 1.08 (1.42x on its own photos): classifier distillation does not
+    # reliably move towards the teacher on every draw of 32 photos; batches of 8 made seed 0 1.29x. Open.
     assert below(after / before, 0.95), (before, after)
     assert dict(trained.model.names) == dict(original.names)  # the teacher's classes, in its order
     record = trained.checkpoint["surgeon"]["distill"]
