@@ -26,15 +26,28 @@ def read_yaml(path: str | Path, what: str, limit: int = MAX_TEXT_FILE,
     path = Path(path)
     text = read_text(path, what, limit, error)
     try:
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise error(f"{path}: a {what} may not use YAML aliases (*name)")
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader that also refuses aliases
+    except _AliasFound:
+        raise error(f"{path}: a {what} may not use YAML aliases (*name)") from None
     except yaml.YAMLError as problem:
         mark = getattr(problem, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise error(f"{path}: the {what} is not valid YAML{where}") from None
     except (ValueError, RecursionError):  # an integer of thousands of digits; nesting deeper than Python's stack
         raise error(f"{path}: the {what} holds a number too long or nesting too deep") from None
+
+
+class _AliasFound(Exception):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops at the first alias, in the same single pass that builds the document."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasFound
+        return super().compose_node(parent, index)
 
 
 def read_text(path: str | Path, what: str, limit: int = MAX_TEXT_FILE,

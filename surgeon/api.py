@@ -309,7 +309,7 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
     get the refitted kernels' errors."""
     from surgeon.calibrate import CHUNK, refine, refittable
     from surgeon.data import image_batch, image_paths, letterboxed
-    from surgeon.reconstruct import output_error, reconstruct
+    from surgeon.reconstruct import held_out_images, output_error, reconstruct
 
     original = loaded.model
     if isinstance(source, bool) or not isinstance(source, (int, str, os.PathLike)):
@@ -335,7 +335,8 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
         imgsz = imgsz or native_imgsz(loaded)
         images = lambda: letterboxed(paths, imgsz, batch=CHUNK)  # noqa: E731 (re-read per refitted layer)
         described = {"images": len(paths), "source": str(source)}
-    check = _check_images(images)
+    # The odd images: those `refine` chooses its dampings on.
+    check = held_out_images([images] if isinstance(images, torch.Tensor) else images(), every=2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     data_free = output_error(original, model, check)
     errors = refine(original, model, replaced, images, ops=ops)
@@ -356,17 +357,6 @@ def _calibrate(loaded: Loaded, model: nn.Module, replaced: list, source: int | s
         described["reconstruct"] = {"steps": steps, **reconstruct(original, model, replaced, images, steps=steps,
                                                                   ops=ops)}
     return updated, described
-
-
-def _check_images(images, limit: int = 32) -> torch.Tensor:
-    """The odd calibration images (those `surgeon.calibrate.refine` chooses its dampings on), at most `limit`."""
-    kept, seen = [], 0
-    for batch in ([images] if isinstance(images, torch.Tensor) else images()):
-        kept.append(batch[(torch.arange(seen, seen + len(batch)) % 2) == 1])
-        seen += len(batch)
-        if sum(len(k) for k in kept) >= limit:
-            break
-    return torch.cat(kept)[:limit]
 
 
 # --- diff ---------------------------------------------------------------------------------------

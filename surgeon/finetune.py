@@ -40,6 +40,7 @@ from surgeon._env import offline_ultralytics
 offline_ultralytics()  # before Ultralytics is first imported: it reads these settings at import time
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from ultralytics.data.utils import check_det_dataset  # noqa: E402
 from ultralytics.engine.model import Model  # noqa: E402
@@ -57,6 +58,7 @@ from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 from surgeon.classic import ClassicDetect  # noqa: E402
 from surgeon.classic_loss import ClassicHyp  # noqa: E402
 from surgeon.classic_v7v9 import ClassicDDetect  # noqa: E402
+from surgeon.data import resolve_dataset, training_images  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
 from surgeon.io import load, read_checkpoint  # noqa: E402
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
@@ -674,10 +676,6 @@ def write_resolved_dataset(source: str | os.PathLike, target: Path) -> None:
     Raises:
         SurgeonError: The YAML is invalid, or its train or val images are missing.
     """
-    import yaml
-
-    from surgeon.data import resolve_dataset, training_images
-
     resolved = resolve_dataset(source, splits=("train", "val"))
     if Path(source).resolve() == target.resolve():
         return
@@ -751,8 +749,6 @@ def finetune(
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
     if trainer_cls is not RewrittenClassificationTrainer and not train_args.get("resume"):
-        from surgeon.data import resolve_dataset
-
         resolve_dataset(data, splits=("train", "val"))  # a bad dataset is refused before the run folder is made
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
     for event, functions in (callbacks or {}).items():

@@ -179,12 +179,12 @@ def align_batchnorm(block: nn.Module, inputs: Tensor) -> None:
         m.running_var.copy_(var)
 
 
-def _held_out_images(batches: Iterable[Tensor], limit: int = 32) -> Tensor:
-    """Every `HOLD_OUT`-th image of `batches` (the ones the blocks are not trained on), at most `limit`."""
+def held_out_images(batches: Iterable[Tensor], limit: int = 32, every: int = HOLD_OUT) -> Tensor:
+    """Every `every`-th image of `batches` (by default the ones the blocks are not trained on), at most `limit`."""
     kept, seen = [], 0
     for batch in batches:
         index = torch.arange(seen, seen + len(batch))
-        kept.append(batch[index % HOLD_OUT == HOLD_OUT - 1])
+        kept.append(batch[index % every == every - 1])
         seen += len(batch)
         if sum(len(k) for k in kept) >= limit:
             break
@@ -242,7 +242,7 @@ def reconstruct(original: nn.Module, model: nn.Module, replaced: list,
     names = {id(module): path for path, module in (ops or dict(model.named_modules())).items() if path}
     generator = torch.Generator().manual_seed(seed)
     results = {}
-    held_out = _held_out_images(stream())
+    held_out = held_out_images(stream())
     start = {k: v.clone() for k, v in model.state_dict().items()}
     output_before = output_error(original, model, held_out) if len(held_out) else None
     for path in blocks(model, replaced, first[:1], ops):
