@@ -10,14 +10,14 @@ For trees the unlabelled pool is the teacher's own training crops (there are no 
 306 (``--tile-stride 48`` with a given ``--teacher``: 528 crops of the same tiles, so N = 512 runs). For each lossy
 rule it then reports, on the held-out val images:
 
-* **agreement** with the teacher (`surgeon.agreement`: F1 of matched detections at conf 0.25, IoU >= 0.5) and
+* **agreement** with the teacher (`surgeon.report.agreement`: F1 of matched detections at conf 0.25, IoU >= 0.5) and
   **mAP50-95** against the labels,
 * for (a) the rewrite as initialised, and on N images of a pool the teacher never saw (shapes; ``--n``, default 32, 128,
   512): (b) ``--calibrate`` (labels unused), (c) ``surgeon distill`` (labels unused) for ``--epochs``, (d)
   supervised fine-tuning with those images' labels for the same epochs (``surgeon finetune``), and at ``--n-full``
   only (e) the same rule with ``init=random`` distilled and (f) distillation with ``--features``; (g), calibration
   followed by distillation (both on the N images), and (h), calibration with block-wise reconstruction
-  (``--reconstruct``, `surgeon.reconstruct`), and (i), (h) followed by distillation, run when asked for
+  (``--reconstruct``, `surgeon.recovery.reconstruct`), and (i), (h) followed by distillation, run when asked for
   (``--variants``),
 
 with the wall time of each step. Usage::
@@ -53,10 +53,10 @@ import yaml  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 
 import surgeon  # noqa: E402
-from surgeon.agreement import agreement  # noqa: E402
 from surgeon.data import image_paths, letterboxed, make_dataset  # noqa: E402
-from surgeon.distill import distill  # noqa: E402
-from surgeon.finetune import finetune, load_yolo  # noqa: E402
+from surgeon.recovery.distill import distill  # noqa: E402
+from surgeon.recovery.finetune import finetune, load_yolo  # noqa: E402
+from surgeon.report.agreement import agreement  # noqa: E402
 
 RULES = ("ds4_all", "dw_backbone", "dwsep_all")
 TRAIN_ARGS = {"workers": 0, "device": "cpu", "plots": False, "amp": False, "seed": 0, "deterministic": True,

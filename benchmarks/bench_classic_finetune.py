@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import surgeon  # noqa: E402
 from surgeon.data import make_dataset  # noqa: E402
-from surgeon.finetune import finetune  # noqa: E402
+from surgeon.recovery.finetune import finetune  # noqa: E402
 
 
 class EpochTimer:
@@ -52,8 +52,8 @@ class EpochTimer:
 
 
 def _classic_checkpoint(path: Path, imgsz: int, nc: int) -> Path:
-    from surgeon.classic_factory import build_classic_model, write_classic_checkpoint
-    from surgeon.zoo import calibrate_batchnorm
+    from surgeon.testing.classic_factory import build_classic_model, write_classic_checkpoint
+    from surgeon.testing.zoo import calibrate_batchnorm
 
     model = build_classic_model("yolov5s.yaml", nc=nc)
     calibrate_batchnorm(model, torch.rand(4, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0)))

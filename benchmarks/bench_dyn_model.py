@@ -3,7 +3,7 @@
     python benchmarks/bench_dyn_model.py [--imgsz 640] [--repeats 20] [--json benchmarks/results/dyn_model.json]
 
 Models are built from the Ultralytics package's configs with BatchNorm calibrated on generated
-images (surgeon.zoo); no trained weights can be downloaded here. The classic YOLOv5s row needs the
+images (surgeon.testing.zoo); no trained weights can be downloaded here. The classic YOLOv5s row needs the
 PyPI `yolov5` package (extra `classic`) and is skipped without it.
 """
 
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 import surgeon
-from surgeon.zoo import calibrate_batchnorm, save
+from surgeon.testing.zoo import calibrate_batchnorm, save
 
 MODELS = ("yolov5s.yaml", "yolov8n.yaml", "yolo11n.yaml")
 
 
 def _classic(root: Path) -> Path | None:
     try:
-        from surgeon.classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
+        from surgeon.testing.classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
 
         with undo_yolov5_import():
             import yolov5.models.yolo  # noqa: F401

@@ -60,7 +60,7 @@ from ultralytics import YOLO  # noqa: E402
 import surgeon  # noqa: E402
 from surgeon.data import make_dataset  # noqa: E402
 from surgeon.errors import SurgeonError  # noqa: E402
-from surgeon.finetune import TemperatureSchedule, finetune, load_yolo  # noqa: E402
+from surgeon.recovery.finetune import TemperatureSchedule, finetune, load_yolo  # noqa: E402
 
 RULES = ("dyn_head", "dwsep_all", "ds8_head")
 INITS = {"upcycled": {}, "random": {"init": "random"}}

@@ -47,10 +47,10 @@ import torch
 from torch import Tensor, nn
 
 import surgeon
-from surgeon.blocks import run_model
+from surgeon.checkpoint.io import Loaded, save_checkpoint
 from surgeon.data import image_batch
+from surgeon.families.layers import run_model
 from surgeon.init.factorise import dense_kernel, relative_error
-from surgeon.io import Loaded, save_checkpoint
 
 CAVEAT = (
     "CAVEAT: these are not trained weights (none can be downloaded here). The models are built from their configs "
@@ -67,7 +67,7 @@ RULES = ("dw_backbone", "dwsep_all", "ds4_all", "ds8_head")
 # Naive initialisations compared with each rule's own (SVD for dwsep, the block diagonal for dwconv).
 NAIVE = {"dwsep_all": ("center", "random"), "dw_backbone": ("random",)}
 OWN_INIT = {"dwsep_all": "svd", "dw_backbone": "diagonal"}
-# Rules also run with data-aware calibration (surgeon.calibrate): images, at CALIBRATE_IMGSZ.
+# Rules also run with data-aware calibration (surgeon.recovery.calibrate): images, at CALIBRATE_IMGSZ.
 CALIBRATED = {"dwsep_all": 8}
 CALIBRATE_IMGSZ = 320
 TRAIN_IMGSZ = 128
@@ -113,7 +113,7 @@ def train_checkpoints(folder: Path, models: tuple[str, ...], epochs: int, imgsz:
 
 def write_checkpoints(folder: Path, models: tuple[str, ...]) -> dict[str, Path]:
     """Write the benchmark's checkpoints into `folder`: name -> path."""
-    from surgeon import zoo
+    from surgeon.testing import zoo
 
     paths = {}
     if "yolov5su" in models:
@@ -121,7 +121,7 @@ def write_checkpoints(folder: Path, models: tuple[str, ...]) -> dict[str, Path]:
     if "yolov8n" in models:
         paths["yolov8n"] = zoo.save("yolov8n.yaml", folder / "yolov8n.pt")
     if "yolov5s-classic" in models:
-        from surgeon import classic_factory
+        from surgeon.testing import classic_factory
 
         with classic_factory.undo_yolov5_import():
             import yolov5.models.yolo  # noqa: F401 - fails here, with the reason, if the `classic` extra is missing

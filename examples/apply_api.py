@@ -9,7 +9,7 @@ from pathlib import Path
 
 import surgeon
 from surgeon.data import make_dataset
-from surgeon.finetune import finetune
+from surgeon.recovery.finetune import finetune
 
 source = Path(sys.argv[1])
 result = surgeon.apply(source, ["dyn_head", "cot_neck"], overrides=["dyn_head.experts=8"], imgsz=320)

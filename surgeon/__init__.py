@@ -2,14 +2,17 @@
 
 Load a trained checkpoint, trace it with torch.fx, find Conv blocks with declarative rules, swap
 them for replacements initialised from the trained weights, and report what changed.
+
+The public names below are imported when first used, so ``import surgeon`` (and ``surgeon --help``) neither loads
+torch and Ultralytics nor changes anything in the interpreter.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from surgeon._ultralytics_hooks import install_when_ultralytics_loads  # noqa: E402
-from surgeon.api import apply, diff  # noqa: E402
-from surgeon.api import inspect_model as inspect  # noqa: E402
-from surgeon.errors import (  # noqa: E402
+import importlib
+
+from surgeon._version import __version__
+from surgeon.errors import (
     CheckpointError,
     NoMatchError,
     RuleError,
@@ -18,13 +21,32 @@ from surgeon.errors import (  # noqa: E402
     TraceError,
     UnsafeCheckpointError,
 )
-from surgeon.io import load  # noqa: E402
-from surgeon.registry import insertion, replacement  # noqa: E402
-from surgeon.replay import replay  # noqa: E402
 
-install_when_ultralytics_loads()  # YOLO(rewritten).train() and `yolo train` keep the surgery
+# public name -> (module, attribute)
+_LAZY = {
+    "apply": ("surgeon.api", "apply"),
+    "diff": ("surgeon.api", "diff"),
+    "inspect": ("surgeon.api", "inspect_model"),
+    "load": ("surgeon.surgery.replay", "load"),
+    "replay": ("surgeon.surgery.replay", "replay"),
+    "replacement": ("surgeon.modules.registry", "replacement"),
+    "insertion": ("surgeon.modules.registry", "insertion"),
+}
 
 __all__ = [
     "CheckpointError", "NoMatchError", "RuleError", "SurgeonError", "SurgeryError", "TraceError",
-    "UnsafeCheckpointError", "apply", "diff", "inspect", "insertion", "load", "replacement", "replay",
+    "UnsafeCheckpointError", "__version__", "apply", "diff", "inspect", "insertion", "load", "replacement", "replay",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

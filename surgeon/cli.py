@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from surgeon._env import offline_ultralytics
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, SurgeryError
 
 DEBUG = "SURGEON_DEBUG"
 """Environment variable: set to 1 to see the traceback of a failure instead of its one line."""
@@ -50,12 +50,12 @@ def _one_line(text: str, limit: int = 500) -> str:
 @click.group(cls=_Group)
 @click.version_option(package_name="surgeon")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
-              help="Import your own replacements from FILE.py first (see surgeon.registry; repeatable).")
+              help="Import your own replacements from FILE.py first (see surgeon.modules.registry; repeatable).")
 def main(plugins):
     """Model surgery for trained YOLO detectors."""
     offline_ultralytics()
     if plugins:
-        from surgeon.registry import load_plugin
+        from surgeon.api import load_plugin
 
         for plugin in plugins:
             load_plugin(plugin)
@@ -84,14 +84,12 @@ def _console():
 
 
 def _write_json(data: dict, target: str) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str)
     if target == "-":
-        click.echo(text)
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
-    from surgeon.io import atomic_path
+    from surgeon.api import write_json
 
-    with atomic_path(Path(target)) as tmp:
-        tmp.write_text(text + "\n")
+    write_json(data, target)
 
 
 @main.command("inspect")
@@ -109,13 +107,11 @@ def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, imag
 
     Mixture layers (DynamicConv, CondConv) get a second table: expert spread and routing statistics.
     """
-    from surgeon.api import inspect_model
-    from surgeon.report import inspection_table, mixture_table
+    from surgeon.api import folder_images, inspect_model
+    from surgeon.report.render import inspection_table, mixture_table
 
     batch = None
     if images is not None:
-        from surgeon.data import folder_images
-
         batch = folder_images(images, imgsz)
     inspection = inspect_model(model, imgsz=imgsz, trust=trust, images=batch, arch=arch)
     if json_out != "-":
@@ -165,8 +161,7 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
               calibrate_imgsz, reconstruct, arch, fmt):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
     from surgeon.api import apply, check_output
-    from surgeon.errors import SurgeryError
-    from surgeon.report import to_terminal
+    from surgeon.report.render import to_terminal
 
     output = output or _default_output(model, rules)
     if not dry_run:
@@ -207,7 +202,7 @@ def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images, 
     (same class, IoU >= 0.5), mean IoU, score change and per-class counts.
     """
     from surgeon.api import diff
-    from surgeon.report import to_terminal
+    from surgeon.report.render import to_terminal
 
     report = diff(a, b, imgsz=imgsz, trust=trust, images=images, conf=conf, max_images=max_images, arch=arch)
     _console().print(to_terminal(report))
@@ -223,15 +218,13 @@ def rules_cmd(ctx):
         return
     from rich.table import Table
 
-    from surgeon.modules import builtin_replacements
-    from surgeon.rules import builtin_rule_names, load_rule
+    from surgeon.api import builtin_rules
 
-    registry = builtin_replacements()
+    rules, registry = builtin_rules()
     table = Table(title="built-in rules (use by name with --rule, or give a path to your own .yaml)")
     for column in ("rule", "action", "module", "description"):
         table.add_column(column)
-    for name in builtin_rule_names():
-        rule = load_rule(name, registry)
+    for rule in rules:
         table.add_row(rule.name, rule.action.kind, rule.action.name, rule.description)
     _console().print(table)
     replacements = Table(title="replacements (for replace.with)")
@@ -250,26 +243,22 @@ def rules_cmd(ctx):
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 def rules_show_cmd(rule: str, model: Path | None, imgsz: int, trust: bool):
     """Print RULE as YAML, and what it would match on --model."""
-    from surgeon.modules import builtin_replacements
-    from surgeon.rules import load_rule
+    from surgeon.api import preview
+    from surgeon.api import rule as read_rule
 
-    parsed = load_rule(rule, builtin_replacements())
+    parsed = read_rule(rule)
     click.echo(f"# {parsed.source}")
     click.echo(parsed.dump().rstrip())
     if model is None:
         return
-    from surgeon.api import inspect_model
-    from surgeon.match import match_rules
-
-    inspection = inspect_model(model, imgsz=imgsz, trust=trust, mixtures=False)
-    matches = match_rules(inspection.blocks, [parsed], layers=inspection.layers, model_name=str(model), strict=False)
+    matches, total = preview(parsed, model, imgsz=imgsz, trust=trust)
     if parsed.action.kind == "insert":
-        click.echo(f"\n# {len(matches)} of {len(inspection.layers)} layers of {model} selected:")
+        click.echo(f"\n# {len(matches)} of {total} layers of {model} selected:")
         for m in matches:
             click.echo(f"{m.target.path}  region={m.target.region} layer={m.target.layer} {m.target.type} "
                        f"feeds={','.join(m.target.feeds) or '-'}")
         return
-    click.echo(f"\n# {len(matches)} of {len(inspection.blocks)} Conv blocks of {model} selected:")
+    click.echo(f"\n# {len(matches)} of {total} Conv blocks of {model} selected:")
     for m in matches:
         b = m.block
         click.echo(f"{b.path}  region={b.region} layer={b.layer} {b.type} {b.in_channels}->{b.out_channels} "
@@ -317,8 +306,7 @@ def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, 
     30 -> 1); mixture statistics go to mixtures.csv. Prints the run folder first, then the trainer's
     progress and metrics (--quiet: only the result).
     """
-    from surgeon.errors import SurgeonError
-    from surgeon.finetune import finetune
+    from surgeon.api import finetune
 
     train_args = _train_args(options, extra)
     if not data.is_file():
@@ -331,8 +319,6 @@ def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, 
 
 def _train_args(options: dict, extra) -> dict:
     """Named Ultralytics options that were given, plus KEY=VALUE extras."""
-    from surgeon.errors import SurgeonError
-
     train_args = {k: v for k, v in options.items() if v is not None}
     for item in extra:
         key, sep, raw = item.partition("=")
@@ -373,7 +359,7 @@ def distill_cmd(student: Path, teacher: Path, images, data, temperature, feature
     that agrees most with the teacher on the images. Prints how many of the teacher's detections (a classifier:
     top-1 classes) last.pt reproduces on the images.
     """
-    from surgeon.distill import distill
+    from surgeon.api import distill
 
     result = distill(student, teacher, images=images, data=data, temperature=temperature, features=features,
                      feature_weight=feature_weight, trust=trust, quiet=quiet, **_train_args(options, extra))
@@ -398,7 +384,7 @@ def distill_cmd(student: Path, teacher: Path, images, data, temperature, feature
 @click.option("--seed", default=0, show_default=True, help="Seed; the same seed writes the same files.")
 def dataset_cmd(root: Path, n_train: int, n_val: int, imgsz: int, n_classes: int, seed: int):
     """Write a small generated YOLO-format detection dataset (shapes on varied backgrounds) to ROOT."""
-    from surgeon.data import make_dataset
+    from surgeon.api import make_dataset
 
     path = make_dataset(root, n_train=n_train, n_val=n_val, imgsz=imgsz, n_classes=n_classes, seed=seed)
     click.echo(f"wrote {path}")
@@ -418,7 +404,7 @@ def deploy_cmd(model: Path, output, keep_aux: bool, no_fuse: bool, force: bool, 
     The repositories train with an auxiliary branch (YOLOv7 IAuxDetect, YOLOv9 DualDDetect) and re-parameterise
     before export; run this before `surgeon apply` to operate on the model that will be deployed.
     """
-    from surgeon.classic_v7v9 import deploy
+    from surgeon.api import deploy
 
     done = deploy(model, output or model.with_name(f"{model.stem}-deploy.pt"), aux=not keep_aux, fuse=not no_fuse,
                   trust=trust, force=force, imgsz=imgsz)
@@ -437,18 +423,9 @@ def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
 
     Export formats need their own packages (ONNX: `pip install 'surgeon[export]'`).
     """
-    from surgeon.finetune import load_yolo
-    from surgeon.registry import op_classes
-    from surgeon.rewrite import fold_modules
+    from surgeon.api import export
 
-    yolo = load_yolo(checkpoint, trust=trust)
-    folded = fold_modules(yolo.model, tuple(c for c, spec in op_classes().items() if spec.export_fold))
+    exported, folded = export(checkpoint, format=fmt, imgsz=imgsz, batch=batch, trust=trust)
     if folded:
         click.echo(f"folded {folded} layers (DSConv and others declared export_fold) into plain convolutions")
-    try:
-        exported = yolo.export(format=fmt, imgsz=imgsz, batch=batch)
-    except ModuleNotFoundError as error:  # Ultralytics would pip-install it; surgeon keeps it offline
-        hint = " (pip install 'surgeon[export]')" if fmt == "onnx" else ""
-        raise SurgeonError(f"export to {fmt} needs the Python package {error.name!r}, which is not installed"
-                           f"{hint}") from None
     click.echo(f"wrote {exported}")

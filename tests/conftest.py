@@ -46,8 +46,9 @@ def _threads():
 
 
 def build_ultralytics(cfg: str):
-    """An Ultralytics model from one of the package's own configs, BatchNorm calibrated (see surgeon.zoo), eval mode."""
-    from surgeon.zoo import build
+    """An Ultralytics model from one of the package's own configs, BatchNorm calibrated (see surgeon.testing.zoo),
+    eval mode."""
+    from surgeon.testing.zoo import build
 
     return build(cfg)
 
@@ -66,7 +67,7 @@ def yolov8n_model():
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """Returns make(cfg) -> path of an Ultralytics checkpoint of `build_ultralytics(cfg)`, cached per session."""
-    from surgeon.zoo import save
+    from surgeon.testing.zoo import save
 
     cache: dict[str, str] = {}
     root = tmp_path_factory.mktemp("checkpoints")
@@ -86,8 +87,8 @@ def classic_checkpoint(tmp_path_factory):
     Built with the real classic code (the PyPI ``yolov5`` package), BatchNorm calibrated like the
     Ultralytics test models; skipped, with the reason shown, where that package is not installed.
     """
-    from surgeon.classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
-    from surgeon.zoo import calibrate_batchnorm
+    from surgeon.testing.classic_factory import build_classic_model, undo_yolov5_import, write_classic_checkpoint
+    from surgeon.testing.zoo import calibrate_batchnorm
 
     with undo_yolov5_import():
         pytest.importorskip("yolov5.models.yolo", reason="classic checkpoints are built with the PyPI `yolov5` "

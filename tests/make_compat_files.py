@@ -1,7 +1,7 @@
 """Write the small checkpoints of tests/compat/ that `test_compat.py` loads, replays and fine-tunes.
 
-They keep the class paths earlier versions pickled (``surgeon.modules.*``, ``surgeon.classic``,
-``surgeon.classic_v7v9``) under test: a file written before a module moved must keep loading. Run once, with
+They keep the class paths earlier versions pickled (``surgeon.modules.*``, ``surgeon.families.classic``,
+``surgeon.families.classic_v7v9``) under test: a file written before a module moved must keep loading. Run once, with
 the version whose files they stand for, from the repository root: ``python tests/make_compat_files.py``.
 """
 
@@ -44,7 +44,7 @@ head:
 
 
 def ultralytics_file(folder: Path) -> Path:
-    from surgeon.zoo import save
+    from surgeon.testing.zoo import save
 
     cfg = folder / "tiny-yolov8n.yaml"
     cfg.write_text(TINY_YOLOV8)
@@ -52,8 +52,8 @@ def ultralytics_file(folder: Path) -> Path:
 
 
 def classic_v5_file(folder: Path) -> Path:
-    from surgeon.classic_factory import build_classic_model, load_config, write_classic_checkpoint
-    from surgeon.zoo import calibrate_batchnorm
+    from surgeon.testing.classic_factory import build_classic_model, load_config, write_classic_checkpoint
+    from surgeon.testing.zoo import calibrate_batchnorm
 
     model = build_classic_model(load_config("yolov5n.yaml", width_multiple=0.03125, depth_multiple=0.33), nc=2)
     calibrate_batchnorm(model, torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)))

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from helpers import below
 
 import surgeon
-from surgeon.agreement import compare_detections, detections, match
 from surgeon.cli import main
 from surgeon.data import image_batch, image_paths, letterboxed
+from surgeon.report.agreement import compare_detections, detections, match
 
 IMGSZ = 96
 
@@ -73,7 +73,7 @@ def folder(tmp_path_factory):
 @pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml", "rtdetr-l.yaml"])
 def test_detections_equal_the_ultralytics_predictor(cfg, checkpoint_factory, folder):
     """Square images of the model's size letterbox to themselves, so both see the same pixels."""
-    from surgeon.finetune import load_yolo
+    from surgeon.recovery.finetune import load_yolo
 
     path = checkpoint_factory(cfg)
     model = surgeon.load(path).model.float()
@@ -95,7 +95,7 @@ def test_oriented_detections_equal_the_ultralytics_predictor(checkpoint_factory,
     from ultralytics.utils.metrics import batch_probiou
     from ultralytics.utils.ops import xywhr2xyxyxyxy
 
-    from surgeon.finetune import load_yolo
+    from surgeon.recovery.finetune import load_yolo
 
     path = checkpoint_factory("yolov8n-obb.yaml")
     paths = image_paths(folder)

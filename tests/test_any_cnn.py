@@ -14,8 +14,8 @@ from torch.testing import assert_close
 
 import surgeon
 from surgeon.errors import CheckpointError, SurgeonError
-from surgeon.rewrite import Replaced
-from surgeon.zoo import calibrate_batchnorm
+from surgeon.surgery.rewrite import Replaced
+from surgeon.testing.zoo import calibrate_batchnorm
 
 timm = pytest.importorskip("timm")  # a test dependency (extra `test`); the API needs it only for timm models
 

@@ -14,9 +14,9 @@ from torch import nn
 import surgeon
 from surgeon.cli import main
 from surgeon.errors import NoMatchError, RuleError, SurgeryError
+from surgeon.graph.rules import load_rule
 from surgeon.modules import builtin_replacements
 from surgeon.modules.plain_conv import PlainConv2d
-from surgeon.rules import load_rule
 
 IMGSZ = 96
 
@@ -194,7 +194,7 @@ def test_a_rewrite_that_fails_is_not_saved(y8, tmp_path):
     rule_obj = load_rule(rule, registry)
     import dataclasses
 
-    from surgeon.rules import Action
+    from surgeon.graph.rules import Action
 
     broken = dataclasses.replace(rule_obj, action=Action("replace", "broken"))
     with pytest.raises(SurgeryError, match="fails on a test batch"):

@@ -172,7 +172,7 @@ def test_totals_at_640_agree_with_thop(cfg):
 
 @pytest.fixture(scope="module")
 def classic_yolov5s(tmp_path_factory):
-    from surgeon.classic_factory import make_classic_checkpoint, undo_yolov5_import
+    from surgeon.testing.classic_factory import make_classic_checkpoint, undo_yolov5_import
 
     with undo_yolov5_import():
         pytest.importorskip("yolov5", reason="classic checkpoints are built with the PyPI `yolov5` package "

@@ -9,11 +9,11 @@ from helpers import below, seeded
 from torch import nn
 
 import surgeon
-from surgeon.calibrate import refittable
 from surgeon.cli import main
 from surgeon.data import image_batch
 from surgeon.init.factorise import relative_error
 from surgeon.modules.dw_conv import dwsep, refine_pointwise
+from surgeon.recovery.calibrate import refittable
 
 IMGSZ = 128
 
@@ -171,7 +171,7 @@ def _dense(op) -> torch.Tensor:
 
 @pytest.mark.parametrize("rule", ["dw_backbone", "dwsep_all", "ds4_all"])
 def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_factory, tmp_path, monkeypatch):
-    import surgeon.calibrate as calibrate_module
+    import surgeon.recovery.calibrate as calibrate_module
 
     source = checkpoint_factory("yolov5s.yaml")
     original = surgeon.load(source).model
@@ -204,7 +204,7 @@ def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_fa
 def test_calibration_that_does_worse_than_data_free_is_undone(checkpoint_factory, monkeypatch):
     """Refits that leave the model further from the original, on the images that chose their dampings, than the
     data-free rewrite are all undone (here a refit that ruins every kernel it fits)."""
-    import surgeon.calibrate as calibrate_module
+    import surgeon.recovery.calibrate as calibrate_module
 
     source = checkpoint_factory("yolov8n.yaml")
     real = calibrate_module.refine

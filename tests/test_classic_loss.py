@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from surgeon.classic_loss import ClassicHyp, ciou, classic_loss
+from surgeon.families.classic_loss import ClassicHyp, ciou, classic_loss
 
 
 @pytest.fixture(scope="module")
 def reference():
-    from surgeon.classic_factory import undo_yolov5_import
+    from surgeon.testing.classic_factory import undo_yolov5_import
 
     with undo_yolov5_import():
         loss = pytest.importorskip("yolov5.utils.loss", reason="needs the PyPI `yolov5` package (extra `classic`)")
@@ -22,7 +22,7 @@ def reference():
 
 
 def _model(cfg: str, nc: int, imgsz: int, hyp: ClassicHyp):
-    from surgeon.classic_factory import build_classic_model, load_config
+    from surgeon.testing.classic_factory import build_classic_model, load_config
 
     model = build_classic_model(load_config(cfg, width_multiple=0.125), nc=nc).train()
     scaled = hyp.scaled(model.model[-1].nl, nc, imgsz)
@@ -90,7 +90,7 @@ def test_model_loss_takes_an_ultralytics_batch(reference):
     """The same numbers through the model's `loss` on Ultralytics' batch layout (batch_idx, cls, bboxes)."""
     loss_module, _ = reference
     model, scaled = _model("yolov5s.yaml", 3, 64, ClassicHyp())
-    from surgeon.classic import ClassicDetectionModel
+    from surgeon.families.classic import ClassicDetectionModel
 
     ours = copy.deepcopy(model)
     ours.__class__ = ClassicDetectionModel  # the classic code's model, seen as surgeon loads it

@@ -23,17 +23,18 @@ from torch import nn
 from ultralytics.nn.modules import RepConv
 
 import surgeon
-import surgeon.io
-from surgeon.blocks import LayerLayout
-from surgeon.classic import (
+import surgeon.checkpoint.io
+from surgeon.checkpoint.io import read_checkpoint
+from surgeon.cli import main
+from surgeon.errors import SurgeonError, UnsafeCheckpointError
+from surgeon.families.classic import (
     REBUILD_REFUSAL,
     ClassicDetect,
     ClassicDetectionModel,
     is_classic_checkpoint,
     pickled_globals,
 )
-from surgeon.classic_factory import save_classic, undo_yolov5_import
-from surgeon.classic_v7v9 import (
+from surgeon.families.classic_v7v9 import (
     ClassicDDetect,
     ClassicDualDDetect,
     ClassicIAuxDetect,
@@ -42,9 +43,9 @@ from surgeon.classic_v7v9 import (
     fuse_repconv,
     remove_aux,
 )
-from surgeon.cli import main
-from surgeon.errors import SurgeonError, UnsafeCheckpointError
-from surgeon.zoo import calibrate_batchnorm
+from surgeon.families.layers import LayerLayout
+from surgeon.testing.classic_factory import save_classic, undo_yolov5_import
+from surgeon.testing.zoo import calibrate_batchnorm
 
 IMGSZ = 128  # the P6 model's coarsest level is 2 x 2 here
 
@@ -351,7 +352,7 @@ def test_yolov7_repconv_forms_match_and_fuse_as_the_repository_does(make, channe
         calibrate_batchnorm(block, torch.rand(4, channels, 16, 16))
     path = tmp_path / "block.pt"
     save_classic({"block": block}, path)
-    loaded = surgeon.io.read_checkpoint(path)["block"]
+    loaded = read_checkpoint(path)["block"]
     x = torch.rand(2, channels, 16, 16)
 
     assert type(loaded) is ClassicRepConv
@@ -419,7 +420,7 @@ def test_builtin_rules_apply_save_and_reload(case, rule, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
     assert again.model.yaml["activation"] == REBUILD_REFUSAL
     # the recipe rebuilds it from the original file: surgeon.replay, key for key
-    saved = surgeon.io.read_checkpoint(out)
+    saved = read_checkpoint(out)
     expected = saved["model"].float().state_dict()
     replayed = surgeon.replay(surgeon.load(path).model, saved["surgeon"], state_dict=expected)
     assert list(replayed.state_dict()) == list(expected)
@@ -496,7 +497,7 @@ def test_remove_aux_keeps_the_main_predictions_as_the_deployed_repository_model(
         theirs, _ = deployed(x)
     torch.testing.assert_close(deployed_pred, theirs, rtol=1e-5, atol=1e-4)
     # What surgeon reports of the model (output check, agreement) is the main branch's, before and after.
-    from surgeon.agreement import detections
+    from surgeon.report.agreement import detections
 
     found, found_deployed = detections(original, x, IMGSZ, conf=0.01), detections(model, x, IMGSZ, conf=0.01)
     assert sum(map(len, found)) > 0
@@ -529,7 +530,7 @@ def test_remove_aux_refuses_a_model_without_one(case, tmp_path):
 
 
 def test_finetune_takes_the_deployed_forms_and_refuses_iauxdetect_in_one_line(case, tmp_path):
-    from surgeon.finetune import RewrittenClassicTrainer, RewrittenClassicV9Trainer, trainer_for
+    from surgeon.recovery.finetune import RewrittenClassicTrainer, RewrittenClassicV9Trainer, trainer_for
 
     name, _, path, _ = case
     if name != "yolov7-aux":
@@ -549,7 +550,7 @@ def test_finetune_takes_the_deployed_forms_and_refuses_iauxdetect_in_one_line(ca
 
 def test_yolov7_loss_is_the_repository_compute_loss(yolov7, tmp_path):
     """IDetect's maps are classic YOLOv5's; the repository's (non-OTA) ComputeLoss is the classic loss."""
-    from surgeon.classic_loss import ClassicHyp
+    from surgeon.families.classic_loss import ClassicHyp
 
     with undo_yolov5_import():
         from yolov7.utils.loss import ComputeLoss
@@ -606,8 +607,8 @@ def test_yolov9_loss_is_the_repository_loss(name, yolov9, tmp_path):
 @pytest.mark.parametrize("name", ["yolov7", "yolov9"])
 def test_finetune_a_rewritten_model_keeps_the_surgery(name, yolov7, yolov9, tmp_path):
     from surgeon.data import make_dataset
-    from surgeon.finetune import finetune
     from surgeon.modules.dynamic_conv import DynamicConv2d
+    from surgeon.recovery.finetune import finetune
 
     package, cfg, head_type = CASES[name]
     path = tmp_path / f"{name}.pt"
@@ -654,7 +655,7 @@ def test_a_class_outside_the_allow_list_is_refused(package, yolov7, yolov9, tmp_
 
 
 def test_distill_refuses_iauxdetect_in_one_line(case, tmp_path):
-    from surgeon.distill import distill
+    from surgeon.recovery.distill import distill
 
     name, _, path, _ = case
     if name != "yolov7-aux":
@@ -671,7 +672,7 @@ def test_distill_moves_a_lossy_rewrite_towards_its_original(name, yolov7, yolov9
     import cv2
 
     from surgeon.data import image_batch
-    from surgeon.distill import distill, distill_loss
+    from surgeon.recovery.distill import distill, distill_loss
 
     package, cfg, head_type = CASES[name]
     teacher = tmp_path / f"{name}.pt"

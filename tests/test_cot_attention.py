@@ -12,7 +12,7 @@ from helpers import randomise_bn
 from torch.testing import assert_close
 
 from surgeon.modules.cot_attention import CoTAttention, ZeroGate, cot_attention
-from surgeon.registry import declared
+from surgeon.modules.registry import declared
 
 
 def reference_cot(module: CoTAttention, x: torch.Tensor) -> torch.Tensor:

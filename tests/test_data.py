@@ -179,7 +179,7 @@ def test_a_relative_path_means_the_same_to_surgeon_and_to_the_trainer(checkpoint
     """``path: shapes`` next to the YAML: surgeon found those images while Ultralytics (current folder, then its
     datasets folder) did not and ran the download script. Both now read the one resolved dataset: distillation runs
     on the images next to the YAML and nothing runs."""
-    from surgeon.distill import distill
+    from surgeon.recovery.distill import distill
 
     root = tmp_path / "project"
     make_dataset(root / "shapes", n_train=4, n_val=2, imgsz=64)
@@ -193,7 +193,7 @@ def test_a_relative_path_means_the_same_to_surgeon_and_to_the_trainer(checkpoint
 
     assert not sentinel.exists(), "the dataset file ran code"
     assert result.last.is_file()
-    from surgeon.io import load
+    from surgeon.checkpoint.io import load
 
     resolved = result.save_dir / "dataset.yaml"  # what the run trained and validated on, and resumes from
     assert load(result.last).checkpoint["train_args"]["data"] == str(resolved)
@@ -326,7 +326,7 @@ def test_training_reads_no_label_cache_and_only_regular_image_files(checkpoint_f
     import os
     import pickle
 
-    from surgeon.finetune import finetune
+    from surgeon.recovery.finetune import finetune
 
     data = make_dataset(tmp_path / "shapes", n_train=4, n_val=2, imgsz=64)
     sentinel = tmp_path / "SENTINEL"
@@ -355,7 +355,7 @@ def test_training_reads_no_label_cache_and_only_regular_image_files(checkpoint_f
 
 def test_finetune_refuses_a_distill_model(checkpoint_factory, tmp_path):
     """Ultralytics rebuilds a distill_model teacher from its own YAML, eval-ing its 'activation'."""
-    from surgeon.finetune import finetune
+    from surgeon.recovery.finetune import finetune
 
     data = make_dataset(tmp_path / "shapes", n_train=2, n_val=2, imgsz=32)
     good = checkpoint_factory("yolov8n.yaml")

@@ -14,8 +14,8 @@ from helpers import above, below, seeded
 import surgeon
 from surgeon.cli import main
 from surgeon.data import image_batch, image_paths
-from surgeon.distill import DistillLoss, FeatureTaps, distill, distill_loss, feature_distance, feature_loss
 from surgeon.errors import SurgeonError
+from surgeon.recovery.distill import DistillLoss, FeatureTaps, distill, distill_loss, feature_distance, feature_loss
 
 IMGSZ = 64
 
@@ -76,7 +76,7 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, many_p
     after = distill_loss(original, surgeon.load(result.last).model.float(), held_out)
     # BatchNorm re-estimation alone (part of the run) is not what moves it.
     from surgeon.data import image_paths, letterboxed
-    from surgeon.distill import reestimate_batchnorm
+    from surgeon.recovery.distill import reestimate_batchnorm
 
     rebalanced = surgeon.load(student).model.float()
     reestimate_batchnorm(rebalanced, lambda: letterboxed(image_paths(photos), IMGSZ))
@@ -99,8 +99,8 @@ def test_without_labels_best_is_the_epoch_that_agrees_most_with_the_teacher(teac
     record stops at that epoch."""
     import csv
 
-    from surgeon.agreement import agreement
     from surgeon.data import letterboxed
+    from surgeon.report.agreement import agreement
 
     student = surgeon.apply(teacher, "ds8_head", imgsz=IMGSZ).save(tmp_path / "ds8.pt")
     result = distill(student, teacher, images=photos, epochs=5, imgsz=IMGSZ, batch=4, nbs=4, warmup_epochs=0,
@@ -127,7 +127,7 @@ def test_cli_distills_with_labels_too(checkpoint_factory, tmp_path):
     from ultralytics.cfg import ROOT
 
     from surgeon.data import make_dataset
-    from surgeon.zoo import save
+    from surgeon.testing.zoo import save
 
     data = make_dataset(tmp_path / "data", n_train=4, n_val=2, imgsz=IMGSZ)
     cfg = yaml.safe_load((ROOT / "cfg" / "models" / "v8" / "yolov8.yaml").read_text())
@@ -191,8 +191,13 @@ def test_bad_distillation_requests_are_one_line_errors(teacher, photos, checkpoi
 @pytest.fixture(scope="module")
 def classic_teacher(tmp_path_factory):
     """A classic yolov5n (3 classes) built by the classic code, BatchNorm calibrated, saved as train.py saves it."""
-    from surgeon.classic_factory import build_classic_model, load_config, undo_yolov5_import, write_classic_checkpoint
-    from surgeon.zoo import calibrate_batchnorm
+    from surgeon.testing.classic_factory import (
+        build_classic_model,
+        load_config,
+        undo_yolov5_import,
+        write_classic_checkpoint,
+    )
+    from surgeon.testing.zoo import calibrate_batchnorm
 
     with undo_yolov5_import():
         pytest.importorskip("yolov5.models.yolo", reason="needs the PyPI `yolov5` package (extra `classic`)")
@@ -209,7 +214,7 @@ def _held_out(n=32):
 
 
 def _agreement_f1(original, path):
-    from surgeon.agreement import agreement
+    from surgeon.report.agreement import agreement
 
     return agreement(original, surgeon.load(path).model.float(), _held_out()(), IMGSZ, conf=0.01).f1
 
@@ -255,7 +260,7 @@ def test_feature_taps_measure_the_rewritten_layers_and_leave_nothing_behind(teac
 
 @pytest.mark.slow
 def test_distillation_moves_a_lossy_classic_rewrite_towards_its_original(classic_teacher, many_photos, tmp_path):
-    from surgeon.classic import ClassicDetectionModel
+    from surgeon.families.classic import ClassicDetectionModel
 
     photos = many_photos
     student = surgeon.apply(classic_teacher, "dwsep_all", imgsz=IMGSZ).save(tmp_path / "dwsep.pt")
@@ -403,7 +408,7 @@ def test_distill_trains_task_heads_in_their_trainers(cfg, term, text, checkpoint
 
 
 def test_teacher_labelled_folder_files_every_image_under_the_teachers_class(checkpoint_factory, photos, tmp_path):
-    from surgeon.distill import _batches, teacher_labelled_folder
+    from surgeon.recovery.distill import _batches, teacher_labelled_folder
 
     original = surgeon.load(checkpoint_factory("yolov8n-cls.yaml")).model.float()
     names = dict(original.names)
@@ -422,7 +427,7 @@ def test_teacher_labelled_folder_files_every_image_under_the_teachers_class(chec
 
 @pytest.mark.slow
 def test_distillation_moves_a_lossy_classifier_towards_its_original(checkpoint_factory, many_photos, tmp_path):
-    from surgeon.distill import _batches, top1_agreement
+    from surgeon.recovery.distill import _batches, top1_agreement
 
     photos = many_photos
     teacher = checkpoint_factory("yolov8n-cls.yaml")
@@ -496,7 +501,7 @@ def test_a_ddp_worker_rebuilt_from_the_launch_file_distils(teacher, photos, tmp_
 
 
 def test_query_matching_finds_the_teachers_queries_in_any_order():
-    from surgeon.distill_detr import match_queries, query_terms
+    from surgeon.recovery.distill_detr import match_queries, query_terms
 
     torch.manual_seed(0)
     boxes = torch.rand(2, 30, 4) * 0.4 + 0.3
@@ -514,7 +519,7 @@ def test_query_matching_finds_the_teachers_queries_in_any_order():
 
 @pytest.mark.slow
 def test_distill_trains_rtdetr_with_matched_queries(checkpoint_factory, photos, tmp_path):
-    from surgeon.distill_detr import QueryDistillLoss
+    from surgeon.recovery.distill_detr import QueryDistillLoss
 
     teacher = checkpoint_factory("rtdetr-l.yaml")
     original = surgeon.load(teacher).model.float()
@@ -538,7 +543,7 @@ def test_query_distillation_pulls_a_perturbed_box_head_back(checkpoint_factory):
     run is the test above; on this random teacher its few epochs move too little to measure)."""
     import copy
 
-    from surgeon.distill_detr import ImageTap, QueryDistillLoss
+    from surgeon.recovery.distill_detr import ImageTap, QueryDistillLoss
 
     original = surgeon.load(checkpoint_factory("rtdetr-l.yaml")).model.float().eval()
     student = copy.deepcopy(original)

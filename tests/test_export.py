@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import surgeon
 from surgeon.cli import main
-from surgeon.finetune import load_yolo
+from surgeon.recovery.finetune import load_yolo
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the `test` extra")
 pytest.importorskip("onnx", reason="onnx is in the `test` extra")

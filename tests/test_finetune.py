@@ -15,7 +15,8 @@ from torch import nn
 
 from surgeon.data import make_dataset
 from surgeon.errors import CheckpointError, SurgeonError
-from surgeon.finetune import (
+from surgeon.modules.plain_conv import PlainConv2d, plain_conv
+from surgeon.recovery.finetune import (
     RewrittenClassificationTrainer,
     RewrittenDetectionTrainer,
     RewrittenOBBTrainer,
@@ -29,7 +30,6 @@ from surgeon.finetune import (
     set_temperature,
     trainer_for,
 )
-from surgeon.modules.plain_conv import PlainConv2d, plain_conv
 
 IMGSZ = 64
 TRAIN_ARGS = {"imgsz": IMGSZ, "batch": 8, "workers": 0, "device": "cpu", "plots": False, "exist_ok": True}
@@ -386,7 +386,7 @@ def test_resume_file_read_by_the_trainer_is_refused_before_it_runs(rewritten, da
 def test_trainer_reads_its_own_checkpoints_through_the_safe_reader(rewritten, data, tmp_path, monkeypatch):
     import ultralytics.nn.tasks as tasks
 
-    import surgeon.finetune as finetune_module
+    import surgeon.recovery.finetune as finetune_module
 
     read = []
     original = finetune_module.read_checkpoint
@@ -438,8 +438,13 @@ def test_cli_finetune_shows_the_trainer_progress_and_quiet_hides_it(rewritten, d
 @pytest.fixture(scope="module")
 def classic_yolov5n(tmp_path_factory):
     """A classic yolov5n (3 classes) built by the classic code, BatchNorm calibrated, saved as train.py saves it."""
-    from surgeon.classic_factory import build_classic_model, load_config, undo_yolov5_import, write_classic_checkpoint
-    from surgeon.zoo import calibrate_batchnorm
+    from surgeon.testing.classic_factory import (
+        build_classic_model,
+        load_config,
+        undo_yolov5_import,
+        write_classic_checkpoint,
+    )
+    from surgeon.testing.zoo import calibrate_batchnorm
 
     with undo_yolov5_import():
         pytest.importorskip("yolov5.models.yolo", reason="needs the PyPI `yolov5` package (extra `classic`)")
@@ -452,7 +457,7 @@ def classic_yolov5n(tmp_path_factory):
 
 
 def test_classic_validation_scores_are_objectness_times_class():
-    from surgeon.finetune import ClassicDetectionValidator
+    from surgeon.recovery.finetune import ClassicDetectionValidator
 
     validator = ClassicDetectionValidator(args={"conf": 0.001, "iou": 0.7, "max_det": 300, "task": "detect"})
     validator.end2end = False
@@ -470,7 +475,7 @@ def test_classic_first_training_step_gives_the_classic_loss(classic_yolov5n, dat
     """The loss Ultralytics' trainer back-propagates first equals the classic ComputeLoss on that batch and model."""
     import copy
 
-    from surgeon.classic_factory import undo_yolov5_import
+    from surgeon.testing.classic_factory import undo_yolov5_import
 
     with undo_yolov5_import():
         from yolov5.utils.loss import ComputeLoss
@@ -504,7 +509,7 @@ def test_cli_finetune_classic_rewritten_keeps_the_surgery_and_the_tools_work(cla
     import sys
 
     import surgeon
-    from surgeon.classic import ClassicDetectionModel
+    from surgeon.families.classic import ClassicDetectionModel
     from surgeon.modules.dynamic_conv import DynamicConv2d
 
     data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ, n_classes=2)  # 3 -> 2 classes

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon.blocks import LayerLayout
 from surgeon.errors import SurgeryError
+from surgeon.families.layers import LayerLayout
+from surgeon.graph.rules import parse_rule
 from surgeon.modules import builtin_replacements
 from surgeon.modules.cot_attention import ZeroGate
-from surgeon.rules import parse_rule
 
 IMGSZ = 128
 
@@ -140,7 +140,7 @@ def test_cot_neck_trains_one_epoch_and_reloads(checkpoint_factory, tmp_path, mon
     from ultralytics import YOLO
 
     from surgeon.data import make_dataset
-    from surgeon.finetune import finetune
+    from surgeon.recovery.finetune import finetune
 
     monkeypatch.chdir(tmp_path)
     data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=64)

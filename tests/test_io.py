@@ -1,4 +1,5 @@
-"""surgeon.io.load: every supported checkpoint shape loads, nothing in a file runs, bad files give one clear error."""
+"""surgeon.checkpoint.io.load: every supported checkpoint shape loads, nothing in a file runs, bad files give one
+clear error."""
 
 from __future__ import annotations
 
@@ -382,7 +383,7 @@ def test_overwritten_tensor_bytes_are_detected(yolov8n_ckpt, tmp_path):
 
 def test_every_setstate_the_allowed_classes_define_is_audited():
     """A new __setstate__ in torch, Ultralytics or surgeon must be read and listed before files may call it."""
-    from surgeon._allowlist import AUDITED_SETSTATE, checkpoint_policy, setstate_functions
+    from surgeon.checkpoint.allowlist import AUDITED_SETSTATE, checkpoint_policy, setstate_functions
 
     assert setstate_functions() == AUDITED_SETSTATE
     assert len(checkpoint_policy().setstate) == len(AUDITED_SETSTATE)
@@ -390,7 +391,7 @@ def test_every_setstate_the_allowed_classes_define_is_audited():
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_get_the_users_permissions_and_reach_the_disk_first(umask, mode, tmp_path, monkeypatch):
-    from surgeon.io import atomic_path
+    from surgeon.checkpoint.io import atomic_path
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -13,8 +13,8 @@ from helpers import above, below, seeded
 
 import surgeon
 from surgeon.cli import main
-from surgeon.mixtures import expert_spread, mixture_stats
 from surgeon.modules.dynamic_conv import condconv, dynamic_conv
+from surgeon.report.mixtures import expert_spread, mixture_stats
 
 IMGSZ = 64
 
@@ -99,7 +99,7 @@ def test_inspect_measures_routing_on_a_folder_of_images(yolov8n, tmp_path):
 @pytest.mark.slow
 def test_finetune_logs_mixture_statistics_per_epoch(yolov8n, tmp_path):
     from surgeon.data import make_dataset
-    from surgeon.finetune import finetune
+    from surgeon.recovery.finetune import finetune
 
     data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=IMGSZ, seed=seeded(0))
     out = surgeon.apply(yolov8n, "condconv_head", imgsz=IMGSZ).save(tmp_path / "cc.pt")

@@ -9,7 +9,7 @@ import torch
 from conftest import build_ultralytics
 
 from surgeon.api import output_check
-from surgeon.report import Report, _check_line, to_markdown
+from surgeon.report.render import Report, _check_line, to_markdown
 
 IMGSZ = 128
 
@@ -31,7 +31,7 @@ def _nudge(model, branch: str, delta: float):
 
 def test_a_score_change_is_reported_as_probabilities_and_boxes_stay_exact(yolov8n):
     from surgeon.api import _flat_tensors
-    from surgeon.blocks import run_model, sample_input
+    from surgeon.families.layers import run_model, sample_input
 
     check = output_check(yolov8n, _nudge(yolov8n, "cv3", 1.0), IMGSZ)
 
@@ -76,7 +76,7 @@ def test_reports_show_both_parts(yolov8n):
 
 def test_end_to_end_head_is_split_by_its_mode_not_its_shape():
     """yolo26n's end-to-end output at 64 px is (B, 84, 6): as many detections as 4 + nc channels."""
-    from surgeon.outputs import split_outputs
+    from surgeon.families.heads import split_outputs
 
     model = build_ultralytics("yolo26n.yaml")
     model.model[-1].end2end = True

@@ -68,7 +68,7 @@ def shrink(args: list[str]) -> list[str]:
 def workdir(tmp_path_factory) -> Path:
     """A folder holding what the README's commands name: yolov5s.pt (a small YOLOv5), data.yaml, photos/."""
     from surgeon.data import make_dataset
-    from surgeon.zoo import save
+    from surgeon.testing.zoo import save
 
     folder = tmp_path_factory.mktemp("readme")
     save("yolov5n.yaml", folder / "yolov5s.pt")  # the README's file name; the n scale keeps CI fast
@@ -86,7 +86,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def classic_checkpoint(path: Path) -> None:
     """A classic-repository checkpoint (built by the packaged classic code), or nothing without that package."""
-    from surgeon.classic_factory import make_classic_checkpoint, undo_yolov5_import
+    from surgeon.testing.classic_factory import make_classic_checkpoint, undo_yolov5_import
 
     with undo_yolov5_import():
         try:
@@ -149,9 +149,9 @@ def test_readme_python_block(workdir):
 
 def test_readme_rule_example_parses_and_matches(workdir, tmp_path):
     from surgeon.api import inspect_model
-    from surgeon.match import match_rules
+    from surgeon.graph.match import match_rules
+    from surgeon.graph.rules import load_rule
     from surgeon.modules import builtin_replacements
-    from surgeon.rules import load_rule
 
     _, _, blocks = readme_blocks()
     for i, block in enumerate(blocks):
@@ -165,7 +165,7 @@ def test_readme_rule_example_parses_and_matches(workdir, tmp_path):
 
 def test_installed_package_ships_the_builtin_rules(tmp_path):
     """Run from outside the source tree, so the package found is the installed one (a wheel under CI)."""
-    code = ("import surgeon, surgeon.rules as r; print(surgeon.__file__); "
+    code = ("import surgeon, surgeon.graph.rules as r; print(surgeon.__file__); "
             "print(','.join(r.builtin_rule_names())); print(r.load_rule('dyn_head', "
             "__import__('surgeon.modules', fromlist=['x']).builtin_replacements()).name)")
     proc = run([str(PYTHON), "-c", code], tmp_path)

@@ -1,4 +1,4 @@
-"""Block-wise reconstruction of rewritten models on calibration images (`surgeon.reconstruct`)."""
+"""Block-wise reconstruction of rewritten models on calibration images (`surgeon.recovery.reconstruct`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from helpers import below, seeded
 import surgeon
 from surgeon.cli import main
 from surgeon.data import image_batch
-from surgeon.reconstruct import reconstruct
-from surgeon.rewrite import Replaced
+from surgeon.recovery.reconstruct import reconstruct
+from surgeon.surgery.rewrite import Replaced
 from tests.test_calibrate import IMGSZ, _write_photos, feature_error
 
 
@@ -105,7 +105,7 @@ def test_cli_reconstructs_and_refuses_it_without_calibration_images(checkpoint_f
 
 
 def test_batchnorm_alignment_keeps_the_function_and_makes_training_mode_agree():
-    from surgeon.reconstruct import align_batchnorm
+    from surgeon.recovery.reconstruct import align_batchnorm
 
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.SiLU())
@@ -128,7 +128,7 @@ def test_batchnorm_alignment_keeps_the_function_and_makes_training_mode_agree():
 
 
 def test_activations_beyond_the_memory_bound_are_a_spread_of_the_images(checkpoint_factory):
-    from surgeon.reconstruct import _held
+    from surgeon.recovery.reconstruct import _held
 
     source = checkpoint_factory("yolov8n.yaml")
     result = surgeon.apply(source, "dw_backbone", imgsz=IMGSZ)

@@ -28,9 +28,9 @@ from ultralytics.nn.modules.head import Detect
 from ultralytics.utils import IterableSimpleNamespace
 
 import surgeon
-from surgeon.classic import pickled_globals
 from surgeon.cli import main
-from surgeon.zoo import calibrate_batchnorm
+from surgeon.families.classic import pickled_globals
+from surgeon.testing.zoo import calibrate_batchnorm
 
 IMGSZ = 64
 
@@ -203,11 +203,11 @@ def _classic_v5_0(load_config) -> dict:
 
 @pytest.fixture(scope="module")
 def classic_factory():
-    from surgeon.classic_factory import undo_yolov5_import
+    from surgeon.testing.classic_factory import undo_yolov5_import
 
     with undo_yolov5_import():
         pytest.importorskip("yolov5.models.yolo", reason="needs the PyPI `yolov5` package (extra `classic`)")
-    import surgeon.classic_factory as factory
+    import surgeon.testing.classic_factory as factory
 
     return factory
 

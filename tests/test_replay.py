@@ -8,10 +8,10 @@ import torchvision
 from torch.testing import assert_close
 
 import surgeon
+from surgeon.checkpoint.io import read_checkpoint
 from surgeon.errors import SurgeryError
-from surgeon.io import read_checkpoint
-from surgeon.rules import builtin_rule_names
-from surgeon.zoo import calibrate_batchnorm
+from surgeon.graph.rules import builtin_rule_names
+from surgeon.testing.zoo import calibrate_batchnorm
 
 IMGSZ = 128
 
@@ -43,7 +43,7 @@ def test_replay_rebuilds_every_builtin_rule_on_ultralytics(rule, checkpoint_fact
 
 @pytest.mark.parametrize("rule", builtin_rule_names())
 def test_replay_on_classic_yolov5(rule, classic_checkpoint, tmp_path):
-    from surgeon.classic_factory import build_classic_model
+    from surgeon.testing.classic_factory import build_classic_model
 
     result = surgeon.apply(classic_checkpoint, rule, imgsz=IMGSZ)
     saved = read_checkpoint(result.save(tmp_path / "out.pt"))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.mixtures import expert_spread, mixture_layers
+from surgeon.graph.rules import builtin_rule_names, load_rule
 from surgeon.modules import builtin_replacements
 from surgeon.modules.dynamic_conv import CondConv2d, DynamicConv2d
-from surgeon.rules import builtin_rule_names, load_rule
+from surgeon.report.mixtures import expert_spread, mixture_layers
 
 IMGSZ = 128
 MIXTURE_RULES = [name for name in builtin_rule_names()
@@ -171,7 +171,7 @@ def test_dyn_head_fine_tunes_with_annealing_and_reloads(checkpoint_factory, tmp_
     from ultralytics import YOLO
 
     from surgeon.data import make_dataset
-    from surgeon.finetune import TemperatureSchedule, finetune, load_yolo
+    from surgeon.recovery.finetune import TemperatureSchedule, finetune, load_yolo
 
     monkeypatch.chdir(tmp_path)
     data = make_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=64)

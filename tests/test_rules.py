@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
-from surgeon.blocks import ConvBlock
 from surgeon.errors import RuleError
+from surgeon.graph.blocks import ConvBlock
+from surgeon.graph.rules import Selector, builtin_rule_names, load_rule, parse_overrides, parse_rule, parse_selector
 from surgeon.modules import builtin_replacements
-from surgeon.rules import Selector, builtin_rule_names, load_rule, parse_overrides, parse_rule, parse_selector
 
 REGISTRY = builtin_replacements()
 
@@ -193,7 +193,7 @@ def test_builtin_rules_are_package_data():
     from pathlib import Path
 
     import surgeon
-    from surgeon.rules import builtin_rules_dir
+    from surgeon.graph.rules import builtin_rules_dir
 
     assert builtin_rules_dir().parent == Path(surgeon.__file__).parent
     expected = {"dyn_head", "dyn_all", "dyn_neck3x3", "condconv_head", "dw_backbone", "dwsep_all", "ds4_all",
@@ -221,7 +221,7 @@ def test_cli_rules_show_insert_rule_lists_the_layers_it_selects(checkpoint_facto
 
     from surgeon.api import inspect_model
     from surgeon.cli import main
-    from surgeon.match import match_rules
+    from surgeon.graph.match import match_rules
 
     model = checkpoint_factory("yolov8n.yaml")
     result = CliRunner().invoke(main, ["rules", "show", "cot_neck", "--model", model, "--imgsz", "64"])
@@ -240,7 +240,7 @@ def test_regular_expressions_from_rule_files_match_in_linear_time(tmp_path):
     """``(a+)+$`` backtracks exponentially in Python's engine (about 19 s for one 30-character path); selectors are
     compiled by RE2, whose matching is linear in the text. Constructs RE2 does not have are refused in one line,
     naming the rule file."""
-    from surgeon.rules import _path_matches, _regex
+    from surgeon.graph.rules import _path_matches, _regex
 
     assert type(_regex("(a+)+$")).__module__.startswith("re2")
     assert not _path_matches("re:(a+)+$", block(path="a" * 40 + "b", conv="a" * 40 + "b.conv"))

@@ -1,4 +1,5 @@
-"""surgeon.trace: traced graphs compute what the eager models compute, with only the untraceable modules opaque."""
+"""surgeon.graph.trace: traced graphs compute what the eager models compute, with only the untraceable modules
+opaque."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import build_ultralytics
 from torch import nn
 from ultralytics.nn.modules import AIFI, Classify, Conv, Detect, RTDETRDecoder
 
-from surgeon.trace import trace
+from surgeon.graph.trace import trace
 
 CONFIGS = (
     "yolov5s.yaml", "yolov8n.yaml", "yolo11n.yaml", "yolov9t.yaml", "yolov10n.yaml", "yolo12n.yaml",

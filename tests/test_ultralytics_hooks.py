@@ -69,7 +69,7 @@ def test_yolo_train_api_keeps_the_surgery_and_starts_where_surgeon_finetune_does
         model.train(data={str(data)!r}, project={str(tmp_path)!r}, name="api", {_kwargs(ARGS)})
         print("TRAINER", type(model.trainer).__name__)
     """, tmp_path)
-    from surgeon.finetune import finetune
+    from surgeon.recovery.finetune import finetune
 
     reference = finetune(rewritten, data, project=str(tmp_path), name="surgeon", epochs=1, imgsz=IMGSZ, batch=8,
                          workers=0, device="cpu", plots=False, exist_ok=True, amp=False, seed=0, deterministic=True)
@@ -131,7 +131,7 @@ def test_models_without_surgery_train_with_the_stock_trainer(checkpoint_factory,
 
 @pytest.mark.slow
 def test_yolo_train_api_trains_a_rewritten_classic_model_with_the_classic_recipe(classic_checkpoint, data, tmp_path):
-    from surgeon.classic import ClassicDetectionModel
+    from surgeon.families.classic import ClassicDetectionModel
 
     out = surgeon.apply(classic_checkpoint, "dyn_head", imgsz=IMGSZ).save(tmp_path / "classic-dyn.pt")
     proc = _python(f"""

@@ -55,8 +55,8 @@ def test_example_replacement_end_to_end(checkpoint_factory, tmp_path):
 
     facts = _python(f"""
 import json, torch, surgeon
-from surgeon.io import read_checkpoint
-from surgeon.trace import trace
+from surgeon.checkpoint.io import read_checkpoint
+from surgeon.graph.trace import trace
 from ultralytics import YOLO
 loaded = surgeon.load({str(out)!r})
 ops = [n for n, m in loaded.model.named_modules() if isinstance(m, ghost_conv.GhostConv2d)]
@@ -151,4 +151,4 @@ def test_declarations_refuse_what_cannot_work():
         surgeon.replacement("dynamic_conv", builds=nn.Conv2d)(lambda conv: conv)
     with pytest.raises(ValueError, match="identifier"):
         surgeon.replacement("not a name")(nn.Conv2d)
-    assert torch.nn.Conv2d not in __import__("surgeon.registry").registry.op_classes()
+    assert torch.nn.Conv2d not in __import__("surgeon.modules.registry").registry.op_classes()

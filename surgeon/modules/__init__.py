@@ -24,16 +24,20 @@ An insertion factory has the signature ``factory(channels: int, **args) -> nn.Mo
 a module mapping a ``(B, channels, H, W)`` tensor to one of the same shape; rules put it after (or
 before) matched layers. Identity-preserving initialisation is the default where the module has one.
 
-Each module declares its replacements with `surgeon.registry.replacement` (insertions with
-`surgeon.registry.insertion`), as a replacement written outside the package does.
+Each module declares its replacements with `surgeon.modules.registry.replacement` (insertions with
+`surgeon.modules.registry.insertion`), as a replacement written outside the package does.
 """
 
 from __future__ import annotations
 
+from surgeon._arming import arm
 from surgeon.modules import cot_attention, ds_conv, dw_conv, dynamic_conv, plain_conv  # noqa: F401 - declare
-from surgeon.registry import Registry, declared
+from surgeon.modules.registry import Registry, declared
 
 
 def builtin_replacements() -> Registry:
     """A fresh registry holding every declared replacement: the built-ins and any imported from outside."""
     return declared()
+
+
+arm()  # a checkpoint naming these classes keeps its surgery through YOLO(...).train() (surgeon._arming)

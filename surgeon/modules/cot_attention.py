@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surgeon.registry import insertion
+from surgeon.modules.registry import insertion
 
 _KEY_GROUPS = 4  # grouped k x k key convolution, as in the paper's CoT block
 _ATTENTION_FACTOR = 4  # channel reduction of the attention embedding

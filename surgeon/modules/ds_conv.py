@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from surgeon.init.factorise import add_to_half, damped_grouped_fit, relative_error, sampled_patches
 from surgeon.init.quantise import dequantise, integer_range, pack_nibbles, quantise_kernel, unpack_nibbles
 from surgeon.modules.plain_conv import stock_conv
-from surgeon.registry import replacement
+from surgeon.modules.registry import replacement
 
 
 class DSConv2d(nn.Module):

@@ -34,7 +34,7 @@ from surgeon.init.factorise import (
     validated_ridge,
 )
 from surgeon.modules.plain_conv import stock_conv
-from surgeon.registry import replacement
+from surgeon.modules.registry import replacement
 
 
 class GroupedConv2d(nn.Conv2d):
@@ -274,9 +274,9 @@ def refine_pointwise(
         chunk_size: Images per pass, which bounds memory.
         targets: The outputs to fit instead of ``original(inputs)`` (one tensor, for one `inputs` tensor):
             the original convolution's outputs in the original model, when `inputs` come from a rewritten
-            one whose earlier layers already differ (see `surgeon.calibrate`).
+            one whose earlier layers already differ (see `surgeon.recovery.calibrate`).
         pairs: ``(inputs, targets)`` batches instead of `inputs` and `targets`, streamed (memory stays one
-            batch), as `surgeon.calibrate` passes them for many images.
+            batch), as `surgeon.recovery.calibrate` passes them for many images.
 
     Returns:
         Relative output error ``||op(x) - target|| / ||target||`` over `inputs` after the refit.

@@ -25,7 +25,7 @@ The router's random output layer is scaled by `gain`, and an upcycled softmax ro
 temperature 1: the copies need no annealing from 30, which only delays separation. The defaults were chosen on a
 yolov8n trained on the generated shapes set (128 images at 128 px, 40 epochs, mAP50-95 0.485), ``dyn_head`` and
 ``condconv_head`` fine-tuned 3 epochs (``benchmarks/bench_recovery.py --mixtures`` has the full comparison, 3 seeds),
-reading the median expert spread and the routing's std across 8 validation images (`surgeon.mixtures`) before and
+reading the median expert spread and the routing's std across 8 validation images (`surgeon.report.mixtures`) before and
 after:
 
 =========================================  =====================  ==================  =============
@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from surgeon.init.upcycle import antithetic_pairs, upcycle
-from surgeon.registry import replacement
+from surgeon.modules.registry import replacement
 
 PATHS = ("auto", "single", "bmm", "grouped", "ksum")
 

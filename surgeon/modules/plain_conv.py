@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from surgeon.registry import replacement
+from surgeon.modules.registry import replacement
 
 
 def stock_conv(geometry: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:

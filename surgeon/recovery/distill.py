@@ -3,7 +3,7 @@
 The original checkpoint is the best teacher a rewritten model has: surgery starts from it, and it labels every
 image the user owns. `distill` runs the Ultralytics trainer (augmentation, EMA, AMP, checkpoints, progress, DDP:
 the callbacks that install the loss travel to the workers with the trainer) through the same trainer subclasses as
-`surgeon.finetune`, with the loss replaced by a distillation of the teacher's
+`surgeon.recovery.finetune`, with the loss replaced by a distillation of the teacher's
 dense head outputs on the very augmented batch the student sees:
 
 * **classification**: binary cross-entropy of the student's class logits against the teacher's sigmoid
@@ -24,13 +24,14 @@ offsets, and the visibility's Bernoulli KL) and **angles** (L1). Classifiers dis
 temperature (KL times the temperature squared, Hinton et al., "Distilling the Knowledge in a Neural Network", 2015,
 https://arxiv.org/abs/1503.02531); their unlabelled images are filed under the teacher's top-1 class
 (`teacher_labelled_folder`), so the trainer's validation accuracy is the top-1 agreement with the teacher. RT-DETR's
-queries do not pair up by position: `surgeon.distill_detr` matches them to the teacher's first.
+queries do not pair up by position: `surgeon.recovery.distill_detr` matches them to the teacher's first.
 
 YOLOv7's ``IDetect`` has classic YOLOv5's training maps and takes the classic terms below (``IAuxDetect`` is refused:
 `surgeon deploy` gives its ``IDetect`` model); YOLOv9's ``Detect``/``DDetect`` maps are Ultralytics' DFL bins and
 class logits, and take the terms above, a dual head's auxiliary branch at 0.25 as the repository weights its loss.
 
-Classic YOLOv5 heads (`surgeon.classic.ClassicDetect`: per anchor and cell raw ``x, y, w, h``, objectness and class
+Classic YOLOv5 heads (`surgeon.families.classic.ClassicDetect`: per anchor and cell raw ``x, y, w, h``, objectness and
+class
 logits, decoded through sigmoids) get the objectness-scaled distillation of Mehta & Ozturk ("Object detection at 200
 Frames Per Second", ECCV Workshops 2018, https://arxiv.org/abs/1805.06361), written for exactly this kind of
 anchor-based head with objectness: there, matching the teacher's classes and boxes at every cell drowns the student
@@ -53,13 +54,14 @@ every channel standardised by the teacher's spread over the batch (hint learning
 https://arxiv.org/abs/1412.6550; feature imitation for detectors, Wang et al. CVPR 2019,
 https://arxiv.org/abs/1906.03609, taken here over the whole map since the teacher rather than labels says where
 objects are). With ``data`` (a labelled dataset YAML) the supervised loss (Ultralytics', or the classic one of
-`surgeon.classic_loss`) is added, so a user with labels gets both. End-to-end heads distil both branches.
+`surgeon.families.classic_loss`) is added, so a user with labels gets both. End-to-end heads distil both branches.
 
 Without labels, Ultralytics' validation has nothing to score (every epoch would tie, and ``best.pt`` be the last), so
 a detector's fitness is its agreement with the teacher instead (`AgreementFitness`: F1 of the teacher's detections
 on up to 64 of the images, logged per epoch as ``metrics/agreement_f1``): ``best.pt`` is the epoch closest to the
 teacher, and early stopping (``patience``) watches the same number. The run reports the agreement of ``last.pt``
-with the teacher on the images (`surgeon.agreement`). The saved models' BatchNorm statistics are re-estimated on the
+with the teacher on the images (`surgeon.report.agreement`). The saved models' BatchNorm statistics are re-estimated
+on the
 images (`reestimate_batchnorm`) when that brings the result closer to the teacher, by the distillation loss (no labels
 needed) on the odd images with statistics of the even ones, and then estimated on all of them. Checked on the images
 they came from instead, statistics of 8 images at 64 px looked better there and were far worse on others (a test
@@ -86,9 +88,9 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from surgeon.classic import ClassicDetect
-from surgeon.distill_detr import ImageTap, QueryDistillLoss
 from surgeon.errors import SurgeonError
+from surgeon.families.classic import ClassicDetect
+from surgeon.recovery.distill_detr import ImageTap, QueryDistillLoss
 
 TEMPERATURE = 2.0
 """LD's temperature on the DFL bins."""
@@ -214,7 +216,7 @@ class DistillLoss:
         self.supervised = supervised
         self.temperature, self.cls_gain, self.box_gain, self.obj_gain = temperature, cls_gain, box_gain, obj_gain
         self.feature_weight, self.taps, self.feature_paths = feature_weight, taps, list(feature_paths)
-        from surgeon.classic_v7v9 import ClassicDDetect, ClassicDualDDetect
+        from surgeon.families.classic_v7v9 import ClassicDDetect, ClassicDualDDetect
 
         self.classic = isinstance(student.model[-1], ClassicDetect)
         self.classify = is_classifier(student)
@@ -294,7 +296,7 @@ class DistillLoss:
         if self.gelan:
             from ultralytics.utils.loss import v8DetectionLoss
 
-            from surgeon.classic_v7v9 import yolov9_loss
+            from surgeon.families.classic_v7v9 import yolov9_loss
 
             criterion = v8DetectionLoss(self.student)
             return lambda p, b: yolov9_loss(self.student, b, p, criterion=criterion)
@@ -453,15 +455,15 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         if classes(student) != classes(teacher):
             raise SurgeonError(f"student and teacher classify {classes(student)} vs {classes(teacher)} classes")
         return
-    from surgeon.classic_v7v9 import ClassicDDetect, ClassicIAuxDetect
+    from surgeon.families.classic_v7v9 import ClassicDDetect, ClassicIAuxDetect
 
     for head in (s, t):
         if isinstance(head, ClassicIAuxDetect):
             raise SurgeonError(f"distill does not train YOLOv7's {type(head).__name__} (its auxiliary heads learn from "
                                "the OTA assignment, not implemented here); run `surgeon deploy` first, which gives the "
                                "IDetect model the repository deploys, and distil that")
-    if type(s) is not type(t) and (type(s).__module__ == "surgeon.classic_v7v9"
-                                   or type(t).__module__ == "surgeon.classic_v7v9"):
+    if type(s) is not type(t) and (type(s).__module__ == "surgeon.families.classic_v7v9"
+                                   or type(t).__module__ == "surgeon.families.classic_v7v9"):
         raise SurgeonError(f"student ({type(s).__name__}) and teacher ({type(t).__name__}) heads differ: distil from "
                            "the checkpoint the student was rewritten from")
     if isinstance(s, ClassicDDetect):
@@ -528,7 +530,8 @@ def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict, kpt_s
 
 
 class AgreementFitness:
-    """The trainer's fitness of an unlabelled detector run: agreement F1 with the teacher (`surgeon.agreement`) of
+    """The trainer's fitness of an unlabelled detector run: agreement F1 with the teacher (`surgeon.report.agreement`)
+    of
     the model the validator scores (the EMA), on up to 64 of the user's images letterboxed at the run's size.
 
     Installed at ``on_train_start``, it wraps ``trainer.validate``: Ultralytics' validation still runs (its
@@ -543,8 +546,8 @@ class AgreementFitness:
         self.reference: list[Tensor] | None = None
 
     def score(self, model: nn.Module) -> float:
-        from surgeon.agreement import compare_detections, detections
         from surgeon.data import letterboxed
+        from surgeon.report.agreement import compare_detections, detections
 
         if self.reference is None:
             self.reference = [d for batch in letterboxed(self.paths, self.imgsz, batch=8)
@@ -598,7 +601,8 @@ class DistillResult:
         save_dir: The Ultralytics run directory.
         last: Checkpoint after the last epoch.
         best: ``best.pt`` (without labels: the epoch that agrees most with the teacher, `AgreementFitness`).
-        agreement: `surgeon.agreement.Agreement` of ``last`` with the teacher on (up to 64 of) the images, as a dict.
+        agreement: `surgeon.report.agreement.Agreement` of ``last`` with the teacher on (up to 64 of) the images, as a
+        dict.
         metrics: The trainer's final validation metrics (meaningful with labels only).
     """
 
@@ -636,9 +640,9 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         SurgeonError: Neither or both of `images` and `data`, a teacher that does not fit the student, or
             `features` for a student whose recipe names no rewritten layer.
     """
+    from surgeon.checkpoint.io import load
     from surgeon.data import image_paths, resolve_dataset
-    from surgeon.finetune import finetune
-    from surgeon.io import load
+    from surgeon.recovery.finetune import finetune
 
     if (images is None) == (data is None):
         raise SurgeonError("distill needs either images (unlabelled) or data (a labelled dataset YAML), not "
@@ -788,7 +792,7 @@ def _rewritten_layers(loaded, teacher: nn.Module) -> list[str]:
 def feature_distance(teacher: nn.Module, student: nn.Module, paths: list[str], batches, limit: int = 64) -> float:
     """`feature_loss` of `student`'s outputs at `paths` against `teacher`'s, both in eval mode, averaged over the
     batches of (up to `limit`) images."""
-    from surgeon.blocks import run_model
+    from surgeon.families.layers import run_model
 
     total, count = 0.0, 0
     teacher.eval(), student.eval()
@@ -822,8 +826,8 @@ def distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: f
 
 def _agreement(teacher: nn.Module, student: nn.Module, paths: list[Path], train_args: dict) -> dict:
     """Agreement of `student` with `teacher` on up to 64 of the images at `paths`, letterboxed at the run's size."""
-    from surgeon.agreement import agreement
     from surgeon.data import letterboxed
+    from surgeon.report.agreement import agreement
 
     imgsz = _imgsz(train_args)
     return agreement(teacher, student, letterboxed(paths, imgsz, limit=64), imgsz).to_dict()
@@ -919,7 +923,7 @@ def reestimate_batchnorm(model: nn.Module, batches) -> None:
     statistics. One pass over the images in train mode with a cumulative average fixes that (BatchNorm
     re-estimation, as post-training compression work does after changing weights).
     """
-    from surgeon.blocks import run_model
+    from surgeon.families.layers import run_model
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -945,7 +949,7 @@ def _record(path: Path, student: str | os.PathLike, record: dict, trust: bool, f
     `fitted` is None (weights as trained), a model whose re-estimated BatchNorm statistics to take, or a batches
     function to re-estimate them on.
     """
-    from surgeon.io import atomic_path, read_checkpoint
+    from surgeon.checkpoint.io import atomic_path, read_checkpoint
 
     checkpoint = read_checkpoint(path, trust=trust)
     before = read_checkpoint(student, trust=trust)

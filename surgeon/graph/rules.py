@@ -44,9 +44,10 @@ from typing import Any
 import yaml
 
 from surgeon._files import read_yaml
-from surgeon.blocks import REGIONS, ConvBlock, LayerTarget
 from surgeon.errors import RuleError
-from surgeon.registry import Registry
+from surgeon.families.layers import LayerTarget
+from surgeon.graph.blocks import REGIONS, ConvBlock
+from surgeon.modules.registry import Registry
 
 _RULE_KEYS = {"name", "description", "select", "exclude", "replace", "insert"}
 _REPLACE_KEYS = {"with", "args"}
@@ -67,7 +68,7 @@ class Selector:
             (matched against the block path and the convolution path).
         type: Class names of the block (``Conv``, ``DWConv``, ``Conv2d``, ...); in models without an Ultralytics
             layer list, ``Conv`` also names any conv -> norm [-> act] chain and ``DWConv`` a depthwise one
-            (`surgeon.blocks.ConvBlock.aliases`).
+            (`surgeon.graph.blocks.ConvBlock.aliases`).
         kernel: Square kernel sizes.
         stride: Strides (square).
         groups: Group counts.

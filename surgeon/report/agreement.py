@@ -79,11 +79,12 @@ def _xywh_to_xyxy(boxes: Tensor) -> Tensor:
 
 def _candidates(model: nn.Module, output: Tensor, imgsz: int) -> tuple[Tensor, Tensor, Tensor | None, bool]:
     """(boxes xyxy in pixels ``(B, N, 4)``, scores ``(B, N, C)`` or ``(B, N, 1)``, classes ``(B, N)`` or None, whether
-    the head already ran NMS) from a detector's first output, per head family (`surgeon.outputs.split_outputs`)."""
+    the head already ran NMS) from a detector's first output, per head family
+    (`surgeon.families.heads.split_outputs`)."""
     from ultralytics.nn.modules.head import Detect, RTDETRDecoder
 
-    from surgeon.classic import ClassicDetect
-    from surgeon.outputs import split_outputs
+    from surgeon.families.classic import ClassicDetect
+    from surgeon.families.heads import split_outputs
 
     parts = split_outputs(model, output, imgsz)
     head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
@@ -134,8 +135,8 @@ def detections(model: nn.Module, images: Tensor, imgsz: int, *, conf: float = CO
     """
     from torchvision.ops import batched_nms
 
-    from surgeon.blocks import run_model
-    from surgeon.outputs import prediction_tensor
+    from surgeon.families.heads import prediction_tensor
+    from surgeon.families.layers import run_model
 
     parameter = next(model.parameters())
     output = run_model(model.eval(), images.to(parameter.device, parameter.dtype))

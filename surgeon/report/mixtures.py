@@ -68,7 +68,7 @@ def expert_spread(op: nn.Module) -> float:
 @torch.no_grad()
 def routing(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Path -> routing weights ``(images, K)`` of every mixture layer, from one eval-mode forward pass on `images`."""
-    from surgeon.blocks import run_model
+    from surgeon.families.layers import run_model
 
     found: dict[str, torch.Tensor] = {}
     hooks = [op.router.register_forward_hook(lambda _m, _i, out, name=name: found.__setitem__(name, out.detach()))

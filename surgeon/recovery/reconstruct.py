@@ -1,6 +1,7 @@
 """Block-wise reconstruction: train each rewritten block to reproduce the original block's output, in order.
 
-The closed-form refits of `surgeon.calibrate` are linear: one layer's weights, towards that layer's output. Where a
+The closed-form refits of `surgeon.recovery.calibrate` are linear: one layer's weights, towards that layer's output.
+Where a
 rewrite removes most of a layer's capacity (a depthwise kernel in place of a dense 3x3 one), no choice of that
 layer's weights alone reproduces its output, but the rest of its block can still make up for it: the 1x1
 convolutions of a C2f or C3 block mix the channels the depthwise kernel can no longer mix, and the BatchNorm scales
@@ -10,7 +11,7 @@ what the layers of a block do together, and end to end overfits a few images), e
 replacement is trained on its own, with Adam, to map the input it receives in the *rewritten* model to the output
 the *original* block produced on the same image. The blocks go in execution order, each fed by the blocks already
 reconstructed before it, so each also corrects what the earlier ones still get wrong (progressive replacement).
-No labels are used; distillation of the whole model (`surgeon.distill`) can follow.
+No labels are used; distillation of the whole model (`surgeon.recovery.distill`) can follow.
 
 A block is the outermost module around a replacement (the model itself excepted) that is called once per forward
 pass, with one tensor in and one tensor out: a C2f, C3 or Conv layer of an Ultralytics or classic YOLO model, one
@@ -44,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from surgeon.blocks import run_model
-from surgeon.calibrate import _capture, streamed
-from surgeon.rewrite import Replaced
+from surgeon.families.layers import run_model
+from surgeon.recovery.calibrate import _capture, streamed
+from surgeon.surgery.rewrite import Replaced
 
 STEPS = 1000
 """Default optimizer steps a block."""
@@ -214,7 +215,7 @@ def reconstruct(original: nn.Module, model: nn.Module, replaced: list,
     Args:
         original: The model before surgery (not modified).
         model: The rewritten model; the parameters of its blocks with replacements are updated in place.
-        replaced: The rewrite's records (`surgeon.rewrite.Replaced`; others are skipped).
+        replaced: The rewrite's records (`surgeon.surgery.rewrite.Replaced`; others are skipped).
         images: Calibration images ``(n, c, h, w)`` in [0, 1], or a function returning a fresh iterable of such
             batches (called once a block, and twice before the first).
         steps: Adam steps a block, `BATCH` images each, learning rate `lr` decayed to 0 by a cosine.

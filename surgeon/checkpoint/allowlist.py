@@ -1,9 +1,10 @@
-"""What a checkpoint may contain: the policy `surgeon._unpickler` reads files under.
+"""What a checkpoint may contain: the policy `surgeon.checkpoint.unpickler` reads files under.
 
 **Classes** (rebuilt as ``torch.save`` wrote them: ``cls.__new__(cls)`` then the pickled state, never
 ``__init__``): every ``nn.Module`` class of ``torch.nn.modules``, ``ultralytics.nn.modules``,
-``ultralytics.nn.tasks``, ``surgeon.classic`` and ``surgeon.classic_v7v9``, and every declared replacement op
-with the module classes defined beside it (`surgeon.registry`: the built-ins and any a user imported) (recurrent
+``ultralytics.nn.tasks``, surgeon's classic families (``surgeon.families.classic*``, also under the names version 0.1
+pickled them by: ``surgeon.classic``, ``surgeon.classic_v7v9``), and every declared replacement op with the module
+classes defined beside it (`surgeon.modules.registry`: the built-ins and any a user imported) (recurrent
 layers excepted: no detector holds one, and their ``__setstate__`` loops over a count the file sets), under each
 name they are importable by (``ultralytics.nn.modules.Conv`` as 8.0 wrote it, ``...modules.conv.Conv`` as later
 versions do) and the classic YOLOv5/YOLOv7/YOLOv9 names mapped onto them; Ultralytics' loss and assigner objects
@@ -68,12 +69,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from surgeon._unpickler import Global, Policy, RefusedPickle, budget, plain_key
+from surgeon.checkpoint.unpickler import Global, Policy, RefusedPickle, budget, plain_key
+from surgeon.families.classic import classic_class_names
+from surgeon.modules.registry import op_classes, version
 
 _MODULE_PACKAGES = ("torch.nn.modules", "ultralytics.nn.modules")
 # Left out: recurrent layers (no detector holds one, and RNNBase.__setstate__ loops over a file-chosen count).
 _EXCLUDED_MODULES = ("torch.nn.modules.rnn",)
-_MODULE_MODULES = ("ultralytics.nn.tasks", "surgeon.classic", "surgeon.classic_v7v9")
+_MODULE_MODULES = ("ultralytics.nn.tasks", "surgeon.families.classic_layers", "surgeon.families.classic_v7v9",
+                   "surgeon.families.classic")
+# Where version 0.1 (one flat package) defined the classes its checkpoints name, and where they are now.
+MOVED_MODULES = {"surgeon.classic": ("surgeon.families.classic", "surgeon.families.classic_layers"),
+                 "surgeon.classic_v7v9": ("surgeon.families.classic_v7v9",)}
 _OBJECT_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal")
 
 # Every __setstate__ BUILD may call, by qualified name; test_io checks this equals what the allowed classes define.
@@ -90,8 +97,9 @@ AUDITED_SETSTATE = frozenset({
     "torch.nn.modules.upsampling.Upsample.__setstate__",  # default recompute_scale_factor
     "ultralytics.nn.modules.block.AAttn.__setstate__",  # default all_head_dim
     "surgeon.modules.ds_conv.DSConv2d.__setstate__",  # default kernel_unit buffer
-    "surgeon.classic.ClassicDetect.__setstate__",  # pre-v6/YOLOv7 grid caches reset; YOLOv9's layout -> ClassicDDetect
-    "surgeon.classic.ClassicDetectionModel.__setstate__",  # fills stride/nc/names as attempt_load does
+    "surgeon.families.classic_layers.ClassicDetect.__setstate__",  # pre-v6/YOLOv7 grid caches reset
+    "surgeon.families.classic_v7v9.ClassicPickledDetect.__setstate__",  # models.yolo.Detect: YOLOv9's -> ClassicDDetect
+    "surgeon.families.classic.ClassicDetectionModel.__setstate__",  # fills stride/nc/names as attempt_load does
 })
 
 
@@ -248,9 +256,6 @@ def _numpy_multiarray() -> types.ModuleType:
 
 def checkpoint_policy() -> Policy:
     """The policy every checkpoint is read under (rebuilt only when a replacement is declared)."""
-    from surgeon.registry import op_classes, version
-
-    op_classes()  # the built-ins are declared before the version is read
     return _policy(version())
 
 
@@ -259,9 +264,6 @@ def _policy(_version: int) -> Policy:
     """The policy under the declarations of `_version` (importing the allowed packages is the cost)."""
     from ultralytics.nn.modules.head import Detect
     from ultralytics.utils import IterableSimpleNamespace
-
-    from surgeon.classic import classic_class_names
-    from surgeon.registry import op_classes
 
     modules = [m for p in _MODULE_PACKAGES for m in _modules_of(p) if m.__name__ not in _EXCLUDED_MODULES]
     modules += [importlib.import_module(m) for m in _MODULE_MODULES]
@@ -288,6 +290,9 @@ def _policy(_version: int) -> Policy:
         legacy["ultralytics.utils.loss.v10DetectLoss"] = classes["ultralytics.utils.loss.E2EDetectLoss"]
     classes.update(legacy)
     classes.update(classic_class_names())
+    for old, new in MOVED_MODULES.items():
+        for module in new:
+            classes.update({f"{old}.{c.__name__}": c for c in _defined_classes(importlib.import_module(module), None)})
 
     calls = {
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,

@@ -1,6 +1,7 @@
 """Distillation of RT-DETR: the rewritten model's decoder queries matched one to one to the original's.
 
-A YOLO head predicts at fixed anchors, so student and teacher outputs pair up by position (`surgeon.distill`). An
+A YOLO head predicts at fixed anchors, so student and teacher outputs pair up by position
+(`surgeon.recovery.distill`). An
 RT-DETR decoder picks its queries from the encoder's top-scoring positions, so the student's query ``i`` is not the
 teacher's query ``i``. As DETR distillation work does (DETRDistill, Chang et al., ICCV 2023,
 https://arxiv.org/abs/2211.10156: Hungarian matching between the teacher's and the student's predictions), each

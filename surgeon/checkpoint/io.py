@@ -2,7 +2,7 @@
 
 Loading never runs code from the file. The archive is checked to be what ``torch.save`` writes
 (stored records, sizes that fit, no TorchScript, no extra members), then its pickle is read by
-`surgeon._unpickler` under the policy of `surgeon._allowlist`: module objects come back the way
+`surgeon.checkpoint.unpickler` under the policy of `surgeon.checkpoint.allowlist`: module objects come back the way
 ``torch.save`` wrote them (created without ``__init__``, then their state), and nothing the file
 names is called with its own arguments except a short audited list of pure rebuild functions.
 Anything else is refused with what was asked for named, unless the caller passes ``trust=True``.
@@ -25,7 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgeon.errors import CheckpointError, SurgeonError, UnsafeCheckpointError
+from surgeon.checkpoint.allowlist import checkpoint_policy
+from surgeon.checkpoint.unpickler import RefusedPickle, pickle_module
+from surgeon.errors import CheckpointError, SurgeonError, SurgeryError, UnsafeCheckpointError
+from surgeon.families.arch import build
+from surgeon.families.classic import (
+    ClassicDetectionModel,
+    classic_class_names,
+    is_classic_head,
+    refuse_classic_rebuild,
+)
 
 
 @dataclass
@@ -55,8 +64,6 @@ class _RenamingUnpickler(pickle.Unpickler):
     """Full unpickler (trusted files only) that maps renamed classes, e.g. classic ``models.*``."""
 
     def find_class(self, module: str, name: str):
-        from surgeon.classic import classic_class_names
-
         return classic_class_names().get(f"{module}.{name}") or super().find_class(module, name)
 
 
@@ -66,6 +73,14 @@ class _RenamingPickle:
     Unpickler = _RenamingUnpickler
     load = staticmethod(pickle.load)
     __name__ = "pickle"
+
+
+STATE_DICT_FORMAT = "surgeon.state_dict/1"
+
+
+def is_state_dict_file(obj) -> bool:
+    """Whether `obj` is surgeon's portable form of a rewritten model: ``{"format", "state_dict", "recipe", "arch"}``."""
+    return isinstance(obj, dict) and obj.get("format") == STATE_DICT_FORMAT and isinstance(obj.get("state_dict"), dict)
 
 
 def file_sha256(path: Path) -> str:
@@ -158,8 +173,6 @@ def _torch_load(path: Path, reader):
     """``torch.load`` with `reader` (surgeon's restricted pickle module), or Python's full unpickler if None."""
     if reader is None:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RenamingPickle)
-    from surgeon._unpickler import RefusedPickle
-
     try:
         with _without_forced_weights_only():
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=reader)
@@ -192,9 +205,6 @@ def _load_file(path: Path, trust: bool):
     records = _check_file(path, trust)
     reader = None
     if not trust:  # built before the file is read: a failure here is not the file's
-        from surgeon._allowlist import checkpoint_policy
-        from surgeon._unpickler import pickle_module
-
         reader = pickle_module(checkpoint_policy(), records)
     try:
         return _torch_load(path, reader)
@@ -222,14 +232,16 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False):
 
 
 def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
-         arch: Callable[[], nn.Module] | str | None = None) -> Loaded:
-    """Load a model for surgery.
+         arch: Callable[[], nn.Module] | str | None = None, rebuild: Callable | None = None) -> Loaded:
+    """Load a model for surgery (`surgeon.load` is this with surgery replay as `rebuild`).
 
     Args:
         source: A checkpoint path (Ultralytics, classic YOLOv5, a pickled module, or a state dict
             together with `arch`), or an ``nn.Module`` (used as it is: not copied).
         trust: Allow classes outside the allow-list (runs code from the pickle; only for files you trust).
         arch: For state-dict files: a callable returning the architecture, or its dotted import path.
+        rebuild: ``rebuild(obj, path, arch) -> nn.Module`` makes the model of surgeon's state-dict file ``obj``
+            (`is_state_dict_file`) by replaying its recipe; without it such a file is refused.
 
     Raises:
         CheckpointError: Missing, unreadable, corrupt files and files without a model.
@@ -240,14 +252,14 @@ def load(source: str | os.PathLike | nn.Module, *, trust: bool = False,
     path = Path(source)
     obj = _load_file(path, trust)
     try:
-        return _loaded(path, obj, trust, arch)
+        return _loaded(path, obj, trust, arch, rebuild)
     except SurgeonError:
         raise
     except Exception as error:  # a crafted or damaged object graph fails in any of a dozen ways; all mean malformed
         raise CheckpointError(f"{path}: malformed checkpoint ({_reason(error)})") from None
 
 
-def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
+def _loaded(path: Path, obj, trust: bool, arch, rebuild: Callable | None) -> Loaded:
     digest = file_sha256(path)
     if isinstance(obj, nn.Module):
         if not trust:
@@ -255,16 +267,15 @@ def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
         return Loaded(obj.float().eval(), "module", path, digest)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a model or checkpoint dict")
-    from surgeon.replay import is_state_dict_file, rebuild
-
     if is_state_dict_file(obj):  # surgeon's portable form: architecture + recipe + state dict
+        if rebuild is None:
+            raise CheckpointError(f"{path}: a surgeon state-dict file; load it with surgeon.load, which replays its "
+                                  "recipe")
         model = rebuild(obj, path, arch)
         named = obj.get("arch") if arch is None else (arch if isinstance(arch, str) else None)
         return Loaded(model.float().eval(), "state_dict", path, digest, {"surgeon": obj["recipe"], "arch": named})
     model = obj.get("ema") if isinstance(obj.get("ema"), nn.Module) else obj.get("model")
     if isinstance(model, nn.Module):
-        from surgeon.classic import ClassicDetectionModel
-
         fmt = "classic" if isinstance(model, ClassicDetectionModel) else "ultralytics"
         if not trust:
             _check_model(path, model)
@@ -278,8 +289,6 @@ def _loaded(path: Path, obj, trust: bool, arch) -> Loaded:
         if arch is None:
             raise CheckpointError(f"{path}: holds a state dict but no model; load it from Python with "
                                   "surgeon.load(path, arch=...) naming the architecture")
-        from surgeon.arch import build
-
         model = build(arch, from_file=False)
         try:
             model.load_state_dict(state)
@@ -336,8 +345,6 @@ def _check_model(path: Path, model: nn.Module) -> None:
                                                  and bool((stride > 0).all())):
         raise CheckpointError(f"{path}: malformed checkpoint (strides {stride.tolist()})")
     layers = getattr(model, "model", None)
-    from surgeon.classic import ClassicDetectionModel, is_classic_head
-
     if isinstance(model, ClassicDetectionModel) and not (
             isinstance(layers, nn.Sequential) and len(layers) and is_classic_head(layers[-1])):
         raise CheckpointError(f"{path}: its classic model has no layer list ending in a Detect head")
@@ -396,8 +403,6 @@ def checkpoint_dict(loaded: Loaded, model: nn.Module, recipe: dict) -> dict:
 
     checkpoint = {k: v for k, v in loaded.checkpoint.items() if k not in ("optimizer", "best_fitness", "updates")}
     saved = deepcopy(model).half().eval()
-    from surgeon.classic import ClassicDetectionModel, refuse_classic_rebuild
-
     if isinstance(saved, ClassicDetectionModel):
         refuse_classic_rebuild(saved)
     if recipe:  # the model carries its recipe too: trainers and model.save() write only the module's own state
@@ -421,3 +426,26 @@ def save_checkpoint(loaded: Loaded, model: nn.Module, path: Path, recipe: dict) 
     with atomic_path(Path(path)) as tmp:
         torch.save(checkpoint, tmp)
     return Path(path)
+
+
+def check_output(path: Path, source: Path | None, *, force: bool = False) -> None:
+    """Refuse an output path that is the input, a directory, or an existing file (without `force`)."""
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise SurgeryError(f"{path}: refusing to overwrite the input checkpoint; choose another output with -o")
+    if path.is_dir():
+        raise SurgeryError(f"{path}: is a directory")
+    if path.exists() and not force:
+        raise SurgeryError(f"{path}: already exists (use --force to overwrite)")
+
+
+def native_imgsz(loaded: Loaded, default: int = 640) -> int:
+    """The image size `loaded` was trained at, from its checkpoint's training arguments (Ultralytics ``train_args``,
+    classic ``opt``), else `default`."""
+    for key, field_name in (("train_args", "imgsz"), ("opt", "img_size"), ("opt", "imgsz")):
+        args = loaded.checkpoint.get(key)
+        value = args.get(field_name) if isinstance(args, dict) else getattr(args, field_name, None)
+        if isinstance(value, (list, tuple)) and value:
+            value = max(v for v in value if isinstance(v, int)) if any(isinstance(v, int) for v in value) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 8192:
+            return value
+    return default

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from surgeon.errors import TraceError
-from surgeon.registry import is_replacement_op
+from surgeon.modules.registry import is_replacement_op
 
 LEAF_BASES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d, nn.SiLU, nn.ReLU,
               nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.GELU, nn.Mish, nn.ELU, nn.PReLU, nn.Sigmoid, nn.Hardsigmoid,

@@ -1,6 +1,6 @@
 """Rules x targets -> match records. Matching reads the model's block and layer lists and never changes them.
 
-Replace rules select Conv blocks (found by graph pattern matching, `surgeon.blocks`); insert rules
+Replace rules select Conv blocks (found by graph pattern matching, `surgeon.graph.blocks`); insert rules
 select top-level layers.
 """
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from surgeon.blocks import ConvBlock, LayerTarget
 from surgeon.errors import NoMatchError, RuleError
-from surgeon.rules import Rule
+from surgeon.families.layers import LayerTarget
+from surgeon.graph.blocks import ConvBlock
+from surgeon.graph.rules import Rule
 
 OVERLAP_POLICIES = ("error", "first", "last")
 
@@ -38,7 +39,7 @@ def match_rules(blocks: list[ConvBlock], rules: list[Rule], *, layers: list[Laye
     """Select targets for each rule.
 
     Args:
-        blocks: The model's Conv blocks (from `surgeon.blocks.find_blocks`).
+        blocks: The model's Conv blocks (from `surgeon.graph.blocks.find_blocks`).
         rules: Rules in command-line order.
         layers: The model's top-level layers (for insert rules).
         model_name: Used in error messages.

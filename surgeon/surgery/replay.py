@@ -8,7 +8,7 @@ Calibration and training are not replayed: what they changed is in the state dic
 
 `save_state_dict` writes the portable form, ``{"state_dict", "recipe", "arch"}``: plain tensors and data,
 which the safe loader (and ``torch.load(weights_only=True)``) reads anywhere; ``surgeon.load`` rebuilds the
-model from it (`surgeon.arch` says which architectures a file may name).
+model from it (`surgeon.families.arch` says which architectures a file may name).
 """
 
 from __future__ import annotations
@@ -19,10 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from surgeon.checkpoint import io
+from surgeon.checkpoint.io import STATE_DICT_FORMAT, Loaded, atomic_path
 from surgeon.errors import CheckpointError, SurgeonError, SurgeryError
-from surgeon.registry import Registry
+from surgeon.families.arch import build, describe
+from surgeon.families.heads import match_class_count
+from surgeon.graph.rules import parse_rule
+from surgeon.modules import builtin_replacements
+from surgeon.modules.registry import Registry
+from surgeon.surgery.operation import operate, output_check, recorded
 
-FORMAT = "surgeon.state_dict/1"
+FORMAT = STATE_DICT_FORMAT
 _MAX_STEPS = 16
 _MAX_IMGSZ = 2048
 
@@ -81,11 +88,6 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None, nc
     Raises:
         SurgeryError: The recipe is malformed, or its rules select other blocks on `model` than they did.
     """
-    from surgeon.api import apply
-    from surgeon.modules import builtin_replacements
-    from surgeon.rewrite import Inserted, Replaced
-    from surgeon.rules import parse_rule
-
     registry = registry or builtin_replacements()
     if not isinstance(recipe, dict) or not isinstance(recipe.get("rules"), list):
         raise SurgeryError("not a surgeon recipe (a dict with 'rules'; checkpoints keep it under 'surgeon')")
@@ -97,10 +99,9 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None, nc
         rules = [parse_rule(data, f"recipe step {number}: rule {data.get('name') if isinstance(data, dict) else ''}",
                             registry) for data in step.get("rules", [])]
         imgsz = step.get("imgsz", 640)
-        result = apply(current, rules, imgsz=imgsz, check_imgsz=min(imgsz, 256), registry=registry)
-        replaced = [r.conv for r in result.replaced if isinstance(r, Replaced)]
-        inserted = [{"path": r.path, "after" if r.position == "after" else "before": r.target}
-                    for r in result.replaced if isinstance(r, Inserted)]
+        _, rewritten, records = operate(Loaded(current.float().eval(), "module"), rules, registry, imgsz=imgsz)
+        output_check(current, rewritten, min(imgsz, 256))
+        replaced, inserted = recorded(records)
         if replaced != list(step.get("replaced", [])) or inserted != list(step.get("inserted", [])):
             missing = sorted(set(step.get("replaced", [])) - set(replaced))
             extra = sorted(set(replaced) - set(step.get("replaced", [])))
@@ -108,11 +109,9 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None, nc
             detail += f"; selected now only: {extra[:3]}" if extra else ""
             raise SurgeryError(f"recipe step {number} selects other blocks on this model than it did when it was "
                                f"recorded (is it the same architecture?){detail}")
-        current = result.model
+        current = rewritten
     if nc is not None:
-        from surgeon.finetune import _match_class_count
-
-        _match_class_count(current, nc)
+        match_class_count(current, nc)
     if state_dict is not None:
         try:
             current.load_state_dict(state_dict)
@@ -124,21 +123,13 @@ def replay(model: nn.Module, recipe: dict, *, state_dict: dict | None = None, nc
 
 def state_dict_file(model: nn.Module, recipe: dict, arch=None) -> dict:
     """The portable form of a rewritten model: ``{"format", "state_dict", "recipe", "arch"}``."""
-    from surgeon.arch import describe
-
     return {"format": FORMAT, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "recipe": recipe, "arch": describe(model, arch)}
-
-
-def is_state_dict_file(obj) -> bool:
-    return isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("state_dict"), dict)
 
 
 def rebuild(obj: dict, path: Path, arch=None) -> nn.Module:
     """The rewritten model a `state_dict_file` holds: its architecture built (from `arch` if given, else from what
     the file names, safe forms only), its recipe replayed, its state dict loaded."""
-    from surgeon.arch import build
-
     recipe, named = obj.get("recipe"), obj.get("arch")
     if not isinstance(recipe, dict) or not recipe.get("rules"):
         raise CheckpointError(f"{path}: state-dict file without a surgery recipe")
@@ -164,8 +155,12 @@ def rebuild(obj: dict, path: Path, arch=None) -> nn.Module:
 
 def save_state_dict(model: nn.Module, recipe: dict, path: str | os.PathLike, arch=None) -> Path:
     """Write `state_dict_file(...)` to `path` atomically."""
-    from surgeon.io import atomic_path
-
     with atomic_path(Path(path)) as tmp:
         torch.save(state_dict_file(model, recipe, arch), tmp)
     return Path(path)
+
+
+def load(source: str | os.PathLike | nn.Module, *, trust: bool = False, arch=None) -> Loaded:
+    """`surgeon.checkpoint.io.load` that also reads surgeon's state-dict files, rebuilding them by replay: what
+    `surgeon.load` is (see there for the arguments)."""
+    return io.load(source, trust=trust, arch=arch, rebuild=rebuild)

@@ -2,42 +2,38 @@
 
 ``Model.train()`` asks the task's stock trainer for a model built from ``model.yaml`` and copies the
 tensors whose names match into it, which silently drops every rewritten layer (see
-`surgeon.finetune`). Here ``Model.train`` is wrapped once per process: when the model it is about
+`surgeon.recovery.finetune`). Here ``Model.train`` is wrapped once per process: when the model it is about
 to train holds surgeon's modules and no trainer was given, it trains with surgeon's trainer for the
-task (`surgeon.finetune.trainer_for`), which keeps the rewritten model; a model surgeon cannot
+task (`surgeon.recovery.finetune.trainer_for`), which keeps the rewritten model; a model surgeon cannot
 fine-tune stops with a `SurgeonError` before training. For every other model the wrapper calls
 the original with the same arguments and nothing changes.
 
-The wrapper is installed when surgeon is imported, which also happens when a rewritten checkpoint is
-unpickled by Ultralytics' own loader (the pickle names surgeon's classes): if Ultralytics' model
-module is not imported yet, a one-shot import hook installs it right after it is.
+The wrapper is installed when surgeon's modules or classic families are imported (`surgeon._arming`), which is
+what happens when a rewritten checkpoint is unpickled by Ultralytics' own loader (the pickle names surgeon's
+classes): if Ultralytics' model module is not imported yet, a one-shot import hook installs it right after it is.
+A bare ``import surgeon`` changes nothing.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
 
 from torch import nn
+
+from surgeon.modules.registry import is_replacement_op, op_spec
 
 _TARGET = "ultralytics.engine.model"
 
 
 def has_surgery(model) -> bool:
     """Whether `model` holds any module defined by surgeon (classic layers) or a declared replacement or insertion,
-    built in or not (`surgeon.registry`)."""
-    from surgeon.registry import is_replacement_op
-
+    built in or not (`surgeon.modules.registry`)."""
     return isinstance(model, nn.Module) and any(
         type(m).__module__.split(".")[0] == "surgeon" or is_replacement_op(m) for m in model.modules())
 
 
 def _unfoldable_blocks(model: nn.Module) -> list[nn.Module]:
     """Blocks (modules with ``conv`` and ``bn``) whose ``conv`` is an op declared ``fold_bn=False``."""
-    from surgeon.registry import op_spec
-
     found = []
     for module in model.modules():
         spec = op_spec(getattr(module, "conv", None)) if isinstance(getattr(module, "conv", None), nn.Module) else None
@@ -78,39 +74,11 @@ def install() -> None:
     @functools.wraps(original)
     def train(self, trainer=None, **kwargs):
         if trainer is None and has_surgery(getattr(self, "model", None)):
-            from surgeon.finetune import trainer_for
+            # Imported here: `install` runs while Ultralytics is still importing, before its trainers can be.
+            from surgeon.recovery.finetune import trainer_for
 
             trainer = trainer_for(self.model)  # raises before training for models it cannot train
         return original(self, trainer=trainer, **kwargs)
 
     train._surgeon_keeps_surgery = True
     Model.train = train
-
-
-class _InstallAfterImport(importlib.abc.MetaPathFinder):
-    """Runs `install` right after Ultralytics' model module is first executed, then removes itself."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_install(module):
-            exec_module(module)
-            install()
-
-        spec.loader.exec_module = exec_and_install
-        return spec
-
-
-def install_when_ultralytics_loads() -> None:
-    """`install` now if Ultralytics' model module is loaded, else as soon as it is."""
-    if _TARGET in sys.modules:
-        install()
-    elif importlib.util.find_spec("ultralytics") is not None and not any(
-            isinstance(f, _InstallAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _InstallAfterImport())

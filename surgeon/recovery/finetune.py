@@ -16,7 +16,7 @@ replacement modules are module-level classes importable in the worker. Versions 
 that do not ship the model along leave ``trainer.model`` as the checkpoint path from ``args.model``;
 :meth:`setup_model` then reads the rewritten model from that path instead of building it from YAML.
 
-Security: every checkpoint read here goes through surgeon's safe reader (`surgeon.io`), which
+Security: every checkpoint read here goes through surgeon's safe reader (`surgeon.checkpoint.io`), which
 never runs code from a file: the checkpoint given to :func:`finetune`, and the files Ultralytics'
 trainer reads itself (``resume``, ``strip_optimizer`` on ``last.pt``/``best.pt``, the final
 validation's model), which :func:`ultralytics_reads_safely` routes to the same reader while a
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import os
 from copy import copy, deepcopy
 from dataclasses import dataclass, field
@@ -55,12 +54,13 @@ from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder  # noqa:
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
-from surgeon.classic import ClassicDetect  # noqa: E402
-from surgeon.classic_loss import ClassicHyp  # noqa: E402
-from surgeon.classic_v7v9 import ClassicDDetect  # noqa: E402
+from surgeon.checkpoint.io import load, read_checkpoint  # noqa: E402
 from surgeon.data import resolve_dataset, training_images  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
-from surgeon.io import load, read_checkpoint  # noqa: E402
+from surgeon.families.classic import ClassicDetect  # noqa: E402
+from surgeon.families.classic_loss import ClassicHyp  # noqa: E402
+from surgeon.families.classic_v7v9 import ClassicDDetect  # noqa: E402
+from surgeon.families.heads import match_class_count, model_head  # noqa: E402
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
 
 __all__ = [
@@ -94,7 +94,7 @@ _ANNOUNCE: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_finetu
 
 
 def _load_checkpoint_model(path: str | Path, trust: bool = False) -> tuple[nn.Module, dict]:
-    """Read a rewritten checkpoint with `surgeon.io.load`, then set what Ultralytics' own loader sets.
+    """Read a rewritten checkpoint with `surgeon.checkpoint.io.load`, then set what Ultralytics' own loader sets.
 
     Ultralytics' loader renames ``yolov5s.pt``/``yolov3.pt`` to their ``u`` variants and tries to
     download those, so a user's file with such a name would never be read; and it unpickles anything.
@@ -128,7 +128,7 @@ def ultralytics_reads_safely(trust: bool = False):
     Ultralytics' trainer and validator read checkpoints themselves with ``torch.load(weights_only=False)``:
     ``resume`` (``load_checkpoint``), ``strip_optimizer`` on ``last.pt``/``best.pt``, and the final
     validation (``AutoBackend`` -> ``load_checkpoint``). Those module-level functions are swapped for
-    ones that call `surgeon.io.read_checkpoint` and restored afterwards. File-like objects (not paths)
+    ones that call `surgeon.checkpoint.io.read_checkpoint` and restored afterwards. File-like objects (not paths)
     pass through to Ultralytics' own function.
     """
     import ultralytics.data.dataset as dataset
@@ -278,14 +278,14 @@ class MixtureLogger:
     Measured on the EMA model (what is validated and saved) with the first `images` images of the
     validation set (generated images at the training size where the trainer has no validation loader),
     written to ``mixtures.csv`` beside Ultralytics' ``results.csv`` (epoch, median and minimum expert
-    spread, identical layers, mean routing entropy and spread; see `surgeon.mixtures`) and logged. Models
+    spread, identical layers, mean routing entropy and spread; see `surgeon.report.mixtures`) and logged. Models
     without mixture layers are left alone.
     """
 
     images: int = 8
 
     def __call__(self, trainer: Any) -> None:
-        from surgeon.mixtures import mixture_layers, mixture_stats, summary
+        from surgeon.report.mixtures import mixture_layers, mixture_stats, summary
 
         model = getattr(getattr(trainer, "ema", None), "ema", None)
         model = unwrap_model(trainer.model) if model is None else model
@@ -380,7 +380,7 @@ class _KeepRewrittenModel:
             if p.dtype.is_floating_point:
                 p.requires_grad_(True)
         if getattr(self, "data", None) and "nc" in self.data:
-            _match_class_count(model, int(self.data["nc"]), verbose=verbose and RANK in {-1, 0})
+            match_class_count(model, int(self.data["nc"]), verbose=verbose and RANK in {-1, 0})
         return model
 
     def get_dataset(self):
@@ -450,7 +450,7 @@ def trainer_for(model: nn.Module | str) -> type:
         SurgeonError: A task or head the Ultralytics trainers here do not cover.
     """
     if isinstance(model, nn.Module):
-        head = _head(model)
+        head = model_head(model)
         if isinstance(head, RTDETRDecoder):
             return RewrittenRTDETRTrainer
         refusal = getattr(type(head), "finetune_refusal", None)
@@ -474,85 +474,6 @@ def trainer_for(model: nn.Module | str) -> type:
         raise SurgeonError(f"cannot fine-tune a model of task {task!r} (supported: {', '.join(_TRAINERS)})") from None
 
 
-def _head(model: nn.Module) -> nn.Module | None:
-    layers = getattr(model, "model", None)
-    return layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
-
-
-def _match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None:
-    """Resize the class outputs of `model`'s head to `nc` classes, as Ultralytics does when fine-tuning.
-
-    Only the last layer of each class branch is replaced (freshly initialised); the hidden layers
-    keep their trained weights, whatever surgery did to them.
-
-    Raises:
-        SurgeonError: The head's class outputs are not plain layers this function knows how to resize.
-    """
-    head = _head(model)
-    current = getattr(head, "nc", None)
-    if head is None or current == nc:
-        return
-    if isinstance(head, (Detect, ClassicDDetect)) and current is not None:  # cv5: YOLOv9's dual heads
-        branches = [b for attr in ("cv3", "cv5", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
-        if not branches or any(not (isinstance(b[-1], nn.Conv2d) and b[-1].out_channels == current) for b in branches):
-            raise SurgeonError(
-                f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "
-                "fine-tune on a dataset with the model's classes"
-            )
-        n_levels = len(getattr(head, "cv3", branches))
-        for i, branch in enumerate(branches):
-            old = branch[-1]
-            new = nn.Conv2d(old.in_channels, nc, 1).to(old.weight.device, old.weight.dtype)
-            stride = float(head.stride[i % n_levels]) if len(head.stride) else 32.0
-            with torch.no_grad():  # Ultralytics' Detect.bias_init: about 0.01 objects per cell at 640 px
-                new.bias.fill_(math.log(5 / nc / (640 / stride) ** 2))
-            branch[-1] = new
-        head.nc = nc
-        head.no = nc + head.reg_max * 4
-    elif isinstance(head, Classify) and isinstance(head.linear, nn.Linear):
-        old = head.linear
-        head.linear = nn.Linear(old.in_features, nc).to(old.weight.device, old.weight.dtype)
-    elif isinstance(head, ClassicDetect) and all(isinstance(m, nn.Conv2d) for m in head.m):
-        _resize_classic_head(head, nc)
-    else:
-        raise SurgeonError(
-            f"cannot resize the class outputs of {type(head).__name__} to {nc} classes; "
-            "fine-tune on a dataset with the model's classes"
-        )
-    model.nc = nc
-    if isinstance(getattr(model, "yaml", None), dict):
-        model.yaml["nc"] = nc
-    if hasattr(model, "criterion"):
-        model.criterion = None  # built for the old class count
-    if verbose:
-        from ultralytics.utils import LOGGER
-
-        LOGGER.info(f"surgeon: new class outputs in {type(head).__name__} for {nc} classes (was {current})")
-
-
-def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
-    """New class rows in each level's output convolution (and YOLOv7's ImplicitM after it, at 1); the box and
-    objectness rows keep their trained weights.
-
-    Class biases start as the classic ``_initialize_biases`` sets them: log(0.6 / (nc - 0.99)).
-    """
-    for i, old in enumerate(head.m):
-        new = nn.Conv2d(old.in_channels, head.na * (5 + nc), 1).to(old.weight.device, old.weight.dtype)
-        with torch.no_grad():
-            weight = new.weight.view(head.na, 5 + nc, -1)
-            bias = new.bias.view(head.na, 5 + nc)
-            weight[:, :5] = old.weight.view(head.na, head.no, -1)[:, :5]
-            bias[:, :5] = old.bias.view(head.na, head.no)[:, :5]
-            bias[:, 5:] = math.log(0.6 / (nc - 0.99))
-        head.m[i] = new
-        implicit = head.im[i] if isinstance(getattr(head, "im", None), nn.ModuleList) else None  # YOLOv7's IDetect
-        if implicit is not None:
-            scale = torch.ones(head.na, 5 + nc, dtype=implicit.implicit.dtype, device=implicit.implicit.device)
-            scale[:, :5] = implicit.implicit.detach().view(head.na, head.no)[:, :5]
-            implicit.implicit = nn.Parameter(scale.view(1, -1, 1, 1))
-    head.nc, head.no = nc, nc + 5
-
-
 class ClassicDetectionValidator(DetectionValidator):
     """DetectionValidator for classic heads: confidence = objectness x class score, then Ultralytics' NMS and mAP."""
 
@@ -565,7 +486,7 @@ class ClassicDetectionValidator(DetectionValidator):
 class RewrittenClassicTrainer(_KeepRewrittenModel, DetectionTrainer):
     """Ultralytics' detection training for classic YOLOv5 models, with the classic recipe.
 
-    The loss is the classic anchor-based one (`surgeon.classic_loss`, gains scaled to the levels, classes
+    The loss is the classic anchor-based one (`surgeon.families.classic_loss`, gains scaled to the levels, classes
     and image size as the classic ``train.py`` scales them, stored as ``model.hyp`` like the classic
     repository does); the optimizer defaults to SGD (the classic choice; Ultralytics' other defaults,
     learning rates, warm-up and augmentation, equal the classic ``hyp.scratch-low.yaml``). Data
@@ -602,7 +523,7 @@ class ClassicV9DetectionValidator(DetectionValidator):
 class RewrittenClassicV9Trainer(_KeepRewrittenModel, DetectionTrainer):
     """Ultralytics' detection training for classic YOLOv9 models (DDetect, DualDDetect), with YOLOv9's loss.
 
-    The loss is the repository's (`surgeon.classic_v7v9.yolov9_loss`: task-aligned assignment, CIoU, DFL, BCE,
+    The loss is the repository's (`surgeon.families.classic_v7v9.yolov9_loss`: task-aligned assignment, CIoU, DFL, BCE,
     the auxiliary branch at 0.25), with its gains, which are Ultralytics' defaults (box 7.5, cls 0.5, dfl 1.5);
     the repository's optimizer is SGD. Data loading, augmentation, EMA, AMP, checkpoints and DDP are Ultralytics'.
     """

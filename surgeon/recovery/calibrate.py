@@ -7,7 +7,8 @@ the *original* model, so each layer also corrects what the layers before it got 
 al., "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, https://arxiv.org/abs/1707.06168).
 No labels are used.
 
-Refittable: ops declared with a ``refit`` (`surgeon.registry`). Built in: ``dwsep`` ops (their pointwise weights,
+Refittable: ops declared with a ``refit`` (`surgeon.modules.registry`). Built in: ``dwsep`` ops (their pointwise
+weights,
 by least squares; `surgeon.modules.dw_conv.refine_pointwise`), ``dwconv`` ops (their grouped weights, group by group
 on sampled patches; `surgeon.modules.dw_conv.refine_grouped`) and ``dsconv`` ops (their kernel distribution shifts,
 channel by channel on sampled patches, the integers kept; `surgeon.modules.ds_conv.refine_shifts`).
@@ -27,9 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from surgeon.blocks import run_model
-from surgeon.registry import op_spec
-from surgeon.rewrite import Replaced
+from surgeon.families.layers import run_model
+from surgeon.modules.registry import op_spec
+from surgeon.surgery.rewrite import Replaced
 
 CHUNK = 8
 """Images per forward pass while calibrating."""
@@ -115,7 +116,7 @@ def refine(original: nn.Module, model: nn.Module, replaced: list,
     Args:
         original: The model before surgery (not modified).
         model: The rewritten model; its refittable modules are updated in place.
-        replaced: The rewrite's records (`surgeon.rewrite.Replaced`; others are skipped).
+        replaced: The rewrite's records (`surgeon.surgery.rewrite.Replaced`; others are skipped).
         images: Calibration images ``(n, c, h, w)`` in [0, 1], or a function returning a fresh iterable of such
             batches (it is called once per refitted layer, so a folder streams from disk).
         ops: The module of `model` for each record's path, where layers inserted into `model` moved them (default:

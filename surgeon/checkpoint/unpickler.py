@@ -16,7 +16,7 @@ This reader separates the two things a global can be used for:
 * **Calls** (`Policy.calls`) are the few pure rebuild functions ``torch.save`` and numpy emit
   (tensor and storage rebuilds, ``OrderedDict``, ``set``, ``torch.Size``, ...). Each entry is a
   checker that validates the argument types before calling the real function; see
-  `surgeon._allowlist` for the list and why each entry is safe.
+  `surgeon.checkpoint.allowlist` for the list and why each entry is safe.
 * ``getattr`` is accepted only for the pairs on `Policy.attributes` (e.g. ``Detect.forward``, which
   Ultralytics 8.0-8.2 heads keep a reference to), never in general.
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgeon.blocks import NORM_TYPES, LayerLayout, is_conv, sample_input
+from surgeon.families.layers import LayerLayout, is_conv, sample_input
+from surgeon.graph.blocks import NORM_TYPES
 
 _NORM_FLOPS_PER_ELEMENT = 8
 

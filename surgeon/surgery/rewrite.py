@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeryError
-from surgeon.match import Match
-from surgeon.registry import Registry
+from surgeon.graph.match import Match
+from surgeon.modules.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def rewrite(model: nn.Module, matches: list[Match], registry: Registry,
 
     Args:
         model: The model (not modified).
-        matches: Match records from `surgeon.match.match_rules`.
+        matches: Match records from `surgeon.graph.match.match_rules`.
         registry: Where the rules' modules are registered.
         layer_shapes: Output shape per top-level layer path (``model.N``), for insert-before rules.
 

@@ -119,7 +119,7 @@ class Report:
 
     def write(self, path: str | Path) -> None:
         """Write the report in the format named by the file's extension (.md, .json, .svg)."""
-        from surgeon.io import atomic_path
+        from surgeon.checkpoint.io import atomic_path
 
         path = Path(path)
         renderers = {".md": to_markdown, ".json": Report.to_json, ".svg": to_svg}

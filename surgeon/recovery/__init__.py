@@ -1,0 +1,2 @@
+"""Recovery after a rewrite: calibration and block reconstruction on images, fine-tuning and distillation through
+the Ultralytics trainer."""

@@ -1,0 +1,1 @@
+"""Rewriting: swapping matched blocks for replacements, replaying recorded surgery, and deployment forms."""
