@@ -15,6 +15,7 @@ from torch import nn
 
 from surgeon.data import make_dataset
 from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.families.heads import match_class_count
 from surgeon.modules.plain_conv import PlainConv2d, plain_conv
 from surgeon.recovery.finetune import (
     RewrittenClassificationTrainer,
@@ -24,7 +25,6 @@ from surgeon.recovery.finetune import (
     RewrittenSegmentationTrainer,
     TemperatureAnnealer,
     TemperatureSchedule,
-    _match_class_count,
     finetune,
     load_yolo,
     set_temperature,
@@ -186,7 +186,7 @@ def test_match_class_count_resizes_only_the_class_outputs(cfg):
 
     model = DetectionModel(cfg, verbose=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _match_class_count(model, 5)
+    match_class_count(model, 5)
     n, head = len(model.model) - 1, model.model[-1]
     assert head.nc == 5 and head.no == 5 + 4 * head.reg_max and model.nc == 5 and model.yaml["nc"] == 5
     after = model.state_dict()
@@ -208,7 +208,7 @@ def test_match_class_count_resizes_a_classifier():
     from ultralytics.nn.tasks import ClassificationModel
 
     classifier = ClassificationModel("yolov8n-cls.yaml", nc=10, verbose=False)
-    _match_class_count(classifier, 4)
+    match_class_count(classifier, 4)
     assert classifier.model[-1].linear.out_features == 4
     with torch.no_grad():
         out = classifier.eval()(torch.zeros(1, 3, 32, 32))
