@@ -2,7 +2,7 @@
 #   make demo   build a YOLOv5s checkpoint from Ultralytics' own yolov5s.yaml and run surgeon on it
 #   make test   run the whole test suite (installs the test extras, including the classic yolov5 package)
 #   make fuzz   the generated hostile inputs at 1000 examples each (CI runs 25)
-#   make wheel-check   build the wheel, install it in a fresh venv, run the README's commands with it (CI)
+#   make wheel-check   build the wheel, install it in a fresh venv, run the README's and docs' commands with it (CI)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

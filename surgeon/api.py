@@ -139,7 +139,10 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
         **set_args: More overrides for every rule, as keyword arguments.
 
     Raises:
-        RuleError, NoMatchError, SurgeryError, CheckpointError, TraceError.
+        RuleError: A rule or argument that is wrong; `NoMatchError` when a rule selects nothing.
+        SurgeryError: The rewritten model fails its output check, or an output path is refused.
+        CheckpointError: The source cannot be read (`UnsafeCheckpointError`: it asks for what the allow-list lacks).
+        TraceError: The model cannot be traced.
     """
     registry = registry or builtin_replacements()
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust, arch=arch)

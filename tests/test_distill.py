@@ -76,7 +76,7 @@ def test_distillation_moves_a_lossy_rewrite_towards_its_original(teacher, many_p
     after = distill_loss(original, surgeon.load(result.last).model.float(), held_out)
     # BatchNorm re-estimation alone (part of the run) is not what moves it.
     from surgeon.data import image_paths, letterboxed
-    from surgeon.recovery.distill import reestimate_batchnorm
+    from surgeon.recovery.calibrate import reestimate_batchnorm
 
     rebalanced = surgeon.load(student).model.float()
     reestimate_batchnorm(rebalanced, lambda: letterboxed(image_paths(photos), IMGSZ))

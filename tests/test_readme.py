@@ -1,6 +1,8 @@
-"""Every command the README shows, run as a user runs it, on a small checkpoint named as the README names it.
+"""Every command the README and the documentation pages show, run as a user runs it, on a small checkpoint named
+as they name it.
 
-Commands are parsed from README.md, so a line added there is tested the day it is written; a line
+Commands are parsed from README.md, then from docs/*.md in the site's order (mkdocs.yml), so a line added there is
+tested the day it is written; a line
 this test does not know how to run fails it. ``surgeon`` lines run the installed console script
 (``SURGEON_BIN`` points at another install, e.g. a wheel in a fresh virtual environment, as CI
 does), ``yolo`` lines the Ultralytics CLI next to it and ``python`` lines its Python, in one working
@@ -22,6 +24,15 @@ import pytest
 import yaml
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def pages() -> list[Path]:
+    """README.md, then the documentation pages in the order of the site's navigation."""
+    config = yaml.safe_load((README.parent / "mkdocs.yml").read_text())
+    docs = README.parent / config.get("docs_dir", "docs")
+    return [README] + [docs / next(iter(entry.values())) for entry in config["nav"]]
+
+
 BIN = Path(os.environ.get("SURGEON_BIN") or Path(sys.executable).with_name("surgeon"))
 PYTHON = Path(os.environ.get("SURGEON_PYTHON") or sys.executable)
 
@@ -47,8 +58,8 @@ NOT_RUN = {
 
 
 def readme_blocks() -> tuple[list[str], list[str], list[str]]:
-    """(shell command lines, python blocks, yaml blocks) of the README, in order."""
-    text = README.read_text()
+    """(shell command lines, python blocks, yaml blocks) of the README and the documentation, in order."""
+    text = "\n\n".join(page.read_text() for page in pages())
     python = re.findall(r"```python\n(.*?)```", text, re.S)
     yamls = re.findall(r"```yaml\n(.*?)```", text, re.S)
     without_fenced = re.sub(r"```.*?```", "", text, flags=re.S)

@@ -144,3 +144,29 @@ def refine(original: nn.Module, model: nn.Module, replaced: list,
         pairs = ((_capture(model, op, x, output=False), _capture(original, conv, x, output=True)) for x in stream())
         errors[path] = op_spec(op).refit(op, pairs, conv, ridge=ridge)
     return errors
+
+
+def reestimate_batchnorm(model: nn.Module, batches) -> None:
+    """Set every BatchNorm's running statistics to the average over `batches` of the model's own activations.
+
+    A short run moves the weights far faster than BatchNorm's running averages (momentum 0.03) follow, and a lossy
+    rewrite changes the statistics of every layer after it: in eval mode the student would normalise with stale
+    statistics. One pass over the images in train mode with a cumulative average fixes that (BatchNorm
+    re-estimation, as post-training compression work does after changing weights).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    parameter = next(model.parameters())
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for batch in batches():
+            run_model(model, batch.to(parameter.device, parameter.dtype))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()

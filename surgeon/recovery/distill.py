@@ -88,9 +88,17 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from surgeon.checkpoint.io import atomic_path, file_sha256, read_checkpoint
+from surgeon.data import image_paths, image_size, letterboxed, resolve_dataset
 from surgeon.errors import SurgeonError
 from surgeon.families.classic import ClassicDetect
+from surgeon.families.classic_v7v9 import ClassicDDetect, ClassicDualDDetect, ClassicIAuxDetect, yolov9_loss
+from surgeon.families.layers import run_model
+from surgeon.recovery.calibrate import reestimate_batchnorm
 from surgeon.recovery.distill_detr import ImageTap, QueryDistillLoss
+from surgeon.recovery.finetune import finetune
+from surgeon.report.agreement import agreement, compare_detections, detections
+from surgeon.surgery.replay import load
 
 TEMPERATURE = 2.0
 """LD's temperature on the DFL bins."""
@@ -216,8 +224,6 @@ class DistillLoss:
         self.supervised = supervised
         self.temperature, self.cls_gain, self.box_gain, self.obj_gain = temperature, cls_gain, box_gain, obj_gain
         self.feature_weight, self.taps, self.feature_paths = feature_weight, taps, list(feature_paths)
-        from surgeon.families.classic_v7v9 import ClassicDDetect, ClassicDualDDetect
-
         self.classic = isinstance(student.model[-1], ClassicDetect)
         self.classify = is_classifier(student)
         self.gelan = isinstance(student.model[-1], ClassicDDetect)  # YOLOv9: per-level maps of DFL bins and classes
@@ -295,8 +301,6 @@ class DistillLoss:
         """The student's own supervised loss, ``loss(preds, batch)``."""
         if self.gelan:
             from ultralytics.utils.loss import v8DetectionLoss
-
-            from surgeon.families.classic_v7v9 import yolov9_loss
 
             criterion = v8DetectionLoss(self.student)
             return lambda p, b: yolov9_loss(self.student, b, p, criterion=criterion)
@@ -455,8 +459,6 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
         if classes(student) != classes(teacher):
             raise SurgeonError(f"student and teacher classify {classes(student)} vs {classes(teacher)} classes")
         return
-    from surgeon.families.classic_v7v9 import ClassicDDetect, ClassicIAuxDetect
-
     for head in (s, t):
         if isinstance(head, ClassicIAuxDetect):
             raise SurgeonError(f"distill does not train YOLOv7's {type(head).__name__} (its auxiliary heads learn from "
@@ -512,8 +514,6 @@ def unlabelled_dataset(images: str | os.PathLike, root: Path, names: dict, kpt_s
     """A dataset YAML under `root` whose train and val images are links to the images of `images` (a folder or a
     dataset YAML's val images), with empty label files: nothing is written next to the user's files. A pose model's
     `kpt_shape` goes into the YAML, which the Ultralytics pose trainer reads."""
-    from surgeon.data import image_paths
-
     folder, labels = root / "images" / "train", root / "labels" / "train"
     folder.mkdir(parents=True)
     labels.mkdir(parents=True)
@@ -546,9 +546,6 @@ class AgreementFitness:
         self.reference: list[Tensor] | None = None
 
     def score(self, model: nn.Module) -> float:
-        from surgeon.data import letterboxed
-        from surgeon.report.agreement import compare_detections, detections
-
         if self.reference is None:
             self.reference = [d for batch in letterboxed(self.paths, self.imgsz, batch=8)
                               for d in detections(self.teacher, batch, self.imgsz)]
@@ -640,10 +637,6 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
         SurgeonError: Neither or both of `images` and `data`, a teacher that does not fit the student, or
             `features` for a student whose recipe names no rewritten layer.
     """
-    from surgeon.checkpoint.io import load
-    from surgeon.data import image_paths, resolve_dataset
-    from surgeon.recovery.finetune import finetune
-
     if (images is None) == (data is None):
         raise SurgeonError("distill needs either images (unlabelled) or data (a labelled dataset YAML), not "
                            + ("both" if images is not None else "neither"))
@@ -730,7 +723,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
             if quiet_labels:
                 logger.removeFilter(quiet_labels)
         classic = isinstance(original.model[-1], ClassicDetect)
-        record = {"teacher": {"name": Path(teacher).name, "sha256": _sha256(teacher)},
+        record = {"teacher": {"name": Path(teacher).name, "sha256": file_sha256(Path(teacher))},
                   "images": str(images) if images is not None else None, "data": str(data) if data else None,
                   "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),
                   "losses": ("softmax KL at the temperature (Hinton et al. 2015)" if classifier
@@ -792,8 +785,6 @@ def _rewritten_layers(loaded, teacher: nn.Module) -> list[str]:
 def feature_distance(teacher: nn.Module, student: nn.Module, paths: list[str], batches, limit: int = 64) -> float:
     """`feature_loss` of `student`'s outputs at `paths` against `teacher`'s, both in eval mode, averaged over the
     batches of (up to `limit`) images."""
-    from surgeon.families.layers import run_model
-
     total, count = 0.0, 0
     teacher.eval(), student.eval()
     with FeatureTaps(teacher, paths) as t, FeatureTaps(student, paths) as s:
@@ -826,21 +817,8 @@ def distill_loss(teacher: nn.Module, student: nn.Module, batches, temperature: f
 
 def _agreement(teacher: nn.Module, student: nn.Module, paths: list[Path], train_args: dict) -> dict:
     """Agreement of `student` with `teacher` on up to 64 of the images at `paths`, letterboxed at the run's size."""
-    from surgeon.data import letterboxed
-    from surgeon.report.agreement import agreement
-
     imgsz = _imgsz(train_args)
     return agreement(teacher, student, letterboxed(paths, imgsz, limit=64), imgsz).to_dict()
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _imgsz(train_args: dict) -> int:
@@ -853,8 +831,6 @@ def _batches(paths: list[Path], train_args: dict, half: int | None = None, class
     """A function returning fresh batches of (up to `limit` of) the images at `paths`, or of the even (`half` 0) or
     odd (1) ones among them: letterboxed as the detection predictor does, or for a classifier resized and
     centre-cropped as the classification validator does."""
-    from surgeon.data import letterboxed
-
     imgsz = _imgsz(train_args)
     paths = paths[:limit]
     if half is not None:
@@ -866,8 +842,6 @@ def _cropped(paths: list[Path], imgsz: int, batch: int = 8):
     """Batches ``(b, 3, imgsz, imgsz)`` of the images through Ultralytics' classification transforms (eval)."""
     from PIL import Image
     from ultralytics.data.augment import classify_transforms
-
-    from surgeon.data import image_size
 
     transform = classify_transforms(imgsz)
     for start in range(0, len(paths), batch):
@@ -900,8 +874,6 @@ def teacher_labelled_folder(images, root: Path, teacher: nn.Module, names: dict,
     with the teacher (the loss uses the teacher's full distribution, not these labels). Class folders are class
     indices with the names in ``.ndjson.yaml``, Ultralytics' layout for classification sets converted from NDJSON,
     which keeps the model's class order; nothing is written next to the user's files."""
-    from surgeon.data import image_paths
-
     paths = image_paths(images)
     with torch.no_grad():
         labels = [int(x) for batch in _cropped(paths, imgsz) for x in _raw(teacher.eval()(batch))[0].argmax(1)]
@@ -915,42 +887,12 @@ def teacher_labelled_folder(images, root: Path, teacher: nn.Module, names: dict,
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, batches) -> None:
-    """Set every BatchNorm's running statistics to the average over `batches` of the model's own activations.
-
-    A short run moves the weights far faster than BatchNorm's running averages (momentum 0.03) follow, and a lossy
-    rewrite changes the statistics of every layer after it: in eval mode the student would normalise with stale
-    statistics. One pass over the images in train mode with a cumulative average fixes that (BatchNorm
-    re-estimation, as post-training compression work does after changing weights).
-    """
-    from surgeon.families.layers import run_model
-
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    parameter = next(model.parameters())
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for batch in batches():
-            run_model(model, batch.to(parameter.device, parameter.dtype))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-
-
 def _record(path: Path, student: str | os.PathLike, record: dict, trust: bool, fitted) -> None:
     """Add the run to the recipe of the checkpoint at `path` (the student's recipe plus ``distill``), atomically.
 
     `fitted` is None (weights as trained), a model whose re-estimated BatchNorm statistics to take, or a batches
     function to re-estimate them on.
     """
-    from surgeon.checkpoint.io import atomic_path, read_checkpoint
-
     checkpoint = read_checkpoint(path, trust=trust)
     before = read_checkpoint(student, trust=trust)
     recipe = dict(before.get("surgeon") or {}) if isinstance(before, dict) else {}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from surgeon._env import offline_ultralytics
+from surgeon.recovery.calibrate import reestimate_batchnorm
 
 
 def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, seed: int = 0,
@@ -29,20 +30,12 @@ def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, seed: int = 0
         randomise_affine: Draw BatchNorm weights from U(0.5, 1.5) and biases from N(0, 0.2) first.
     """
     generator = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
     with torch.no_grad():
-        for m in norms:
-            if randomise_affine and m.affine:
+        for m in model.modules():
+            if randomise_affine and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.2)
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one pass sets the statistics exactly
-        model.train()
-        model(images)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
+        reestimate_batchnorm(model, lambda: [images])
 
 
 def build(cfg: str, *, imgsz: int = 128, seed: int = 0, calibrate: bool = True) -> nn.Module:
