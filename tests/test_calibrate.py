@@ -172,6 +172,7 @@ def _dense(op) -> torch.Tensor:
 @pytest.mark.parametrize("rule", ["dw_backbone", "dwsep_all", "ds4_all"])
 def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_factory, tmp_path, monkeypatch):
     import surgeon.recovery.calibrate as calibrate_module
+    import surgeon.recovery.refit as refit_module
 
     source = checkpoint_factory("yolov5s.yaml")
     original = surgeon.load(source).model
@@ -181,7 +182,8 @@ def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_fa
     real = calibrate_module._capture
     monkeypatch.setattr(calibrate_module, "_capture",
                         lambda model, op, x, output: passes.append(len(x)) or real(model, op, x, output))
-    monkeypatch.setattr(calibrate_module, "CHUNK", 2)  # 6 images stream through in chunks of 2
+    monkeypatch.setattr(refit_module, "CHUNK", 2)  # 6 images stream through in chunks of 2
+    monkeypatch.setattr(calibrate_module, "CHUNK", 2)
 
     plain = surgeon.apply(source, rule, imgsz=IMGSZ)
     calibrated = surgeon.apply(source, rule, imgsz=IMGSZ, calibrate=tmp_path / "photos", calibrate_imgsz=IMGSZ)
@@ -204,10 +206,10 @@ def test_calibration_on_a_folder_of_images_streams_and_helps(rule, checkpoint_fa
 def test_calibration_that_does_worse_than_data_free_is_undone(checkpoint_factory, monkeypatch):
     """Refits that leave the model further from the original, on the images that chose their dampings, than the
     data-free rewrite are all undone (here a refit that ruins every kernel it fits)."""
-    import surgeon.recovery.calibrate as calibrate_module
+    import surgeon.recovery.refit as refit_module
 
     source = checkpoint_factory("yolov8n.yaml")
-    real = calibrate_module.refine
+    real = refit_module.refine
 
     def ruinous(original, model, replaced, images, **kwargs):
         errors = real(original, model, replaced, images, **kwargs)
@@ -217,7 +219,7 @@ def test_calibration_that_does_worse_than_data_free_is_undone(checkpoint_factory
         return errors
 
     plain = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ)
-    monkeypatch.setattr(calibrate_module, "refine", ruinous)
+    monkeypatch.setattr(refit_module, "refine", ruinous)
     undone = surgeon.apply(source, "dwsep_all", imgsz=IMGSZ, calibrate=4, calibrate_imgsz=IMGSZ)
     check = undone.recipe()["calibration"]["check"]
     assert check["undone"] and check["output_calibrated"] > check["output_data_free"] and check["images"] == 2
@@ -229,7 +231,7 @@ def test_calibration_that_does_worse_than_data_free_is_undone(checkpoint_factory
 def test_calibration_uses_the_models_training_size_and_dataset_yamls(tmp_path):
     from ultralytics import YOLO
 
-    from surgeon.api import native_imgsz
+    from surgeon.checkpoint.io import native_imgsz
     from surgeon.data import make_dataset
 
     data = make_dataset(tmp_path / "data", n_train=2, n_val=3, imgsz=64)
