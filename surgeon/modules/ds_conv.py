@@ -54,21 +54,10 @@ class DSConv2d(nn.Module):
 
     init_error: float | None = None
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        bits: int = 4,
-        block_size: int = 32,
-        kernel_shift_bias: bool = False,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 bits: int = 4, block_size: int = 32, kernel_shift_bias: bool = False):
         super().__init__()
         integer_range(bits)
         if block_size < 1:

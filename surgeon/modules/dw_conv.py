@@ -79,19 +79,10 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     init_error: float | None = None
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        rank: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        mid_act: bool = False,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, rank: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 mid_act: bool = False):
         super().__init__()
         self.depthwise = nn.Conv2d(
             in_channels, in_channels * rank, kernel_size, stride, padding, dilation,
@@ -352,16 +343,8 @@ def refine_grouped(op: GroupedConv2d, pairs: Iterable[tuple[Tensor, Tensor]], or
     positions per image (which bounds memory at 640 px), damped towards the current weights and with
     the damping chosen on the even images and checked on the odd ones, as `refine_pointwise` does.
 
-    Args:
-        op: A ``dwconv`` op.
-        pairs: ``(inputs, targets)`` batches: the op's inputs and the original convolution's outputs.
-        original: The trained convolution the op replaces (for ``init_error``).
-        ridge: Relative damping; None chooses it by validation (two images at least).
-        pixels: Positions sampled per image.
-        seed: Seed of the sampling.
-
-    Returns:
-        Relative output error over the sampled positions after the refit.
+    `op` is a ``dwconv`` op; the other arguments, and the relative output error returned, are those of
+    `surgeon.modules.ds_conv.refine_shifts` (the refit of the ``dsconv`` ops).
     """
     if not isinstance(op, GroupedConv2d) or isinstance(op.padding, str) or op.padding_mode != "zeros":
         raise TypeError(f"refine_grouped needs a dwconv op with numeric zero padding, not {op}")

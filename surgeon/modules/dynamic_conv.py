@@ -171,19 +171,9 @@ class MixtureConv2d(nn.Module):
 
     init_error: float | None = None
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int],
-        padding: int | tuple[int, int] | str,
-        dilation: int | tuple[int, int],
-        groups: int,
-        experts: int,
-        router: nn.Module,
-        bias_shape: tuple[int, ...] | None,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int], padding: int | tuple[int, int] | str, dilation: int | tuple[int, int],
+                 groups: int, experts: int, router: nn.Module, bias_shape: tuple[int, ...] | None):
         super().__init__()
         _check_positive(experts=experts)
         if in_channels % groups or out_channels % groups:
@@ -331,20 +321,10 @@ class DynamicConv2d(MixtureConv2d):
         start_temperature: The temperature it was built with, where the default fine-tuning schedule starts.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        experts: int = 4,
-        ratio: float = 0.25,
-        temperature: float = DEFAULT_START_TEMPERATURE,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, experts: int = 4,
+                 ratio: float = 0.25, temperature: float = DEFAULT_START_TEMPERATURE):
         _check_positive(experts=experts, ratio=ratio, temperature=temperature)
         router = SoftmaxRouter(in_channels, experts, max(experts, int(in_channels * ratio)), temperature)
         super().__init__(
@@ -367,18 +347,9 @@ class DynamicConv2d(MixtureConv2d):
 class CondConv2d(MixtureConv2d):
     """CondConv (Yang et al. 2019): K kernels gated by independent sigmoids; the bias is shared, not mixed."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        experts: int = 4,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, experts: int = 4):
         _check_positive(experts=experts)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, experts,
@@ -508,14 +479,8 @@ def dynamic_conv(
     return op
 
 
-def condconv(
-    conv: nn.Conv2d,
-    *,
-    experts: int = 4,
-    init: str = "upcycle",
-    gain: float | None = None,
-    seed: int = 0,
-) -> CondConv2d:
+def condconv(conv: nn.Conv2d, *, experts: int = 4, init: str = "upcycle", gain: float | None = None,
+             seed: int = 0) -> CondConv2d:
     """Replace `conv` by a `CondConv2d` (sigmoid gates over `experts` kernels, ParameterNet style).
 
     Args:
