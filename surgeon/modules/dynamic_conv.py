@@ -22,35 +22,9 @@ while the routing depends on it from step 0:
   experts ``2 / K * W`` mix back to W, while each expert's share (and gradient) varies per image.
 
 The router's random output layer is scaled by `gain`, and an upcycled softmax router starts (and stays) at
-temperature 1: the copies need no annealing from 30, which only delays separation. The defaults were chosen on a
-yolov8n trained on the generated shapes set (128 images at 128 px, 40 epochs, mAP50-95 0.485), ``dyn_head`` and
-``condconv_head`` fine-tuned 3 epochs (``benchmarks/bench_recovery.py --mixtures`` has the full comparison, 3 seeds),
-reading the median expert spread and the routing's std across 8 validation images (`surgeon.report.mixtures`) before and
-after:
-
-=========================================  =====================  ==================  =============
-variant (one seed)                         expert spread 0 -> 3   routing std 0 -> 3  mAP50-95
-=========================================  =====================  ==================  =============
-DynamicConv copies, T 30 -> 1 (earlier)    0 -> 0.008             0.0004 -> 0.030     0.502
-DynamicConv pairs, gain 4, noise 0         0 -> 0.014             0.032 -> 0.062      0.505
-DynamicConv pairs, gain 4, noise 0.05      0.050 -> 0.052         0.032 -> 0.063      0.500
-DynamicConv pairs, gain 1 / 8, noise 0.05  0.051 / 0.055 at 3     0.022 / 0.111 at 3  0.499 / 0.492
-CondConv copies, zero router (earlier)     0 -> **0**             0 -> 0.034          0.494
-CondConv pairs, gain 4                     0 -> 0.052             0.146 -> 0.136      0.505
-CondConv pairs, gain 1 / 8                 0.023 / 0.062 at 3     0.082 / 0.191 at 3  0.493 / 0.511
-=========================================  =====================  ==================  =============
-
-Gain 4 moves the routing clearly off uniform (mean normalised entropy 0.95); gain 8 moves it further (0.78) with
-mAP lower for softmax and higher for sigmoid (one seed each). Noise 0.05 keeps every softmax layer's experts apart
-from step 0 and gives its router a gradient within each pair.
-``init="copies"`` keeps the earlier initialisation, for comparison.
-
-Over 3 seeds (``python benchmarks/bench_recovery.py --mixtures``: baselines trained on the generated set, then
-fine-tuned 10 epochs for yolov8n and 5 for yolov5su), the median expert spread after the first epoch was 0.050
-(``dyn_head``; minimum over layers 0.050) and 0.013-0.016 (``condconv_head``; minimum 0.005) against 1e-4 for copies,
-and 0.054-0.098 at the end (copies: 0.009); final mAP50-95 (mean +- std) yolov8n: no surgery 0.606 +- 0.027,
-``dyn_head`` 0.630 +- 0.001, ``condconv_head`` 0.629 +- 0.008, copies 0.602 +- 0.033; yolov5su: 0.345 +- 0.016,
-0.343 +- 0.019, 0.321 +- 0.040 (one seed fell to 0.142 at epoch 4 of 5 and ended at 0.275), 0.332 +- 0.024.
+temperature 1: the copies need no annealing from 30, which only delays separation. ``init="copies"`` keeps the
+earlier initialisation, for comparison. The measurements behind the defaults (`gain`, `noise`, the temperature) are
+in the documentation's design notes; ``benchmarks/bench_recovery.py --mixtures`` repeats them.
 
 The forward pass picks its computation by shape; all give the same result: one ordinary convolution with the mixed
 kernel at batch 1, a batched matmul for 1x1 kernels, otherwise a convolution with the batch as groups, both on chunks

@@ -61,14 +61,9 @@ a detector's fitness is its agreement with the teacher instead (`AgreementFitnes
 on up to 64 of the images, logged per epoch as ``metrics/agreement_f1``): ``best.pt`` is the epoch closest to the
 teacher, and early stopping (``patience``) watches the same number. The run reports the agreement of ``last.pt``
 with the teacher on the images (`surgeon.report.agreement`). The saved models' BatchNorm statistics are re-estimated
-on the
-images (`reestimate_batchnorm`) when that brings the result closer to the teacher, by the distillation loss (no labels
-needed) on the odd images with statistics of the even ones, and then estimated on all of them. Checked on the images
-they came from instead, statistics of 8 images at 64 px looked better there and were far worse on others (a test
-yolov8n-seg: total loss 42.8 -> 38.9 on its images, 509 on held-out ones against 46 before the run). On the
-generated-shapes yolov8n of ``benchmarks/bench_calibrate.py`` (10 epochs, 128 images) re-estimation took held-out
-agreement from 0.022 to 0.571 (``dw_backbone``) and 0.243 to 0.490 (``dwsep_all``) but from 0.936 down to 0.810 for
-``ds4_all``. The run is recorded in the checkpoints' recipe
+on the images (`reestimate_batchnorm`) when that brings the result closer to the teacher, by the distillation loss
+(no labels needed) on the odd images with statistics of the even ones, and then estimated on all of them (the
+measurements behind this choice: the documentation's design notes). The run is recorded in the checkpoints' recipe
 (``ckpt["surgeon"]["distill"]``).
 """
 
@@ -105,20 +100,15 @@ TEMPERATURE = 2.0
 WARMUP_BIAS_LR = 0.0
 """Distillation's default for Ultralytics' ``warmup_bias_lr``. Ultralytics starts the biases' learning rate at 0.1
 during warm-up (at least 100 iterations, all of a short run) unless it picks the optimizer itself; for a student that
-starts next to its teacher that is a kick away from it. Calibrated ``ds4_all`` yolov8n on the generated shapes, 128
-images, AdamW at lr0 3e-4: agreement with the teacher on held-out images 0.950 before, 0.768 after the first epoch
-with 0.1, 0.956 with 0."""
+starts next to its teacher that is a kick away from it (measured: the design notes)."""
 CLASSIC_FEATURE_WEIGHT = 1.0
 """Default weight of the feature term for classic heads. Wang et al. (CVPR 2019) weight their imitation loss 0.01 as a
 sum over channels per imitated position halved, about 1.3 per element on their 256-channel maps; the term here is a
 per-element mean of standardised features (about 2 for unrelated maps, 0 for equal ones), so 1.0 puts it on the scale
 of the classic head's output terms (about 1 per image on the test yolov5n)."""
 FEATURE_WEIGHT = 50.0
-"""Default weight of the feature term for Ultralytics heads, whose output terms are about 40x the classic ones (about
-44 per image for ``dwsep_all`` on the generated-shapes yolov8n of the tests), so the same balance needs about 50:
-there, 6 epochs on 8 images took the held-out output loss from 44.1 to 49.5 without features, 38.6 with weight 10
-and 35.1 with weight 50 (feature distance 1.24 to 1.45, 1.29 and 1.20; measured with BatchNorm re-estimation
-checked on the images it was estimated on, see the module docstring)."""
+"""Default weight of the feature term for Ultralytics heads, whose output terms are about 40x the classic ones, so
+the same balance as `CLASSIC_FEATURE_WEIGHT` needs about 50 (measured: the design notes)."""
 BN_IMAGES = 256
 """Images the BatchNorm statistics of the result are re-estimated on."""
 

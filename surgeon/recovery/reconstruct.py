@@ -23,16 +23,7 @@ runs in eval mode while a block trains (its statistics fixed, its scale and shif
 inputs' statistics with the scale and shift adjusted to keep the function (`align_batchnorm`), so that a training
 run afterwards, which normalises with batch statistics, starts from the same model.
 
-Measured on a yolov8n trained on real tree-crown aerial photos (mAP50-95 0.138; `benchmarks/bench_calibrate.py
---trees DIR --tile 256 --variants h,i`), 128 of its crops, 1000 steps a block, detection F1 against the original on
-crops of other photos: `dw_backbone` 0 -> 0.44 (closed-form refits alone: 0; 10 epochs of distillation alone: 0.30)
-and 0.62 with distillation after it; `dwsep_all` 0 -> 0.58 (refits 0.17, distillation 0.41), then 0.67; `ds4_all`
-0.89 -> 0.96 (refits 0.95), 0.94 after distillation; with 512 (overlapping) crops, distilled after it,
-`dw_backbone` 0.72 and `dwsep_all` 0.71 (mAP 0.128 and 0.123 of the original's 0.138). On a yolov8n trained on the
-generated shapes (mAP50-95 0.600, 128 px), 128 images it never saw: `dw_backbone` 0 -> 0.81 (distillation alone:
-0.67), 0.82 with distillation after it; `dwsep_all` 0 -> 0.89 (distillation alone: 0.50), 0.87; `ds4_all` 0.92 ->
-0.96, 0.94. Without the BatchNorm alignment, distillation after the reconstruction fell from 0.44 to 0.33
-(`dw_backbone`, trees).
+What it recovers, measured with ``benchmarks/bench_calibrate.py``, is in the documentation's design notes.
 """
 
 from __future__ import annotations
