@@ -30,8 +30,8 @@ def _nudge(model, branch: str, delta: float):
 
 
 def test_a_score_change_is_reported_as_probabilities_and_boxes_stay_exact(yolov8n):
-    from surgeon.api import _flat_tensors
     from surgeon.families.layers import run_model, sample_input
+    from surgeon.surgery.operation import _flat_tensors
 
     check = output_check(yolov8n, _nudge(yolov8n, "cv3", 1.0), IMGSZ)
 

@@ -46,34 +46,11 @@ def prediction_tensor(output) -> torch.Tensor:
 
 
 def split_outputs(model: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | None:
-    """Boxes and scores of `first`, the first output tensor of `model` in eval mode; None for unknown heads.
-
-    Layouts: Ultralytics Detect family ``(B, 4 + nc + extra, anchors)`` (xywh pixels, class
-    probabilities, then masks/keypoints/angles) or end-to-end ``(B, max_det, 6)`` (xyxy, score,
-    class); RT-DETR ``(B, queries, 4 + nc)`` (normalised boxes), since Ultralytics 8.4 its top-k queries
-    ``(B, k, 6)`` (normalised cxcywh, score, class); classic YOLOv5 ``(B, anchors, 5 + nc)``
-    (xywh pixels, objectness, class probabilities; YOLOv7 too); YOLOv9 as Ultralytics Detect (of a dual
-    head, the main branch's: `prediction_tensor`); classifiers ``(B, nc)`` probabilities.
-    """
+    """Boxes and scores of `first`, the first output tensor of `model` in eval mode, as its head family reads them
+    (`HeadFamily.parts`); None for heads of no known family or outputs of another layout."""
     head = model_head(model)
-    nc = getattr(head, "nc", None)
-    if isinstance(head, ClassicDetect) and first.dim() == 3 and first.shape[-1] == 5 + head.nc:
-        return Parts(first[..., :4], first[..., 4:], float(imgsz))
-    if isinstance(head, ClassicDDetect) and first.dim() == 3 and first.shape[1] == 4 + nc:  # YOLOv9, as Detect
-        return Parts(first[:, :4].transpose(1, 2), first[:, 4:], float(imgsz))
-    if isinstance(head, Detect) and first.dim() == 3:
-        if getattr(head, "end2end", False):  # its detections count can equal 4 + nc: ask the head, not the shape
-            return Parts(first[..., :4], first[..., 4:5], float(imgsz)) if first.shape[-1] == 6 else None
-        if first.shape[1] >= 4 + nc:
-            return Parts(first[:, :4].transpose(1, 2), first[:, 4:4 + nc], float(imgsz))
-    if isinstance(head, RTDETRDecoder) and first.dim() == 3:
-        if hasattr(head, "postprocess"):  # Ultralytics >= 8.4: its top-k queries as (cx, cy, w, h, score, class)
-            return Parts(first[..., :4], first[..., 4:5], 1.0) if first.shape[-1] == 6 else None
-        if first.shape[-1] == 4 + nc:
-            return Parts(first[..., :4], first[..., 4:], 1.0)
-    if isinstance(head, Classify) and first.dim() == 2:
-        return Parts(None, first, 1.0)
-    return None
+    family = head_family(head)
+    return family.parts(head, first, imgsz) if family is not None else None
 
 
 def compare(model: nn.Module, reference: torch.Tensor, result: torch.Tensor, imgsz: int) -> dict:
@@ -86,6 +63,202 @@ def compare(model: nn.Module, reference: torch.Tensor, result: torch.Tensor, img
         box = float((a.boxes - b.boxes).abs().max()) if a.boxes.numel() else 0.0
         out.update(boxes_max_abs=box, boxes_max_rel_image=box / a.box_scale)
     return out
+
+
+# --- head families ----------------------------------------------------------------------------------------------------
+
+
+def _xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    xy, wh = boxes[..., :2], boxes[..., 2:4] / 2
+    return torch.cat([xy - wh, xy + wh], -1)
+
+
+def _same(what: str, a, b) -> str | None:
+    return None if a == b else f"{what}: {a} vs {b}"
+
+
+def _same_strides(s: nn.Module, t: nn.Module) -> str | None:
+    equal = torch.equal(torch.as_tensor(s.stride, dtype=torch.float32), torch.as_tensor(t.stride, dtype=torch.float32))
+    return None if equal else f"strides: {torch.as_tensor(s.stride).tolist()} vs {torch.as_tensor(t.stride).tolist()}"
+
+
+class HeadFamily:
+    """One family of heads, the one place that knows it: which classes belong to it, what the first output of its
+    model in eval mode holds (`parts`), how that becomes candidate detections (`candidates`), what two heads of the
+    family must share for one to teach the other (`mismatch`), and how its class outputs are resized
+    (`resize_classes`). Layers above keep their own per-family tables keyed by `name` (the trainers of
+    `surgeon.recovery.finetune`, the distillation terms of `surgeon.recovery.distill`).
+
+    Attributes:
+        name: ``classic`` (YOLOv5/YOLOv7 anchors), ``gelan`` (YOLOv9), ``rtdetr``, ``detect`` (Ultralytics' Detect
+            family: Segment, Pose, OBB, end-to-end heads), ``classify``.
+        types: The head classes of the family.
+        label: What the family is called in a message ("a classifier", "RT-DETR", ...).
+        detector: Whether its outputs are boxes (False: class scores only).
+    """
+
+    name = ""
+    label = ""
+    types: tuple[type, ...] = ()
+    detector = True
+
+    def matches(self, head: nn.Module | None) -> bool:
+        return isinstance(head, self.types)
+
+    def parts(self, head: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | None:
+        """Boxes and scores of the first output tensor; None where its layout is not the family's."""
+        raise NotImplementedError
+
+    def candidates(self, head: nn.Module, output: torch.Tensor, parts: Parts,
+                   imgsz: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """(boxes xyxy in pixels ``(B, N, 4)``, scores ``(B, N, C)`` or ``(B, N, 1)``, classes ``(B, N)`` or None,
+        whether the head already ran NMS), from the first output and its `parts`."""
+        return _xywh_to_xyxy(parts.boxes), parts.scores.transpose(1, 2), None, False
+
+    def mismatch(self, student: nn.Module, teacher: nn.Module) -> str | None:
+        """Why `teacher`'s outputs cannot be `student`'s targets (classes, levels, strides, ...), or None."""
+        return _same("classes", student.nc, teacher.nc)
+
+    def resize_classes(self, head: nn.Module, nc: int) -> bool:
+        """Give the head `nc` class outputs (new last layers; the rest keeps its weights); False where it cannot."""
+        return False
+
+
+class ClassicAnchorHeads(HeadFamily):
+    """Classic YOLOv5's anchor-based ``Detect`` (and YOLOv7's ``IDetect``/``IAuxDetect``): ``(B, anchors, 5 + nc)``
+    of xywh pixels, objectness and class probabilities; a detection's score is objectness x class."""
+
+    name, types = "classic", (ClassicDetect,)
+    label = "a classic YOLOv5/YOLOv7 head"
+
+    def parts(self, head, first, imgsz):
+        if first.dim() == 3 and first.shape[-1] == 5 + head.nc:
+            return Parts(first[..., :4], first[..., 4:], float(imgsz))
+        return None
+
+    def candidates(self, head, output, parts, imgsz):
+        return _xywh_to_xyxy(parts.boxes), parts.scores[..., 1:] * parts.scores[..., :1], None, False
+
+    def mismatch(self, student, teacher):
+        if (student.nc, student.nl, student.na) != (teacher.nc, teacher.nl, teacher.na) or not torch.equal(
+                student.anchors.float(), teacher.anchors.float()):
+            return (f"classes, levels or anchors: nc {student.nc} vs {teacher.nc}, {student.nl} vs {teacher.nl} "
+                    f"levels of {student.na} vs {teacher.na} anchors")
+        return None
+
+    def resize_classes(self, head, nc):
+        if not all(isinstance(m, nn.Conv2d) for m in head.m):
+            return False
+        _resize_classic_head(head, nc)
+        return True
+
+
+class DetectHeads(HeadFamily):
+    """Ultralytics' Detect family (Detect, Segment, Pose, OBB, v10/YOLO26 end-to-end): ``(B, 4 + nc + extra,
+    anchors)`` of xywh pixels, class probabilities, then masks/keypoints/angles; end-to-end ``(B, max_det, 6)`` of
+    xyxy, score, class, after the head's own selection."""
+
+    name, types = "detect", (Detect,)
+    label = "an Ultralytics Detect-family head"
+
+    def parts(self, head, first, imgsz):
+        if first.dim() != 3:
+            return None
+        if getattr(head, "end2end", False):  # its detections count can equal 4 + nc: ask the head, not the shape
+            return Parts(first[..., :4], first[..., 4:5], float(imgsz)) if first.shape[-1] == 6 else None
+        if first.shape[1] >= 4 + head.nc:
+            return Parts(first[:, :4].transpose(1, 2), first[:, 4:4 + head.nc], float(imgsz))
+        return None
+
+    def candidates(self, head, output, parts, imgsz):
+        if getattr(head, "end2end", False):
+            return parts.boxes, parts.scores, output[..., 5], True
+        return super().candidates(head, output, parts, imgsz)
+
+    def mismatch(self, student, teacher):
+        return (_same("classes", student.nc, teacher.nc) or _same("DFL bins", student.reg_max, teacher.reg_max)
+                or _same_strides(student, teacher))
+
+    def resize_classes(self, head, nc):
+        return _resize_class_branches(head, nc)
+
+
+class GelanHeads(DetectHeads):
+    """YOLOv9's ``DDetect``/``DualDDetect`` (and its anchor-free ``Detect``): outputs as Ultralytics' Detect, of a
+    dual head the main branch's (`prediction_tensor`)."""
+
+    name, types = "gelan", (ClassicDDetect,)
+    label = "a YOLOv9 head"
+
+    def parts(self, head, first, imgsz):
+        if first.dim() == 3 and first.shape[1] == 4 + head.nc:
+            return Parts(first[:, :4].transpose(1, 2), first[:, 4:], float(imgsz))
+        return None
+
+    def candidates(self, head, output, parts, imgsz):
+        return HeadFamily.candidates(self, head, output, parts, imgsz)
+
+    def mismatch(self, student, teacher):
+        if type(student) is not type(teacher):
+            return f"head types: {type(student).__name__} vs {type(teacher).__name__}"
+        return (_same("classes", student.nc, teacher.nc) or _same("levels", student.nl, teacher.nl)
+                or _same("DFL bins", student.reg_max, teacher.reg_max) or _same_strides(student, teacher))
+
+
+class RTDETRHeads(HeadFamily):
+    """Ultralytics' ``RTDETRDecoder``: ``(B, queries, 4 + nc)`` of normalised cxcywh and class scores; since
+    Ultralytics 8.4 its top-k queries ``(B, k, 6)`` (normalised cxcywh, score, class)."""
+
+    name, types = "rtdetr", (RTDETRDecoder,)
+    label = "RT-DETR"
+
+    def parts(self, head, first, imgsz):
+        if first.dim() != 3:
+            return None
+        if hasattr(head, "postprocess"):  # Ultralytics >= 8.4: its top-k queries as (cx, cy, w, h, score, class)
+            return Parts(first[..., :4], first[..., 4:5], 1.0) if first.shape[-1] == 6 else None
+        return Parts(first[..., :4], first[..., 4:], 1.0) if first.shape[-1] == 4 + head.nc else None
+
+    def candidates(self, head, output, parts, imgsz):
+        classes = output[..., 5] if hasattr(head, "postprocess") else None
+        return _xywh_to_xyxy(parts.boxes) * imgsz, parts.scores, classes, True
+
+    def mismatch(self, student, teacher):
+        return _same("classes", student.nc, teacher.nc) or _same("queries", student.num_queries, teacher.num_queries)
+
+
+class ClassifyHeads(HeadFamily):
+    """Ultralytics' ``Classify``: ``(B, nc)`` class probabilities."""
+
+    name, types, detector = "classify", (Classify,), False
+    label = "a classifier"
+
+    def parts(self, head, first, imgsz):
+        return Parts(None, first, 1.0) if first.dim() == 2 else None
+
+    def candidates(self, head, output, parts, imgsz):
+        raise SurgeonError("a classifier's outputs are classes, not detections")
+
+    def mismatch(self, student, teacher):
+        return _same("classes", student.linear.out_features, teacher.linear.out_features)
+
+    def resize_classes(self, head, nc):
+        if not isinstance(head.linear, nn.Linear):
+            return False
+        old = head.linear
+        head.linear = nn.Linear(old.in_features, nc).to(old.weight.device, old.weight.dtype)
+        return True
+
+
+FAMILIES: tuple[HeadFamily, ...] = (ClassicAnchorHeads(), GelanHeads(), RTDETRHeads(), DetectHeads(), ClassifyHeads())
+"""Every head family surgeon knows, checked in this order."""
+
+
+def head_family(head_or_model: nn.Module | None) -> HeadFamily | None:
+    """The family of a head, or of a model's head (its last layer); None for anything else."""
+    head = model_head(head_or_model) if isinstance(getattr(head_or_model, "model", None), nn.Sequential) \
+        else head_or_model
+    return next((family for family in FAMILIES if family.matches(head)), None)
 
 
 def model_head(model: nn.Module) -> nn.Module | None:
@@ -107,31 +280,10 @@ def match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None:
     current = getattr(head, "nc", None)
     if head is None or current == nc:
         return
-    if isinstance(head, (Detect, ClassicDDetect)) and current is not None:  # cv5: YOLOv9's dual heads
-        branches = [b for attr in ("cv3", "cv5", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
-        if not branches or any(not (isinstance(b[-1], nn.Conv2d) and b[-1].out_channels == current) for b in branches):
-            raise SurgeonError(
-                f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "
-                "fine-tune on a dataset with the model's classes"
-            )
-        n_levels = len(getattr(head, "cv3", branches))
-        for i, branch in enumerate(branches):
-            old = branch[-1]
-            new = nn.Conv2d(old.in_channels, nc, 1).to(old.weight.device, old.weight.dtype)
-            stride = float(head.stride[i % n_levels]) if len(head.stride) else 32.0
-            with torch.no_grad():  # Ultralytics' Detect.bias_init: about 0.01 objects per cell at 640 px
-                new.bias.fill_(math.log(5 / nc / (640 / stride) ** 2))
-            branch[-1] = new
-        head.nc = nc
-        head.no = nc + head.reg_max * 4
-    elif isinstance(head, Classify) and isinstance(head.linear, nn.Linear):
-        old = head.linear
-        head.linear = nn.Linear(old.in_features, nc).to(old.weight.device, old.weight.dtype)
-    elif isinstance(head, ClassicDetect) and all(isinstance(m, nn.Conv2d) for m in head.m):
-        _resize_classic_head(head, nc)
-    else:
+    family = head_family(head)
+    if family is None or not family.resize_classes(head, nc):
         raise SurgeonError(
-            f"cannot resize the class outputs of {type(head).__name__} to {nc} classes; "
+            f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "
             "fine-tune on a dataset with the model's classes"
         )
     model.nc = nc
@@ -166,3 +318,23 @@ def _resize_classic_head(head: ClassicDetect, nc: int) -> None:
             scale[:, :5] = implicit.implicit.detach().view(head.na, head.no)[:, :5]
             implicit.implicit = nn.Parameter(scale.view(1, -1, 1, 1))
     head.nc, head.no = nc, nc + 5
+
+
+def _resize_class_branches(head: nn.Module, nc: int) -> bool:
+    """New last convolutions of every class branch (``cv3``; YOLOv9's dual ``cv5``; end-to-end ``one2one_cv3``),
+    biased as Ultralytics' ``Detect.bias_init``; False where a branch does not end in one of the current width."""
+    current = head.nc
+    branches = [b for attr in ("cv3", "cv5", "one2one_cv3") for b in (getattr(head, attr, None) or [])]
+    if not branches or any(not (isinstance(b[-1], nn.Conv2d) and b[-1].out_channels == current) for b in branches):
+        return False
+    n_levels = len(getattr(head, "cv3", branches))
+    for i, branch in enumerate(branches):
+        old = branch[-1]
+        new = nn.Conv2d(old.in_channels, nc, 1).to(old.weight.device, old.weight.dtype)
+        stride = float(head.stride[i % n_levels]) if len(head.stride) else 32.0
+        with torch.no_grad():  # Ultralytics' Detect.bias_init: about 0.01 objects per cell at 640 px
+            new.bias.fill_(math.log(5 / nc / (640 / stride) ** 2))
+        branch[-1] = new
+    head.nc = nc
+    head.no = nc + head.reg_max * 4
+    return True

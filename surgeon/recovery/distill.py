@@ -86,8 +86,8 @@ from torch import Tensor, nn
 from surgeon.checkpoint.io import atomic_path, file_sha256, read_checkpoint
 from surgeon.data import image_paths, image_size, letterboxed, resolve_dataset
 from surgeon.errors import SurgeonError
-from surgeon.families.classic import ClassicDetect
-from surgeon.families.classic_v7v9 import ClassicDDetect, ClassicDualDDetect, ClassicIAuxDetect, yolov9_loss
+from surgeon.families.classic_v7v9 import ClassicDualDDetect, ClassicIAuxDetect, yolov9_loss
+from surgeon.families.heads import head_family, model_head
 from surgeon.families.layers import run_model
 from surgeon.recovery.calibrate import reestimate_batchnorm
 from surgeon.recovery.distill_detr import ImageTap, QueryDistillLoss
@@ -214,9 +214,10 @@ class DistillLoss:
         self.supervised = supervised
         self.temperature, self.cls_gain, self.box_gain, self.obj_gain = temperature, cls_gain, box_gain, obj_gain
         self.feature_weight, self.taps, self.feature_paths = feature_weight, taps, list(feature_paths)
-        self.classic = isinstance(student.model[-1], ClassicDetect)
-        self.classify = is_classifier(student)
-        self.gelan = isinstance(student.model[-1], ClassicDDetect)  # YOLOv9: per-level maps of DFL bins and classes
+        family = head_family(student)
+        self.classic = family is not None and family.name == "classic"
+        self.classify = family is not None and family.name == "classify"
+        self.gelan = family is not None and family.name == "gelan"  # YOLOv9: per-level maps of DFL bins and classes
         self.dual = isinstance(student.model[-1], ClassicDualDDetect)
         self.reg_max = int(getattr(student.model[-1], "reg_max", 16))
         self._base = None
@@ -402,19 +403,15 @@ def _bernoulli_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 def is_rtdetr(model: nn.Module) -> bool:
-    """Whether `model` ends in an Ultralytics ``RTDETRDecoder``."""
-    from ultralytics.nn.modules.head import RTDETRDecoder
-
-    layers = getattr(model, "model", None)
-    return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], RTDETRDecoder)
+    """Whether `model`'s head is of the RT-DETR family (`surgeon.families.heads`)."""
+    family = head_family(model)
+    return family is not None and family.name == "rtdetr"
 
 
 def is_classifier(model: nn.Module) -> bool:
-    """Whether `model` ends in an Ultralytics ``Classify`` head."""
-    from ultralytics.nn.modules.head import Classify
-
-    layers = getattr(model, "model", None)
-    return isinstance(layers, nn.Sequential) and len(layers) > 0 and isinstance(layers[-1], Classify)
+    """Whether `model`'s head is of the classification family (`surgeon.families.heads`)."""
+    family = head_family(model)
+    return family is not None and family.name == "classify"
 
 
 def classes(model: nn.Module) -> int:
@@ -433,63 +430,30 @@ def _softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
 
 
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:
-    """Refuse a teacher whose head does not produce what the student's does.
+    """Refuse a teacher whose head does not produce what the student's does: another head family, or what the
+    family says two of its heads must share (`surgeon.families.heads.HeadFamily.mismatch`: classes, levels, anchors
+    or DFL bins, strides, queries).
 
     Raises:
-        SurgeonError: Other head type, class count, DFL bins or anchors, strides or end-to-end branches.
+        SurgeonError: Naming what differs.
     """
-    from ultralytics.nn.modules.head import Detect, RTDETRDecoder
-
-    s, t = (m.model[-1] if isinstance(getattr(m, "model", None), nn.Sequential) and len(m.model) else m
-            for m in (student, teacher))
-    if is_classifier(student) or is_classifier(teacher):
-        if not (is_classifier(student) and is_classifier(teacher)):
-            raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is a classifier, "
-                               "the other is not: distil from the checkpoint the student was rewritten from")
-        if classes(student) != classes(teacher):
-            raise SurgeonError(f"student and teacher classify {classes(student)} vs {classes(teacher)} classes")
-        return
+    s, t = (model_head(m) or m for m in (student, teacher))
     for head in (s, t):
         if isinstance(head, ClassicIAuxDetect):
             raise SurgeonError(f"distill does not train YOLOv7's {type(head).__name__} (its auxiliary heads learn from "
                                "the OTA assignment, not implemented here); run `surgeon deploy` first, which gives the "
                                "IDetect model the repository deploys, and distil that")
-    if type(s) is not type(t) and (type(s).__module__ == "surgeon.families.classic_v7v9"
-                                   or type(t).__module__ == "surgeon.families.classic_v7v9"):
-        raise SurgeonError(f"student ({type(s).__name__}) and teacher ({type(t).__name__}) heads differ: distil from "
-                           "the checkpoint the student was rewritten from")
-    if isinstance(s, ClassicDDetect):
-        if (s.nc, s.nl, s.reg_max) != (t.nc, t.nl, t.reg_max):
-            raise SurgeonError(f"student and teacher heads differ in classes, levels or DFL bins: nc {s.nc} vs {t.nc}")
-        if not torch.equal(torch.as_tensor(s.stride).float(), torch.as_tensor(t.stride).float()):
-            raise SurgeonError("student and teacher heads differ in strides")
-        return
-    if isinstance(s, ClassicDetect) != isinstance(t, ClassicDetect):
-        raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is a classic YOLOv5 "
-                           "head, the other is not: distil from the checkpoint the student was rewritten from")
-    if isinstance(s, ClassicDetect):
-        if (s.nc, s.nl, s.na) != (t.nc, t.nl, t.na) or not torch.equal(s.anchors.float(), t.anchors.float()):
-            raise SurgeonError(f"student and teacher heads differ in classes, levels or anchors: nc {s.nc} vs {t.nc}, "
-                               f"{s.nl} vs {t.nl} levels of {s.na} vs {t.na} anchors")
-    elif isinstance(s, RTDETRDecoder) or isinstance(t, RTDETRDecoder):
-        if not (isinstance(s, RTDETRDecoder) and isinstance(t, RTDETRDecoder)):
-            raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is RT-DETR, the "
-                               "other is not: distil from the checkpoint the student was rewritten from")
-        if (s.nc, s.num_queries) != (t.nc, t.num_queries):
-            raise SurgeonError(f"student and teacher decoders differ in classes or queries: nc {s.nc} vs {t.nc}, "
-                               f"{s.num_queries} vs {t.num_queries} queries")
-        return
-    elif not isinstance(s, Detect) or not isinstance(t, Detect):
-        raise SurgeonError(f"distill needs Detect-family or classic YOLOv5 heads, not {type(s).__name__} (student) "
-                           f"and {type(t).__name__} (teacher)")
-    for name in ("nc", "reg_max") if isinstance(s, Detect) else ():
-        if getattr(s, name, None) != getattr(t, name, None):
-            raise SurgeonError(f"student and teacher heads differ in {name}: {getattr(s, name, None)} vs "
-                               f"{getattr(t, name, None)}")
-    if not torch.equal(torch.as_tensor(s.stride, dtype=torch.float32), torch.as_tensor(t.stride, dtype=torch.float32)):
-        raise SurgeonError(f"student and teacher heads differ in strides: {s.stride.tolist()} vs {t.stride.tolist()}")
-    if (getattr(s, "one2one_cv2", None) is None) != (getattr(t, "one2one_cv2", None) is None):
-        raise SurgeonError("one of student and teacher is end-to-end (two head branches), the other is not")
+    fs, ft = head_family(s), head_family(t)
+    if fs is None or ft is None:
+        raise SurgeonError(f"distill needs Detect-family, RT-DETR, classifier or classic YOLO heads, not "
+                           f"{type(s).__name__} (student) and {type(t).__name__} (teacher)")
+    if fs is not ft:
+        named = fs if fs.name != "detect" else ft
+        raise SurgeonError(f"one of student ({type(s).__name__}) and teacher ({type(t).__name__}) is {named.label}, "
+                           "the other is not: distil from the checkpoint the student was rewritten from")
+    reason = fs.mismatch(s, t)
+    if reason is not None:
+        raise SurgeonError(f"student and teacher heads differ in {reason}")
 
 
 def _link(path: Path, link: Path) -> None:
@@ -644,7 +608,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
     original = load(teacher, trust=trust).model.float()
     check_pair(loaded.model, original)
     if feature_weight is None:
-        classic_scale = isinstance(original.model[-1], ClassicDetect) or is_classifier(original)
+        classic_scale = head_family(original) is not None and head_family(original).name in ("classic", "classify")
         feature_weight = CLASSIC_FEATURE_WEIGHT if classic_scale else FEATURE_WEIGHT
     detr = is_rtdetr(original)
     if features and detr:
@@ -712,7 +676,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *, images: s
             detach(None)
             if quiet_labels:
                 logger.removeFilter(quiet_labels)
-        classic = isinstance(original.model[-1], ClassicDetect)
+        classic = head_family(original) is not None and head_family(original).name == "classic"
         record = {"teacher": {"name": Path(teacher).name, "sha256": file_sha256(Path(teacher))},
                   "images": str(images) if images is not None else None, "data": str(data) if data else None,
                   "temperature": temperature, "epochs": train_args.get("epochs"), "imgsz": train_args.get("imgsz"),

@@ -50,17 +50,14 @@ from ultralytics.models.yolo.model import YOLO  # noqa: E402
 from ultralytics.models.yolo.obb import OBBTrainer  # noqa: E402
 from ultralytics.models.yolo.pose import PoseTrainer  # noqa: E402
 from ultralytics.models.yolo.segment import SegmentationTrainer  # noqa: E402
-from ultralytics.nn.modules.head import Classify, Detect, RTDETRDecoder  # noqa: E402
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 from surgeon.checkpoint.io import load, read_checkpoint  # noqa: E402
 from surgeon.data import resolve_dataset, training_images  # noqa: E402
 from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
-from surgeon.families.classic import ClassicDetect  # noqa: E402
 from surgeon.families.classic_loss import ClassicHyp  # noqa: E402
-from surgeon.families.classic_v7v9 import ClassicDDetect  # noqa: E402
-from surgeon.families.heads import match_class_count, model_head  # noqa: E402
+from surgeon.families.heads import head_family, match_class_count, model_head  # noqa: E402
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
 
 __all__ = [
@@ -451,20 +448,17 @@ def trainer_for(model: nn.Module | str) -> type:
     """
     if isinstance(model, nn.Module):
         head = model_head(model)
-        if isinstance(head, RTDETRDecoder):
-            return RewrittenRTDETRTrainer
         refusal = getattr(type(head), "finetune_refusal", None)
         if refusal:  # classic YOLOv7/YOLOv9 heads, whose repositories' losses are not implemented here
             raise SurgeonError(refusal.format(head=type(head).__name__))
-        if isinstance(head, ClassicDetect):
-            return RewrittenClassicTrainer
-        if isinstance(head, ClassicDDetect):
-            return RewrittenClassicV9Trainer
-        if not isinstance(head, (Detect, Classify)):
+        family = head_family(head)
+        if family is None:
             raise SurgeonError(
                 f"cannot fine-tune a model whose last layer is {type(head).__name__} with the Ultralytics trainer; "
                 "it needs an Ultralytics head (Detect, Segment, Pose, OBB, Classify, RTDETRDecoder)"
             )
+        if family.name in _FAMILY_TRAINERS:
+            return _FAMILY_TRAINERS[family.name]
         task = getattr(model, "task", None)
     else:
         task = model
@@ -699,3 +693,11 @@ def finetune(
         metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         temperatures=dict(getattr(trainer, "temperatures", None) or {}),
     )
+
+
+# Head families (`surgeon.families.heads`) whose trainer does not follow from the model's task.
+_FAMILY_TRAINERS = {
+    "rtdetr": RewrittenRTDETRTrainer,
+    "classic": RewrittenClassicTrainer,
+    "gelan": RewrittenClassicV9Trainer,
+}

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from surgeon.errors import SurgeonError
+from surgeon.families.heads import head_family, model_head, prediction_tensor
+from surgeon.families.layers import run_model
 
 CONF = 0.25
 """Ultralytics' default confidence threshold for predictions."""
@@ -72,39 +74,22 @@ def _f1(matched: int, reference: int, candidate: int) -> float:
     return 1.0 if reference + candidate == 0 else 2.0 * matched / (reference + candidate)
 
 
-def _xywh_to_xyxy(boxes: Tensor) -> Tensor:
-    xy, wh = boxes[..., :2], boxes[..., 2:4] / 2
-    return torch.cat([xy - wh, xy + wh], -1)
-
-
 def _candidates(model: nn.Module, output: Tensor, imgsz: int) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-    """(boxes xyxy in pixels ``(B, N, 4)``, scores ``(B, N, C)`` or ``(B, N, 1)``, classes ``(B, N)`` or None, whether
-    the head already ran NMS) from a detector's first output, per head family
-    (`surgeon.families.heads.split_outputs`)."""
-    from ultralytics.nn.modules.head import Detect, RTDETRDecoder
-
-    from surgeon.families.classic import ClassicDetect
-    from surgeon.families.heads import split_outputs
-
-    parts = split_outputs(model, output, imgsz)
-    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    """(boxes xyxy in pixels, scores, classes or None, whether the head already ran NMS) from a detector's first
+    output, as its head family reads it (`surgeon.families.heads.HeadFamily.candidates`)."""
+    head = model_head(model)
+    family = head_family(head)
+    parts = family.parts(head, output, imgsz) if family is not None else None
     if parts is None or parts.boxes is None:
         raise SurgeonError("agreement needs detectors (Ultralytics Detect family, RT-DETR or classic YOLOv5); "
                            f"this model's head is {type(head).__name__}")
-    if isinstance(head, ClassicDetect):
-        return _xywh_to_xyxy(parts.boxes), parts.scores[..., 1:] * parts.scores[..., :1], None, False
-    if isinstance(head, Detect) and getattr(head, "end2end", False):
-        return parts.boxes, parts.scores, output[..., 5], True
-    if isinstance(head, RTDETRDecoder):
-        classes = output[..., 5] if hasattr(head, "postprocess") else None  # top-k (cx, cy, w, h, score, class)
-        return _xywh_to_xyxy(parts.boxes) * imgsz, parts.scores, classes, True
-    return _xywh_to_xyxy(parts.boxes), parts.scores.transpose(1, 2), None, False
+    return family.candidates(head, output, parts, imgsz)
 
 
 def _oriented_head(model: nn.Module) -> nn.Module | None:
     from ultralytics.nn.modules.head import OBB
 
-    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    head = model_head(model)
     return head if isinstance(head, OBB) else None
 
 
@@ -134,9 +119,6 @@ def detections(model: nn.Module, images: Tensor, imgsz: int, *, conf: float = CO
     `images` is a batch in [0, 1] as the model takes it (letterboxed to `imgsz`).
     """
     from torchvision.ops import batched_nms
-
-    from surgeon.families.heads import prediction_tensor
-    from surgeon.families.layers import run_model
 
     parameter = next(model.parameters())
     output = run_model(model.eval(), images.to(parameter.device, parameter.dtype))
