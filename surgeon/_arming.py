@@ -21,8 +21,17 @@ _TARGET = "ultralytics.engine.model"
 _HOOKS = "surgeon.recovery.ultralytics_hooks"
 
 
+_installing = [False]
+
+
 def _install() -> None:
-    importlib.import_module(_HOOKS).install()
+    if _installing[0]:  # arming again while the hooks module is being imported
+        return
+    _installing[0] = True
+    try:
+        importlib.import_module(_HOOKS).install()
+    finally:
+        _installing[0] = False
 
 
 class _InstallAfterImport(importlib.abc.MetaPathFinder):

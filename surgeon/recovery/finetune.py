@@ -34,31 +34,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon._env import offline_ultralytics
+import torch
+import yaml
+from torch import nn
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.engine.model import Model
+from ultralytics.models.rtdetr.train import RTDETRTrainer
+from ultralytics.models.yolo.classify import ClassificationTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
+from ultralytics.models.yolo.model import YOLO
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK
+from ultralytics.utils.torch_utils import unwrap_model
 
-offline_ultralytics()  # before Ultralytics is first imported: it reads these settings at import time
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from torch import nn  # noqa: E402
-from ultralytics.data.utils import check_det_dataset  # noqa: E402
-from ultralytics.engine.model import Model  # noqa: E402
-from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
-from ultralytics.models.yolo.classify import ClassificationTrainer  # noqa: E402
-from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: E402
-from ultralytics.models.yolo.model import YOLO  # noqa: E402
-from ultralytics.models.yolo.obb import OBBTrainer  # noqa: E402
-from ultralytics.models.yolo.pose import PoseTrainer  # noqa: E402
-from ultralytics.models.yolo.segment import SegmentationTrainer  # noqa: E402
-from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK  # noqa: E402
-from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
-
-from surgeon.checkpoint.io import load, read_checkpoint  # noqa: E402
-from surgeon.data import resolve_dataset, training_images  # noqa: E402
-from surgeon.errors import CheckpointError, SurgeonError  # noqa: E402
-from surgeon.families.classic_loss import ClassicHyp  # noqa: E402
-from surgeon.families.heads import head_family, match_class_count, model_head  # noqa: E402
-from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature  # noqa: E402
+from surgeon.checkpoint.io import load, read_checkpoint
+from surgeon.data import resolve_dataset, training_images
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.families.classic_loss import ClassicHyp
+from surgeon.families.heads import head_family, match_class_count, model_head
+from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature
 
 __all__ = [
     "FinetuneResult",

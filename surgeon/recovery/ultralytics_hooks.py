@@ -11,7 +11,8 @@ the original with the same arguments and nothing changes.
 The wrapper is installed when surgeon's modules or classic families are imported (`surgeon._arming`), which is
 what happens when a rewritten checkpoint is unpickled by Ultralytics' own loader (the pickle names surgeon's
 classes): if Ultralytics' model module is not imported yet, a one-shot import hook installs it right after it is.
-A bare ``import surgeon`` changes nothing.
+A bare ``import surgeon`` changes nothing. Installing imports nothing of surgeon's: it can run while
+`surgeon.modules` is itself being imported (that is what arms it), so the registry is imported where it is used.
 """
 
 from __future__ import annotations
@@ -20,20 +21,20 @@ import functools
 
 from torch import nn
 
-from surgeon.modules.registry import is_replacement_op, op_spec
-
-_TARGET = "ultralytics.engine.model"
-
 
 def has_surgery(model) -> bool:
     """Whether `model` holds any module defined by surgeon (classic layers) or a declared replacement or insertion,
     built in or not (`surgeon.modules.registry`)."""
+    from surgeon.modules.registry import is_replacement_op  # here: installing must not import the ops (see below)
+
     return isinstance(model, nn.Module) and any(
         type(m).__module__.split(".")[0] == "surgeon" or is_replacement_op(m) for m in model.modules())
 
 
 def _unfoldable_blocks(model: nn.Module) -> list[nn.Module]:
     """Blocks (modules with ``conv`` and ``bn``) whose ``conv`` is an op declared ``fold_bn=False``."""
+    from surgeon.modules.registry import op_spec
+
     found = []
     for module in model.modules():
         spec = op_spec(getattr(module, "conv", None)) if isinstance(getattr(module, "conv", None), nn.Module) else None
