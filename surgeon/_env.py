@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 
 def offline_ultralytics() -> None:
-    """Set the environment so Ultralytics never downloads or pip-installs anything."""
+    """Set the environment so Ultralytics never downloads or pip-installs anything.
+
+    Only before Ultralytics is imported, which is when it reads these: a process that imported it first (a user's
+    ``YOLO(file)`` unpickling surgeon's classes) keeps its own settings, and its environment is left alone.
+    """
+    if "ultralytics" in sys.modules:
+        return
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     os.environ.setdefault("YOLO_VERBOSE", "False")

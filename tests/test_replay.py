@@ -93,3 +93,16 @@ def test_replay_refuses_another_architecture(checkpoint_factory, tmp_path):
         surgeon.replay(_fresh_ultralytics("yolo11n.yaml"), result.recipe())
     with pytest.raises(SurgeryError, match="not a surgeon recipe"):
         surgeon.replay(_fresh_ultralytics(), {"imgsz": 128})
+
+
+def test_a_yolo_state_dict_file_reaches_the_trainer_and_exporter_loader(checkpoint_factory, tmp_path):
+    """`--format state_dict` is rebuilt by replay wherever surgeon reads a checkpoint: `surgeon.load`, and the loader
+    fine-tuning, distillation and export go through."""
+    from surgeon.recovery.finetune import load_yolo
+
+    result = surgeon.apply(checkpoint_factory("yolov8n.yaml"), "dyn_head", imgsz=IMGSZ)
+    path = result.save(tmp_path / "dyn.pt", format="state_dict")
+    assert read_checkpoint(path)["format"] == "surgeon.state_dict/1"
+    expected = {k: v.clone() for k, v in result.model.state_dict().items()}
+    _assert_same_state(surgeon.load(path).model.state_dict(), expected)
+    _assert_same_state(load_yolo(path).model.float().state_dict(), expected)

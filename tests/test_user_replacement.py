@@ -3,6 +3,7 @@ apply, save, reload, trace as a leaf, BatchNorm left unfused as declared, replay
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -151,4 +152,4 @@ def test_declarations_refuse_what_cannot_work():
         surgeon.replacement("dynamic_conv", builds=nn.Conv2d)(lambda conv: conv)
     with pytest.raises(ValueError, match="identifier"):
         surgeon.replacement("not a name")(nn.Conv2d)
-    assert torch.nn.Conv2d not in __import__("surgeon.modules.registry").registry.op_classes()
+    assert torch.nn.Conv2d not in importlib.import_module("surgeon.modules.registry").op_classes()

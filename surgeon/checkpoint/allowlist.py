@@ -46,8 +46,9 @@ Module, parameter and buffer names must be identifiers or indices: torch.fx past
 Python source it generates for a traced model.
 
 **__setstate__** (called by BUILD) only where listed in `AUDITED_SETSTATE`: each fills in defaults for
-attributes older versions did not pickle and then updates ``__dict__`` (``ClassicDetect``'s may instead make the
-object surgeon's YOLOv9 head class, pickled under the same name); none imports what a file names, opens or evaluates.
+attributes older versions did not pickle and then updates ``__dict__`` (``ClassicPickledDetect``'s, for
+``models.yolo.Detect``, makes the object YOLOv5's head class or surgeon's YOLOv9 one, which pickles under that name);
+none imports what a file names, opens or evaluates.
 numpy arrays and dtypes use their C ``__setstate__`` (number copying), object dtypes refused.
 """
 
@@ -292,7 +293,8 @@ def _policy(_version: int) -> Policy:
     classes.update(classic_class_names())
     for old, new in MOVED_MODULES.items():
         for module in new:
-            classes.update({f"{old}.{c.__name__}": c for c in _defined_classes(importlib.import_module(module), None)})
+            moved = _defined_classes(importlib.import_module(module), nn.Module)
+            classes.update({f"{old}.{c.__name__}": c for c in moved})
 
     calls = {
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,

@@ -105,6 +105,10 @@ class HeadFamily:
     def matches(self, head: nn.Module | None) -> bool:
         return isinstance(head, self.types)
 
+    def classes(self, head: nn.Module) -> int:
+        """How many classes the head outputs."""
+        return int(head.nc)
+
     def parts(self, head: nn.Module, first: torch.Tensor, imgsz: int) -> Parts | None:
         """Boxes and scores of the first output tensor; None where its layout is not the family's."""
         raise NotImplementedError
@@ -140,6 +144,8 @@ class ClassicAnchorHeads(HeadFamily):
         return _xywh_to_xyxy(parts.boxes), parts.scores[..., 1:] * parts.scores[..., :1], None, False
 
     def mismatch(self, student, teacher):
+        if type(student) is not type(teacher):  # YOLOv5's Detect, YOLOv7's IDetect
+            return f"head types: {type(student).__name__} vs {type(teacher).__name__}"
         if (student.nc, student.nl, student.na) != (teacher.nc, teacher.nl, teacher.na) or not torch.equal(
                 student.anchors.float(), teacher.anchors.float()):
             return (f"classes, levels or anchors: nc {student.nc} vs {teacher.nc}, {student.nl} vs {teacher.nl} "
@@ -177,7 +183,8 @@ class DetectHeads(HeadFamily):
 
     def mismatch(self, student, teacher):
         return (_same("classes", student.nc, teacher.nc) or _same("DFL bins", student.reg_max, teacher.reg_max)
-                or _same_strides(student, teacher))
+                or _same_strides(student, teacher)
+                or _same("end-to-end branches", hasattr(student, "one2one_cv2"), hasattr(teacher, "one2one_cv2")))
 
     def resize_classes(self, head, nc):
         return _resize_class_branches(head, nc)
@@ -233,6 +240,9 @@ class ClassifyHeads(HeadFamily):
     name, types, detector = "classify", (Classify,), False
     label = "a classifier"
 
+    def classes(self, head):
+        return int(head.linear.out_features)
+
     def parts(self, head, first, imgsz):
         return Parts(None, first, 1.0) if first.dim() == 2 else None
 
@@ -277,10 +287,10 @@ def match_class_count(model: nn.Module, nc: int, verbose: bool = False) -> None:
         SurgeonError: The head's class outputs are not plain layers this function knows how to resize.
     """
     head = model_head(model)
-    current = getattr(head, "nc", None)
+    family = head_family(head)
+    current = family.classes(head) if family is not None else getattr(head, "nc", None)
     if head is None or current == nc:
         return
-    family = head_family(head)
     if family is None or not family.resize_classes(head, nc):
         raise SurgeonError(
             f"cannot resize the class outputs of {type(head).__name__} from {current} to {nc} classes; "

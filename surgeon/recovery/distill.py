@@ -415,11 +415,9 @@ def is_classifier(model: nn.Module) -> bool:
 
 
 def classes(model: nn.Module) -> int:
-    """The class count of a detector's or a classifier's head."""
-    head = model.model[-1]
-    if is_classifier(model):
-        return int(head.linear.out_features)
-    return int(head.nc)
+    """The class count of a detector's or a classifier's head (`surgeon.families.heads.HeadFamily.classes`)."""
+    head = model_head(model)
+    return head_family(head).classes(head)
 
 
 def _softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -49,12 +49,13 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from surgeon.checkpoint.io import load, read_checkpoint
+from surgeon.checkpoint.io import read_checkpoint
 from surgeon.data import resolve_dataset, training_images
 from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.families.classic_loss import ClassicHyp
 from surgeon.families.heads import head_family, match_class_count, model_head
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature
+from surgeon.surgery.replay import load
 
 __all__ = [
     "FinetuneResult",
