@@ -41,6 +41,6 @@ wheel-check:
 	rm -rf dist $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/pip wheel -q --no-deps -w dist .
-	$(WHEEL_VENV)/bin/pip install -q "$$(ls dist/surgeon-*.whl)[export,test,classic]"
+	$(WHEEL_VENV)/bin/pip install -q "$$(ls dist/yolo_surgeon-*.whl)[export,test,classic]"
 	SURGEON_BIN=$(CURDIR)/$(WHEEL_VENV)/bin/surgeon SURGEON_PYTHON=$(CURDIR)/$(WHEEL_VENV)/bin/python \
 		$(WHEEL_VENV)/bin/pytest -q -p no:cacheprovider tests/test_readme.py

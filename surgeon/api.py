@@ -238,7 +238,7 @@ def export(checkpoint: str | os.PathLike, *, format: str = "onnx", imgsz: int = 
     try:
         exported = yolo.export(format=format, imgsz=imgsz, batch=batch)
     except ModuleNotFoundError as error:  # Ultralytics would pip-install it; surgeon keeps it offline
-        hint = " (pip install 'surgeon[export]')" if format == "onnx" else ""
+        hint = " (pip install 'yolo-surgeon[export]')" if format == "onnx" else ""
         raise SurgeonError(f"export to {format} needs the Python package {error.name!r}, which is not installed"
                            f"{hint}") from None
     return exported, folded

@@ -48,7 +48,7 @@ def _one_line(text: str, limit: int = 500) -> str:
 
 
 @click.group(cls=_Group)
-@click.version_option(package_name="surgeon")
+@click.version_option(package_name="yolo-surgeon")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), metavar="FILE.py",
               help="Import your own replacements from FILE.py first (see surgeon.modules.registry; repeatable).")
 def main(plugins):
@@ -421,7 +421,7 @@ def deploy_cmd(model: Path, output, keep_aux: bool, no_fuse: bool, force: bool, 
 def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
     """Export a rewritten CHECKPOINT with Ultralytics' exporter (DSConv layers are folded into plain convolutions).
 
-    Export formats need their own packages (ONNX: `pip install 'surgeon[export]'`).
+    Export formats need their own packages (ONNX: `pip install 'yolo-surgeon[export]'`).
     """
     from surgeon.api import export
 

@@ -50,5 +50,5 @@ def test_export_without_the_format_package_is_one_line(checkpoint_factory, tmp_p
     assert "Traceback" not in proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error == ["error: export to onnx needs the Python package 'onnx', which is not installed "
-                     "(pip install 'surgeon[export]')"], proc.stderr
+                     "(pip install 'yolo-surgeon[export]')"], proc.stderr
     assert not list(tmp_path.glob("*.onnx"))

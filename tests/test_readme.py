@@ -188,3 +188,16 @@ def test_installed_package_ships_the_builtin_rules(tmp_path):
         import surgeon  # this runner's own helpers must come from the same install, not the source tree
 
         assert "site-packages" in surgeon.__file__, surgeon.__file__
+
+
+def test_the_distribution_is_yolo_surgeon_and_its_command_is_surgeon(tmp_path):
+    """"surgeon" on the package index is another project: the distribution is yolo-surgeon, the command surgeon."""
+    code = ("import importlib.metadata as m; d = m.distribution('yolo-surgeon'); "
+            "print(d.version); print(sorted(e.name for e in d.entry_points if e.group == 'console_scripts')); "
+            "print(m.metadata('yolo-surgeon')['Summary'])")
+    proc = run([str(PYTHON), "-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    version, scripts, summary = proc.stdout.splitlines()
+    assert scripts == "['surgeon']" and "YOLO" in summary
+    shown = run([str(BIN), "--version"], tmp_path)
+    assert shown.returncode == 0 and version in shown.stdout, shown.stdout + shown.stderr
