@@ -249,3 +249,28 @@ def test_regular_expressions_from_rule_files_match_in_linear_time(tmp_path):
     path.write_text(yaml.safe_dump({"name": "r", "select": {"path": r"re:(a)\1"}, "replace": {"with": "dwconv"}}))
     with pytest.raises(RuleError, match=r"backref.yaml: .*bad regular expression .*RE2: invalid escape sequence"):
         load_rule(str(path), REGISTRY)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("experts=abc", "--set for rule 'dyn_head': dynamic_conv's experts takes a number (default 4), not 'abc'"),
+    ("dyn_head.init=7", "--set for rule 'dyn_head': dynamic_conv's init takes a word (default 'upcycle'), not 7"),
+    ("bogus=1", "--set for rule 'dyn_head': dynamic_conv has no argument 'bogus' (arguments: experts,"),
+])
+def test_a_wrong_set_names_the_rule_the_argument_and_why(setting, message, checkpoint_factory, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("surgeon")
+    run = subprocess.run([str(script), "apply", checkpoint_factory("yolov8n.yaml"), "-r", "dyn_head", "--set", setting,
+                          "--dry-run", "--imgsz", "64"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    (line,) = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and line.startswith(f"error: {message}"), run.stderr
+    assert ".yaml" not in line  # the user's --set, not the built-in rule's file, is what is wrong
+
+
+def test_rule_files_get_the_same_argument_checks(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nselect: {kernel: 1}\nreplace: {with: dynamic_conv, args: {experts: four}}\n")
+    with pytest.raises(RuleError, match="r.yaml: replace.args: dynamic_conv's experts takes a number"):
+        load_rule(path, builtin_replacements())

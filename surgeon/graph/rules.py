@@ -219,7 +219,8 @@ class Rule:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_args(self, overrides: dict[str, Any], registry: Registry) -> Rule:
-        """This rule with replacement arguments overridden (validated like the file's own)."""
+        """This rule with replacement arguments overridden (``--set``; validated like the file's own)."""
+        _check_args(overrides, self.action.name, registry, f"--set for rule {self.name!r}")
         args = {**self.action.kwargs, **overrides}
         _check_args(args, self.action.name, registry, f"{self.source or self.name}: {self.action.kind}.args")
         return dataclasses.replace(self, action=dataclasses.replace(self.action, args=tuple(sorted(args.items()))))
@@ -318,11 +319,21 @@ def parse_selector(data, where: str) -> Selector:
 
 
 def _check_args(args: dict, replacement: str, registry: Registry, where: str) -> None:
+    """Every argument is one the replacement takes, of the kind its default is (a number, a switch, a word)."""
     entry = registry.get(replacement)
     known = entry.parameters()
-    for key in args:
+    defaults = entry.defaults()
+    for key, value in args.items():
         if key not in known:
             raise RuleError(f"{where}: {replacement} has no argument {key!r} (arguments: {', '.join(known) or 'none'})")
+        default = defaults.get(key)
+        expected = ("true or false" if isinstance(default, bool) else
+                    "a number" if isinstance(default, (int, float)) else "a word" if isinstance(default, str) else None)
+        fits = (isinstance(value, bool) if isinstance(default, bool) else
+                isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, (int, float))
+                else isinstance(value, str) if isinstance(default, str) else True)
+        if expected and not fits:
+            raise RuleError(f"{where}: {replacement}'s {key} takes {expected} (default {default!r}), not {value!r}")
 
 
 def parse_rule(data, source: str, registry: Registry) -> Rule:
