@@ -32,8 +32,8 @@ from surgeon.surgery.replay import load, save_state_dict
 from surgeon.surgery.rewrite import Inserted, Replaced, fold_modules
 
 # Re-exported for the command line, which calls nothing below this module.
-__all__ = ["ApplyResult", "apply", "builtin_rules", "check_output", "deploy", "diff", "distill", "export",
-           "finetune", "folder_images", "inspect_model", "load", "load_plugin", "make_dataset", "preview", "rule",
+__all__ = ["ApplyResult", "apply", "builtin_rules", "check_output", "deploy", "diff", "distill", "export", "finetune",
+           "folder_images", "inspect_model", "load", "load_plugin", "lost_function", "make_dataset", "preview", "rule",
            "write_json"]
 
 
@@ -111,7 +111,8 @@ class ApplyResult:
 def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: dict | list | None = None,
           imgsz: int = 640, check_imgsz: int | None = None, overlap: str = "error", trust: bool = False,
           registry: Registry | None = None, calibrate: int | str | os.PathLike = 0,
-          calibrate_imgsz: int | None = None, reconstruct: int = 0, arch=None, **set_args) -> ApplyResult:
+          calibrate_imgsz: int | None = None, reconstruct: int = 0, arch=None,
+          images: str | os.PathLike | None = None, conf: float | None = None, **set_args) -> ApplyResult:
     """Rewrite a model with one or more rules.
 
     Args:
@@ -136,6 +137,9 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
         arch: The original architecture, for a state-dict file (a callable, ``torchvision.models.NAME``,
             ``timm:NAME`` or a dotted path to a builder); a name is also recorded, so the saved state-dict file
             rebuilds itself (`surgeon.families.arch`).
+        images: A folder of images or a dataset YAML (its val images): also measure, as ``diff --images`` does, how
+            many of the original's detections the rewritten model keeps on them (``report.agreement``).
+        conf: Confidence threshold of both models' detections for `images` (default 0.25).
         **set_args: More overrides for every rule, as keyword arguments.
 
     Raises:
@@ -145,6 +149,7 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
         TraceError: The model cannot be traced.
     """
     registry = registry or builtin_replacements()
+    paths = image_paths(images) if images is not None else None  # a bad folder fails before the surgery
     loaded = source if isinstance(source, Loaded) else load(source, trust=trust, arch=arch)
     if set_args and isinstance(overrides, (list, tuple)):
         overrides = [*overrides, *(f"{k}={v}" for k, v in set_args.items())]
@@ -164,8 +169,28 @@ def apply(source: str | os.PathLike | nn.Module | Loaded, rules, *, overrides: d
     after = inspect_model(Loaded(model, loaded.format, None, None, loaded.checkpoint), imgsz=imgsz, mixtures=False)
     report = build_report(before, after, output=check, replaced=replaced, rules=resolved, registry=registry)
     report.after = f"{loaded.name} + {' + '.join(r.name for r in resolved)}"
+    if paths is not None:
+        report.agreement = _agreement(loaded.model, model, paths, images, imgsz, conf)
     return ApplyResult(loaded, resolved, model, replaced, report, imgsz, calibration,
                        arch if isinstance(arch, str) else loaded.checkpoint.get("arch"))
+
+
+LOST_BOXES = 0.05
+"""Boxes moving by more than this share of the image size on the output check batch: the rewrite lost the model."""
+LOST_SCORES = 0.25
+"""Class scores moving by more than this on the output check batch: the rewrite lost the model."""
+
+
+def lost_function(check: dict | None) -> str | None:
+    """What an output check shows the rewrite lost (boxes off by 94 % of the image, ...), or None."""
+    if not check:
+        return None
+    lost = []
+    if check.get("boxes_max_rel_image", 0.0) > LOST_BOXES:
+        lost.append(f"boxes off by up to {check['boxes_max_rel_image']:.0%} of the image")
+    if check.get("scores_max_abs", 0.0) > LOST_SCORES:
+        lost.append(f"class scores by up to {check['scores_max_abs']:.2f}")
+    return " and ".join(lost) or None
 
 
 # --- diff ---------------------------------------------------------------------------------------
@@ -190,17 +215,23 @@ def diff(a: str | os.PathLike | nn.Module, b: str | os.PathLike | nn.Module, *, 
     paths = image_paths(images) if images is not None else None  # a bad folder fails before the models load
     first = inspect_model(a, imgsz=imgsz, trust=trust, mixtures=False, arch=arch)
     second = inspect_model(b, imgsz=imgsz, trust=trust, mixtures=False, arch=arch)
+    check, skipped = None, None
     try:
         check = output_check(first.loaded.model, second.loaded.model, imgsz)
-    except SurgeryError:
-        check = None
-    report = build_report(first, second, output=check)
+    except SurgeryError as error:  # other inputs or outputs: the models do not compute comparable things
+        skipped = str(error).replace("the rewritten model", "B").replace("the original's", "A's")
+    report = build_report(first, second, output=check, check_skipped=skipped)
     if paths is not None:
-        conf = CONF if conf is None else conf
-        measured = agreement(first.loaded.model.float(), second.loaded.model.float(),
-                             letterboxed(paths, imgsz, limit=max_images), imgsz, conf=conf)
-        report.agreement = {"source": str(images), "imgsz": imgsz, **measured.to_dict()}
+        report.agreement = _agreement(first.loaded.model, second.loaded.model, paths, images, imgsz, conf, max_images)
     return report
+
+
+def _agreement(original: nn.Module, rewritten: nn.Module, paths: list, source, imgsz: int, conf: float | None,
+               limit: int | None = None) -> dict:
+    """`surgeon.report.agreement.agreement` of the two models on the images, as the report records it."""
+    conf = CONF if conf is None else conf
+    measured = agreement(original.float(), rewritten.float(), letterboxed(paths, imgsz, limit=limit), imgsz, conf=conf)
+    return {"source": str(source), "imgsz": imgsz, **measured.to_dict()}
 
 
 # --- the other commands -------------------------------------------------------------------------

@@ -157,10 +157,13 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--format", "fmt", type=click.Choice(["checkpoint", "state_dict"]), default=None,
               help="checkpoint: Ultralytics-format pickled model; state_dict: {state_dict, recipe, arch}, plain data "
                    "[default: checkpoint for YOLO files, state_dict for other models].")
+@click.option("--images", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Also report how many of the original's detections the rewritten model keeps on these images "
+                   "(a folder or a dataset YAML's val images; as diff --images).")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,
-              calibrate_imgsz, reconstruct, arch, fmt):
+              calibrate_imgsz, reconstruct, arch, fmt, images):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
-    from surgeon.api import apply, check_output
+    from surgeon.api import apply, check_output, lost_function
     from surgeon.report.render import to_terminal
 
     output = output or _default_output(model, rules)
@@ -170,8 +173,15 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
         if Path(report_path).suffix.lower() not in (".md", ".json", ".svg"):
             raise SurgeryError(f"{report_path}: report format must be .md, .json or .svg")
     result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust,
-                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz, reconstruct=reconstruct, arch=arch)
+                   calibrate=calibrate, calibrate_imgsz=calibrate_imgsz, reconstruct=reconstruct, arch=arch,
+                   images=images)
     _console().print(to_terminal(result.report))
+    lost = lost_function(result.report.output_check)
+    if lost:
+        where = images or "DIR"
+        click.echo(f"warning: this rewrite has lost the model's function ({lost} on the check batch); recover it on "
+                   f"your images: --calibrate {where} --reconstruct 1000, then "
+                   f"`surgeon distill {output} --teacher {model} --images {where}`", err=True)
     if dry_run:
         click.echo("dry run: nothing written")
         return

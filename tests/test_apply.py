@@ -236,3 +236,64 @@ def test_keyword_overrides_merge_with_the_others(y8, overrides):
     result = surgeon.apply(y8, "dyn_head", overrides=overrides, imgsz=IMGSZ, temperature=5.0)
     args = {record.args["experts"] for record in result.replaced}, {r.args["temperature"] for r in result.replaced}
     assert args == ({4 if overrides is None else 2}, {5.0})
+
+
+def _photos(folder: Path, n: int = 4) -> Path:
+    import cv2
+
+    from surgeon.data import draw_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, _ = draw_image(IMGSZ, 3, seed=(31, i))
+        cv2.imwrite(str(folder / f"{i}.png"), image)
+    return folder
+
+
+def test_a_rewrite_that_loses_the_model_says_so_and_what_to_do(y8, tmp_path):
+    """`apply` of a lossy rule on a model with realistic activations prints one loud line naming the recovery; an
+    exact rewrite prints none. Subprocesses: the line goes to the user's terminal (stderr)."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("surgeon")
+    photos = _photos(tmp_path / "photos")
+
+    def apply(rule):
+        return subprocess.run([str(script), "apply", y8, "-r", rule, "--imgsz", str(IMGSZ), "--images", str(photos),
+                               "-o", str(tmp_path / f"{rule}.pt")], capture_output=True, text=True, timeout=600)
+
+    lossy = apply("dwsep_all")
+    assert lossy.returncode == 0, lossy.stderr
+    (warning,) = [line for line in lossy.stderr.splitlines() if line.startswith("warning:")]
+    assert "lost the model's function" in warning and "--calibrate" in warning and "surgeon distill" in warning
+    assert f"{tmp_path / 'dwsep_all.pt'}" in warning and str(photos) in warning
+    assert "agreement" in lossy.stdout.lower()  # --images: the original's detections kept, reported right away
+    exact = apply("dyn_head")
+    assert exact.returncode == 0 and "warning:" not in exact.stderr, exact.stderr
+
+
+def test_apply_images_reports_agreement_like_diff(y8, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    result = surgeon.apply(y8, "dwsep_all", imgsz=IMGSZ, images=photos)
+    saved = result.save(tmp_path / "out.pt")
+    expected = surgeon.diff(y8, saved, imgsz=IMGSZ, images=photos).agreement
+    assert result.report.agreement["images"] == 4 and result.report.agreement["source"] == str(photos)
+    assert result.report.agreement["reference"] == expected["reference"]  # the original's detections, either way
+
+
+def test_diff_lists_resized_layers_and_says_why_there_is_no_output_check(y8):
+    """A fine-tuned model whose class outputs went from 80 to 3: every resized layer is listed, and the reason the
+    output check is skipped is the real one."""
+    from surgeon.families.heads import match_class_count
+    from surgeon.report.render import to_markdown
+
+    original = surgeon.load(y8).model
+    tuned = surgeon.load(y8).model
+    match_class_count(tuned, 3)
+    report = surgeon.diff(original, tuned, imgsz=IMGSZ)
+    resized = [c for c in report.changes if c.kind == "resized"]
+    assert sorted(c.path for c in resized) == [f"model.22.cv3.{i}.2" for i in range(3)]
+    assert all(c.old_type == c.new_type == "Conv2d" and c.params_after < c.params_before for c in resized)
+    assert report.output_check is None and "other shapes" in report.check_skipped
+    assert "inputs differ" not in to_markdown(report) and "other shapes" in to_markdown(report)

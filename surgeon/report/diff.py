@@ -30,8 +30,11 @@ def changes(before: Inspection, after: Inspection) -> list[Change]:
         a = old.get(k)
         new_path, b = new.get(k, (None, None))
         if a is not None and b is not None and type(a) is type(b):
-            continue
-        kind = "replaced" if a is not None and b is not None else ("added" if a is None else "removed")
+            if _own_shapes(a) == _own_shapes(b):
+                continue
+            kind = "resized"  # same layer, other shape (fine-tuning's new class outputs, 80 -> 3)
+        else:
+            kind = "replaced" if a is not None and b is not None else ("added" if a is None else "removed")
         shapes = before.totals.shapes.get(k) or after.totals.shapes.get(new_path) or (None, None)
         if kind == "added" and new_path in after.totals.layer_shapes:
             shapes = (after.totals.layer_shapes[new_path], after.totals.layer_shapes[new_path])
@@ -46,6 +49,12 @@ def changes(before: Inspection, after: Inspection) -> list[Change]:
         covered.append(k)
     order = {p: i for i, p in enumerate(old)}
     return sorted(changes, key=lambda c: (order.get(c.path, len(order)), c.path))
+
+
+def _own_shapes(module: nn.Module) -> dict:
+    """The shapes of a module's own parameters and buffers (not its children's)."""
+    return {name: tuple(t.shape) for name, t in [*module.named_parameters(recurse=False),
+                                                 *module.named_buffers(recurse=False)] if t is not None}
 
 
 def node_signatures(traced: Traced, key=lambda path: path) -> list[str]:
@@ -73,7 +82,7 @@ def layer_table(model: nn.Module) -> list[dict]:
             for i, (_, m) in enumerate(model.named_children())]
 
 
-def build_report(before: Inspection, after: Inspection, *, output: dict | None = None,
+def build_report(before: Inspection, after: Inspection, *, output: dict | None = None, check_skipped: str | None = None,
                  replaced: list[Replaced | Inserted] = (), rules: list[Rule] = (),
                  registry: Registry | None = None) -> Report:
     """The graph diff between two inspections of the same image size."""
@@ -92,7 +101,8 @@ def build_report(before: Inspection, after: Inspection, *, output: dict | None =
         checkpoint_bytes=(_file_size(before.loaded), _serialised_size(after.loaded)),
         nodes_added=sorted(n.lstrip("+") for n in set(new_nodes) - set(old_nodes)),
         nodes_removed=sorted(set(old_nodes) - set(new_nodes)),
-        output_check=output, rules=[resolved_rule(r, registry) for r in rules], layers=layer_table(after.loaded.model),
+        output_check=output, check_skipped=check_skipped, rules=[resolved_rule(r, registry) for r in rules],
+        layers=layer_table(after.loaded.model),
     )
 
 

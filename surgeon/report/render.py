@@ -70,7 +70,8 @@ class Change:
 
     Attributes:
         path: Module path.
-        kind: ``replaced``, ``added`` or ``removed``.
+        kind: ``replaced`` (another type), ``resized`` (same type, parameters of other shapes), ``added`` or
+            ``removed``.
         old_type, new_type: Class names (None where the module is absent).
         in_shape, out_shape: Tensor shapes at the report's image size, where known.
         params_before, params_after: Parameters of the module in each model.
@@ -110,6 +111,7 @@ class Report:
     rules: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)
     agreement: dict | None = None
+    check_skipped: str | None = None  # why there is no output check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,7 +170,7 @@ _CHANGE_COLUMNS = ("path", "change", "type", "in -> out shape", "params", "MFLOP
 def _check_line(report: Report) -> str:
     c = report.output_check
     if not c:
-        return "output check: not run (inputs differ)"
+        return f"output check: not run ({report.check_skipped or 'no batch both models take'})"
     parts = []
     if "boxes_max_abs" in c:
         parts.append(f"boxes max |diff| {c['boxes_max_abs']:.3e} px ({c['boxes_max_rel_image']:.3e} of the image size)")
