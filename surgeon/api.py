@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,23 +257,58 @@ def preview(parsed: Rule, model: str | os.PathLike, *, imgsz: int = 640, trust: 
     return matches, len(inspection.layers if parsed.action.kind == "insert" else inspection.blocks)
 
 
+def export_formats() -> dict[str, str]:
+    """Ultralytics' export formats: the ``format`` argument -> the suffix of what it writes (a file or a folder)."""
+    from ultralytics.engine.exporter import export_formats as formats
+
+    table = formats()
+    return {name: suffix for name, suffix in zip(table["Argument"], table["Suffix"]) if name != "-"}
+
+
 def export(checkpoint: str | os.PathLike, *, format: str = "onnx", imgsz: int = 640, batch: int = 1,
-           trust: bool = False) -> tuple[str, int]:
+           trust: bool = False, output: str | os.PathLike | None = None, force: bool = False,
+           **export_args) -> tuple[Path, int]:
     """Export a rewritten checkpoint with Ultralytics' exporter, replacements declared ``export_fold`` folded into
-    plain convolutions first; returns the exported file and how many layers were folded.
+    plain convolutions first; returns the exported file (or folder) and how many layers were folded.
+
+    Args:
+        checkpoint: A checkpoint surgeon wrote (or any it reads).
+        format: One of Ultralytics' export formats (`export_formats`).
+        output: Where the export goes (default: where Ultralytics puts it, beside the checkpoint). Never over an
+            existing file or folder without `force`.
+        **export_args: Ultralytics' other export arguments (``half``, ``dynamic``, ``simplify``, ``opset``, ...).
 
     Raises:
-        SurgeonError: The format needs a package that is not installed (surgeon keeps Ultralytics from installing).
+        SurgeonError: An unknown format, an existing output without `force`, or a format whose package is not
+            installed (surgeon keeps Ultralytics from installing it).
     """
+    formats = export_formats()
+    if format not in formats:
+        raise SurgeonError(f"unknown export format {format!r} (Ultralytics' formats: {', '.join(formats)})")
+    checkpoint = Path(checkpoint)
+    natural = checkpoint.with_suffix(formats[format]) if formats[format].startswith(".") else \
+        checkpoint.with_name(checkpoint.stem + formats[format])
+    target = Path(output) if output is not None else natural
+    if target.resolve() == checkpoint.resolve():
+        raise SurgeryError(f"{target}: refusing to overwrite the input checkpoint; choose another output with -o")
+    if target.exists() and not force:
+        raise SurgeryError(f"{target}: already exists (use --force to overwrite)")
+    if natural != target and natural.exists():
+        raise SurgeryError(f"{natural}: Ultralytics writes the export here first, and it exists; move it away")
     yolo = load_yolo(checkpoint, trust=trust)
     folded = fold_modules(yolo.model, tuple(c for c, spec in op_classes().items() if spec.export_fold))
     try:
-        exported = yolo.export(format=format, imgsz=imgsz, batch=batch)
+        exported = Path(yolo.export(format=format, imgsz=imgsz, batch=batch, **export_args))
     except ModuleNotFoundError as error:  # Ultralytics would pip-install it; surgeon keeps it offline
         hint = " (pip install 'yolo-surgeon[export]')" if format == "onnx" else ""
         raise SurgeonError(f"export to {format} needs the Python package {error.name!r}, which is not installed"
                            f"{hint}") from None
-    return exported, folded
+    if exported.resolve() != target.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(exported, target)
+    return target, folded
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:

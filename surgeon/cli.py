@@ -422,20 +422,27 @@ def deploy_cmd(model: Path, output, keep_aux: bool, no_fuse: bool, force: bool, 
                f"blocks (main predictions within {done['max_abs']:.1e}); wrote {done['path']}")
 
 
-@main.command("export")
+@main.command("export", context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="onnx", show_default=True, help="Ultralytics export format.")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Ultralytics export format (onnx, "
+              "torchscript, openvino, engine, ...).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the export [default: where "
+              "Ultralytics writes it, beside CHECKPOINT].")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--imgsz", default=640, show_default=True, help="Export image size.")
 @click.option("--batch", default=1, show_default=True, help="Export batch size (DynamicConv records its path for it).")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
-def export_cmd(checkpoint: Path, fmt: str, imgsz: int, batch: int, trust: bool):
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[KEY=VALUE]...")
+def export_cmd(checkpoint: Path, fmt: str, output, force: bool, imgsz: int, batch: int, trust: bool, extra):
     """Export a rewritten CHECKPOINT with Ultralytics' exporter (DSConv layers are folded into plain convolutions).
 
-    Export formats need their own packages (ONNX: `pip install 'yolo-surgeon[export]'`).
+    Ultralytics' other export arguments pass through as KEY=VALUE (`half=True dynamic=True opset=17`). Export
+    formats need their own packages (ONNX: `pip install 'yolo-surgeon[export]'`).
     """
     from surgeon.api import export
 
-    exported, folded = export(checkpoint, format=fmt, imgsz=imgsz, batch=batch, trust=trust)
+    exported, folded = export(checkpoint, format=fmt, imgsz=imgsz, batch=batch, trust=trust, output=output,
+                              force=force, **_train_args({}, extra))
     if folded:
         click.echo(f"folded {folded} layers (DSConv and others declared export_fold) into plain convolutions")
     click.echo(f"wrote {exported}")

@@ -52,3 +52,33 @@ def test_export_without_the_format_package_is_one_line(checkpoint_factory, tmp_p
     assert error == ["error: export to onnx needs the Python package 'onnx', which is not installed "
                      "(pip install 'yolo-surgeon[export]')"], proc.stderr
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_export_takes_an_output_refuses_mistakes_and_passes_ultralytics_arguments(checkpoint_factory, tmp_path):
+    """`-o`, no silent ONNX for a misspelt format, no export over an existing file without --force, and
+    Ultralytics' own export arguments (here the ONNX opset) passed through, in a subprocess as users run it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    out = surgeon.apply(checkpoint_factory("yolov8n.yaml"), "dyn_head", imgsz=IMGSZ).save(tmp_path / "dyn.pt")
+    script = Path(sys.executable).with_name("surgeon")
+
+    def export(*args):
+        return subprocess.run([str(script), "export", str(out), "--imgsz", str(IMGSZ), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    wrong = export("--format", "onxx")
+    assert wrong.returncode != 0 and wrong.stderr.startswith("error: unknown export format 'onxx' (Ultralytics' "
+                                                             "formats: torchscript, onnx,"), wrong.stderr
+    assert not list(tmp_path.glob("*.onnx"))
+    target = tmp_path / "exports" / "model.onnx"
+    made = export("-o", str(target), "opset=16")
+    assert made.returncode == 0 and f"wrote {target}" in made.stdout, made.stderr
+    assert not (tmp_path / "dyn.onnx").exists()  # moved where it was asked for
+    assert [o.version for o in onnx.load(str(target)).opset_import if o.domain in ("", "ai.onnx")] == [16]
+    again = export("-o", str(target))
+    assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
+    assert export("-o", str(target), "--force").returncode == 0
