@@ -77,10 +77,13 @@ class _CalibrationSource(click.ParamType):
         return Path(text)
 
 
-def _console():
+def _console(wide: bool = False):
     from rich.console import Console
 
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    # A terminal's width (or COLUMNS); 200 for pipes and files, where nothing says how wide the reader is, and for
+    # --wide tables, which the user asked to see whole.
+    sized = (sys.stdout.isatty() or os.environ.get("COLUMNS")) and not wide
+    return Console(highlight=False, width=None if sized else 200)
 
 
 def _write_json(data: dict, target: str) -> None:
@@ -160,8 +163,9 @@ def _default_output(model: Path, rules: tuple[str, ...]) -> Path:
 @click.option("--images", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Also report how many of the original's detections the rewritten model keeps on these images "
                    "(a folder or a dataset YAML's val images; as diff --images).")
+@click.option("--wide", is_flag=True, help="Every column of the table of changes (shapes, types, rule).")
 def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, overlap, imgsz, trust, calibrate,
-              calibrate_imgsz, reconstruct, arch, fmt, images):
+              calibrate_imgsz, reconstruct, arch, fmt, images, wide):
     """Rewrite MODEL with RULEs, check it runs, save it and report the diff."""
     from surgeon.api import apply, check_output, lost_function
     from surgeon.report.render import to_terminal
@@ -175,7 +179,7 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
     result = apply(model, list(rules), overrides=list(overrides), imgsz=imgsz, overlap=overlap, trust=trust,
                    calibrate=calibrate, calibrate_imgsz=calibrate_imgsz, reconstruct=reconstruct, arch=arch,
                    images=images)
-    _console().print(to_terminal(result.report))
+    _console(wide).print(to_terminal(result.report, wide=wide))
     lost = lost_function(result.report.output_check)
     if lost:
         where = images or "DIR"
@@ -205,7 +209,8 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
 @click.option("--arch", default=None, metavar="NAME",
               help="Architecture of a state-dict file: torchvision.models.NAME, timm:NAME or a dotted path to a "
                    "builder.")
-def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images, arch):
+@click.option("--wide", is_flag=True, help="Every column of the table of changes (shapes, types, rule).")
+def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images, arch, wide):
     """Show what differs between checkpoints A and B: modules, params, FLOPs, graph nodes, outputs.
 
     With --images, also how far B's detections are from A's on your images: F1 of matched detections
@@ -215,7 +220,7 @@ def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images, 
     from surgeon.report.render import to_terminal
 
     report = diff(a, b, imgsz=imgsz, trust=trust, images=images, conf=conf, max_images=max_images, arch=arch)
-    _console().print(to_terminal(report))
+    _console(wide).print(to_terminal(report, wide=wide))
     for report_path in reports:
         report.write(report_path)
 

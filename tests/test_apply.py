@@ -297,3 +297,26 @@ def test_diff_lists_resized_layers_and_says_why_there_is_no_output_check(y8):
     assert all(c.old_type == c.new_type == "Conv2d" and c.params_after < c.params_before for c in resized)
     assert report.output_check is None and "other shapes" in report.check_skipped
     assert "inputs differ" not in to_markdown(report) and "other shapes" in to_markdown(report)
+
+
+def test_the_apply_table_fits_100_columns_and_wide_shows_the_rest(y8, tmp_path):
+    """At 100 columns every change is one line with its whole path; --wide adds shapes, both types and the rule."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("surgeon")
+
+    def apply(*extra):
+        run = subprocess.run([str(script), "apply", y8, "-r", "dyn_head", "--imgsz", str(IMGSZ), "--dry-run", *extra],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "100"})
+        assert run.returncode == 0, run.stderr
+        return run.stdout.splitlines()
+
+    lines = apply()
+    assert max(len(line) for line in lines) <= 100
+    paths = [r.conv for r in surgeon.apply(y8, "dyn_head", imgsz=IMGSZ).replaced]
+    rows = [line for line in lines if "DynamicConv2d" in line]
+    assert len(rows) == len(paths) and all(any(f" {p} " in f" {row} " for row in rows) for p in paths)
+    wide = "\n".join(apply("--wide"))
+    assert "in -> out shape" in wide and "Conv2d -> DynamicConv2d" in wide and "dyn_head" in wide

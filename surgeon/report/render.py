@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 
@@ -167,6 +168,25 @@ def _change_rows(report: Report) -> list[list[str]]:
 _CHANGE_COLUMNS = ("path", "change", "type", "in -> out shape", "params", "MFLOPs", "rule", "init error")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def _compact_rows(report: Report) -> list[list[str]]:
+    """path, what it became, params, MFLOPs, init error: the columns that fit 100 columns."""
+    rows = []
+    for c in report.changes:
+        became = {"replaced": c.new_type, "added": f"+ {c.new_type}", "removed": f"- {c.old_type}",
+                  "resized": f"{c.new_type} resized"}.get(c.kind, c.kind)
+        rows.append([c.path, became or "-", f"{_count(c.params_before)}->{_count(c.params_after)}",
+                     f"{c.flops_before / 1e6:.1f}->{c.flops_after / 1e6:.1f}",
+                     "-" if c.init_error is None else f"{c.init_error:.1e}"])
+    return rows
+
+
+_COMPACT_COLUMNS = ("path", "now", "params", "MFLOPs", "init err")
+
+
 def _check_line(report: Report) -> str:
     c = report.output_check
     if not c:
@@ -200,12 +220,14 @@ def _agreement_rows(report: Report) -> list[list[str]]:
 _AGREEMENT_COLUMNS = ("class", "original", "rewritten", "matched")
 
 
-def to_terminal(report: Report) -> Group:
-    """Rich renderables for the terminal."""
-    changes = Table(title=f"{report.before} -> {report.after}: {len(report.changes)} modules changed")
-    for column in _CHANGE_COLUMNS:
-        changes.add_column(column)
-    for row in _change_rows(report):
+def to_terminal(report: Report, wide: bool = False) -> Group:
+    """Rich renderables for the terminal: a table of changes that fits 100 columns (`wide`: every column, with
+    shapes, types before and after, and the rule)."""
+    changes = Table(title=f"{report.before} -> {report.after}: {len(report.changes)} modules changed",
+                    box=None if not wide else box.HEAVY_HEAD, pad_edge=False)
+    for column in _CHANGE_COLUMNS if wide else _COMPACT_COLUMNS:
+        changes.add_column(column, overflow="fold" if wide else "ellipsis", no_wrap=not wide)
+    for row in _change_rows(report) if wide else _compact_rows(report):
         changes.add_row(*row)
     totals = Table(title="totals")
     for column in ("", "before", "after", "delta"):
