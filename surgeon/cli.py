@@ -105,10 +105,16 @@ def _write_json(data: dict, target: str) -> None:
 @click.option("--arch", default=None, metavar="NAME",
               help="Architecture of a state-dict file: torchvision.models.NAME, timm:NAME or a dotted path to a "
                    "builder.")
-def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, images: Path | None, arch: str | None):
+@click.option("--region", "regions", multiple=True, type=click.Choice(["backbone", "neck", "head", "aux"]),
+              help="Only blocks of this region (repeatable).")
+@click.option("--kernel", "kernels", multiple=True, type=int, help="Only blocks of this kernel size (repeatable).")
+@click.option("--changed", is_flag=True, help="Only blocks that already hold a replacement (an earlier surgery).")
+def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, images: Path | None, arch: str | None,
+                regions, kernels, changed: bool):
     """List every Conv block of MODEL: path, region, layer, geometry, params, FLOPs.
 
     Mixture layers (DynamicConv, CondConv) get a second table: expert spread and routing statistics.
+    --region, --kernel and --changed keep the blocks that have all the given properties.
     """
     from surgeon.api import folder_images, inspect_model
     from surgeon.report.render import inspection_table, mixture_table
@@ -117,6 +123,12 @@ def inspect_cmd(model: Path, imgsz: int, json_out: str | None, trust: bool, imag
     if images is not None:
         batch = folder_images(images, imgsz)
     inspection = inspect_model(model, imgsz=imgsz, trust=trust, images=batch, arch=arch)
+    if regions or kernels or changed:
+        import dataclasses
+
+        inspection = dataclasses.replace(inspection, blocks=[
+            b for b in inspection.blocks if (not regions or b.region in regions)
+            and (not kernels or b.kernel[0] in kernels) and (not changed or b.rewritten)])
     if json_out != "-":
         _console().print(inspection_table(inspection))
         mixtures = mixture_table(inspection)
@@ -191,6 +203,7 @@ def apply_cmd(model: Path, rules, output, dry_run, reports, overrides, force, ov
         return
     for report_path in reports:
         result.report.write(report_path)
+        click.echo(f"wrote {report_path}")
     saved = result.save(output, force=force, format=fmt)
     click.echo(f"wrote {saved}")
 
@@ -223,6 +236,7 @@ def diff_cmd(a: Path, b: Path, reports, imgsz, trust, images, conf, max_images, 
     _console(wide).print(to_terminal(report, wide=wide))
     for report_path in reports:
         report.write(report_path)
+        click.echo(f"wrote {report_path}")
 
 
 @main.group("rules", invoke_without_command=True)

@@ -152,3 +152,25 @@ def test_console_script_reports_a_missing_file(tmp_path):
     assert proc.stderr.splitlines() == [f"error: {missing}: no such file"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stdout == ""
+
+
+def test_inspect_filters_keep_the_blocks_asked_for(checkpoint_factory, tmp_path):
+    """--region, --kernel and --changed instead of 60-76 rows; the JSON holds the same selection."""
+    import surgeon
+
+    rewritten = surgeon.apply(checkpoint_factory("yolov8n.yaml"), "dyn_head", imgsz=64)
+    path = rewritten.save(tmp_path / "dyn.pt")
+    script = Path(sys.executable).with_name("surgeon")
+
+    def blocks(*filters):
+        run = subprocess.run([str(script), "inspect", str(path), "--imgsz", "64", "--json", "-", *filters],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)["blocks"]
+
+    everything = blocks()
+    changed = blocks("--changed")
+    assert sorted(b["path"] + ".conv" for b in changed) == sorted(r.conv for r in rewritten.replaced)
+    picked = blocks("--region", "backbone", "--kernel", "3")
+    assert picked and all(b["region"] == "backbone" and b["kernel"][0] == 3 for b in picked)
+    assert len(picked) == sum(b["region"] == "backbone" and b["kernel"][0] == 3 for b in everything)
