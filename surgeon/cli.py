@@ -321,13 +321,16 @@ def _trainer_options(command):
 
 @main.command("finetune", context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset YAML (see `surgeon dataset`).")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset YAML (see `surgeon dataset`); not with "
+              "--resume, which reads the run's own.")
+@click.option("--resume", is_flag=True, help="Continue the run CHECKPOINT (its last.pt) was saved by, with its own "
+              "arguments (also resume=True).")
 @_trainer_options
 @click.option("--lr0", type=float, help="Ultralytics `lr0`.")
 @click.option("--trust", is_flag=True, help="Allow classes outside the allow-list (runs code from the file).")
 @click.option("--quiet", is_flag=True, help="Hide the trainer's progress bars and per-epoch metrics.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[KEY=VALUE]...")
-def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, **options):
+def finetune_cmd(checkpoint: Path, data: Path | None, resume: bool, trust: bool, quiet: bool, extra, **options):
     """Fine-tune a rewritten CHECKPOINT with the Ultralytics trainer, keeping its new modules.
 
     Other Ultralytics training arguments pass through as KEY=VALUE (e.g. `amp=False optimizer=SGD`).
@@ -338,7 +341,9 @@ def finetune_cmd(checkpoint: Path, data: Path, trust: bool, quiet: bool, extra, 
     from surgeon.api import finetune
 
     train_args = _train_args(options, extra)
-    if not data.is_file():
+    if resume:
+        train_args["resume"] = True
+    if data is not None and not data.is_file():
         raise SurgeonError(f"{data}: no such dataset YAML")
     result = finetune(checkpoint, data, trust=trust, quiet=quiet, **train_args)
     click.echo(f"trained: last {result.last}" + (f", best {result.best}" if result.best else ""))

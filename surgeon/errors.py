@@ -37,3 +37,9 @@ class SurgeryError(SurgeonError):
     """A rewrite that cannot be done or whose result does not run."""
 
     exit_code = 5
+
+
+class Interrupted(SurgeonError):
+    """A run stopped by the user (Ctrl-C); the message says how to resume it."""
+
+    exit_code = 130

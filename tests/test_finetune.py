@@ -536,3 +536,49 @@ def test_cli_finetune_classic_rewritten_keeps_the_surgery_and_the_tools_work(cla
     cli("apply", last, "-r", "dw_backbone", "-o", tmp_path / "again.pt", "--imgsz", IMGSZ)
     exported = cli("export", last, "--imgsz", IMGSZ)
     assert (last.with_suffix(".onnx")).is_file(), exported.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_the_command_continues_the_run(rewritten, data, tmp_path):
+    """A real SIGINT right after the first of three epochs is saved (the process signals itself from a --plugin, so
+    the moment does not depend on the machine's speed): one line with the command that resumes; that command, with
+    no --data, continues the same run to its last epoch; a finished run's last.pt then cannot resume, and says why."""
+    import shlex
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "interrupt_after_first_save.py"
+    plugin.write_text(
+        "import os, signal\n"
+        "from ultralytics.engine import trainer\n"
+        "save = trainer.BaseTrainer.save_model\n"
+        "def save_model(self):\n"
+        "    save(self)\n"
+        "    if self.epoch == 0:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "trainer.BaseTrainer.save_model = save_model\n")
+    script = Path(sys.executable).with_name("surgeon")
+    run = [str(script), "--plugin", str(plugin), "finetune", str(rewritten.path), "--data", str(data), "--epochs", "3",
+           "--imgsz", str(IMGSZ), "--batch", "4", "--workers", "0", "--device", "cpu", "--project", str(tmp_path),
+           "--name", "run", "plots=False", "--quiet"]
+    proc = subprocess.Popen(run, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "run" / "weights" / "last.pt"
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    hint = line.partition("resume with: ")[2]
+    assert hint == f"surgeon finetune {last} --resume", line
+    assert "Traceback" not in err
+
+    program, *args = shlex.split(hint)
+    resumed = subprocess.run([str(script), *args, "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    epochs = [int(float(row.split(",")[0])) for row in (tmp_path / "run" / "results.csv").read_text().splitlines()[1:]]
+    assert epochs == [1, 2, 3]  # the same run, continued to its last epoch
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]
+
+    again = subprocess.run([str(script), "finetune", str(last), "resume=True"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode != 0 and "cannot resume" in again.stderr, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]  # nothing started

@@ -51,7 +51,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from surgeon.checkpoint.io import read_checkpoint
 from surgeon.data import resolve_dataset, training_images
-from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.errors import CheckpointError, Interrupted, SurgeonError
 from surgeon.families.classic_loss import ClassicHyp
 from surgeon.families.heads import head_family, match_class_count, model_head
 from surgeon.modules.dynamic_conv import DEFAULT_START_TEMPERATURE, linear_temperature
@@ -104,6 +104,8 @@ def _load_checkpoint_model(path: str | Path, trust: bool = False) -> tuple[nn.Mo
     loaded = load(path, trust=trust)
     model = loaded.model
     ckpt = {**loaded.checkpoint, "model": model}
+    if isinstance(ckpt.get("epoch"), int) and ckpt["epoch"] >= 0:  # a run's last.pt: whether it can resume
+        ckpt["optimizer"] = read_checkpoint(path, trust=trust).get("optimizer")
     model.args = {**DEFAULT_CFG_DICT, **(ckpt.get("train_args") or {})}
     model.pt_path = str(path)
     if not hasattr(model, "task"):
@@ -617,7 +619,7 @@ def _surgeon_cause(error: BaseException) -> SurgeonError | None:
 
 def finetune(
     checkpoint: str | Path,
-    data: str | Path,
+    data: str | Path | None = None,
     *,
     temperature: TemperatureSchedule | None = None,
     trust: bool = False,
@@ -633,7 +635,8 @@ def finetune(
 
     Args:
         checkpoint: A checkpoint written by surgeon (any file name, ``yolov5s.pt`` included).
-        data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`.
+        data: Dataset YAML, e.g. from :func:`surgeon.data.make_dataset`; not needed with ``resume=True``, which
+            continues the run `checkpoint` (its ``last.pt``) was saved by, with that run's own arguments.
         temperature: Temperature schedule for DynamicConv-style modules (default: each op from the temperature
             it was built with to 1 over 10 epochs; upcycled ops are built at 1 and stay there).
         trust: Read the checkpoint without surgeon's allow-list (only for files you trust).
@@ -650,8 +653,15 @@ def finetune(
 
     Raises:
         CheckpointError: The checkpoint cannot be read.
-        SurgeonError: A task or argument this cannot fine-tune.
+        SurgeonError: A task or argument this cannot fine-tune, or a checkpoint that cannot resume (saying why).
+        Interrupted: Ctrl-C; the message holds the command that resumes the run.
     """
+    resume = train_args.get("resume")
+    if resume not in (None, False, True):
+        raise SurgeonError("resume takes True (continue the run this checkpoint was saved by), not a path; give the "
+                           "run's last.pt as the checkpoint")
+    if not resume and data is None:
+        raise SurgeonError("finetune needs --data (a dataset YAML), unless it resumes a run (--resume)")
     if train_args.get("pretrained", True) is not True:
         raise SurgeonError("finetune always starts from the rewritten weights; leave 'pretrained' unset")
     if "trainer" in train_args:
@@ -660,6 +670,9 @@ def finetune(
         raise SurgeonError(_NO_DISTILL_MODEL)
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
+    if resume:
+        _check_resumable(checkpoint, yolo.ckpt)
+        data = data or (yolo.ckpt.get("train_args") or {}).get("data")
     if trainer_cls is not RewrittenClassificationTrainer and not train_args.get("resume"):
         resolve_dataset(data, splits=("train", "val"))  # a bad dataset is refused before the run folder is made
     yolo.add_callback("on_train_epoch_start", TemperatureAnnealer(temperature or TemperatureSchedule()))
@@ -670,6 +683,8 @@ def finetune(
     try:
         with ultralytics_reads_safely(trust=trust), ultralytics_verbosity(not quiet):
             yolo.train(trainer=trainer_cls, data=str(data), **train_args)
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_hint(getattr(yolo, "trainer", None), "finetune")) from None
     except Exception as error:
         cause = _surgeon_cause(error)
         if cause is None:
@@ -690,6 +705,26 @@ def finetune(
         metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         temperatures=dict(getattr(trainer, "temperatures", None) or {}),
     )
+
+
+def _check_resumable(checkpoint: str | Path, ckpt: dict) -> None:
+    """Refuse, saying why, a checkpoint that cannot continue its run (before anything starts)."""
+    epoch, args = ckpt.get("epoch"), ckpt.get("train_args")
+    why = ("it records no training epoch (a released or stripped file, or one surgeon wrote)" if not isinstance(
+        epoch, int) or epoch < 0 else "it holds no optimizer state (the run finished, or the file was stripped)"
+        if ckpt.get("optimizer") is None else "it records no training arguments" if not isinstance(args, dict)
+        else f"its run finished all {args.get('epochs')} epochs" if isinstance(args.get("epochs"), int)
+        and epoch + 1 >= args["epochs"] else None)
+    if why:
+        raise SurgeonError(f"{checkpoint}: cannot resume: {why}; fine-tune it as a new run without --resume")
+
+
+def _resume_hint(trainer, command: str) -> str:
+    """What an interrupted run says: where it stopped and the command that continues it."""
+    last = Path(getattr(trainer, "last", "") or "")
+    if trainer is None or not last.is_file():
+        return "interrupted before the first epoch was saved; nothing to resume"
+    return f"interrupted; resume with: surgeon {command} {last} --resume"
 
 
 # Head families (`surgeon.families.heads`) whose trainer does not follow from the model's task.
