@@ -80,10 +80,9 @@ class _CalibrationSource(click.ParamType):
 def _console(wide: bool = False):
     from rich.console import Console
 
-    # A terminal's width (or COLUMNS); 200 for pipes and files, where nothing says how wide the reader is, and for
-    # --wide tables, which the user asked to see whole.
-    sized = (sys.stdout.isatty() or os.environ.get("COLUMNS")) and not wide
-    return Console(highlight=False, width=None if sized else 200)
+    # A terminal's width; 200 for pipes and files, where nothing says how wide the reader is, and for --wide tables,
+    # which the user asked to see whole.
+    return Console(highlight=False, width=None if sys.stdout.isatty() and not wide else 200)
 
 
 def _write_json(data: dict, target: str) -> None:

@@ -300,23 +300,27 @@ def test_diff_lists_resized_layers_and_says_why_there_is_no_output_check(y8):
 
 
 def test_the_apply_table_fits_100_columns_and_wide_shows_the_rest(y8, tmp_path):
-    """At 100 columns every change is one line with its whole path; --wide adds shapes, both types and the rule."""
-    import os
+    """On a terminal of 100 columns every change is one line with its whole path; --wide (from the command line, in a
+    subprocess) adds shapes, both types and the rule."""
+    import io
     import subprocess
     import sys
 
-    script = Path(sys.executable).with_name("surgeon")
+    from rich.console import Console
 
-    def apply(*extra):
-        run = subprocess.run([str(script), "apply", y8, "-r", "dyn_head", "--imgsz", str(IMGSZ), "--dry-run", *extra],
-                             capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "100"})
-        assert run.returncode == 0, run.stderr
-        return run.stdout.splitlines()
+    from surgeon.report.render import to_terminal
 
-    lines = apply()
+    result = surgeon.apply(y8, "dyn_head", imgsz=IMGSZ)
+    screen = io.StringIO()
+    Console(file=screen, width=100, highlight=False, force_terminal=False).print(to_terminal(result.report))
+    lines = screen.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 100
-    paths = [r.conv for r in surgeon.apply(y8, "dyn_head", imgsz=IMGSZ).replaced]
+    paths = [r.conv for r in result.replaced]
     rows = [line for line in lines if "DynamicConv2d" in line]
     assert len(rows) == len(paths) and all(any(f" {p} " in f" {row} " for row in rows) for p in paths)
-    wide = "\n".join(apply("--wide"))
-    assert "in -> out shape" in wide and "Conv2d -> DynamicConv2d" in wide and "dyn_head" in wide
+
+    script = Path(sys.executable).with_name("surgeon")
+    run = subprocess.run([str(script), "apply", y8, "-r", "dyn_head", "--imgsz", str(IMGSZ), "--dry-run", "--wide"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "in -> out shape" in run.stdout and "Conv2d -> DynamicConv2d" in run.stdout and "dyn_head" in run.stdout
