@@ -470,7 +470,7 @@ ODD_ARGUMENTS = [
     ("dyn_head", ["--set", "ratio=.inf"], "ratio must be a positive finite number"),
     ("dyn_head", ["--set", "ratio=600.0"], "ratio must be at most"),
     ("dyn_head", ["--set", "temperature=.nan"], "temperature must be a positive finite number"),
-    ("dyn_head", ["--set", "experts=abc"], "experts must be"),
+    ("dyn_head", ["--set", "experts=abc"], "experts takes a number"),
     ("cot_neck", ["--set", "kernel_size=1001"], "odd positive kernel_size of at most 15"),
 ]
 

@@ -656,10 +656,7 @@ def finetune(
         SurgeonError: A task or argument this cannot fine-tune, or a checkpoint that cannot resume (saying why).
         Interrupted: Ctrl-C; the message holds the command that resumes the run.
     """
-    resume = train_args.get("resume")
-    if resume not in (None, False, True):
-        raise SurgeonError("resume takes True (continue the run this checkpoint was saved by), not a path; give the "
-                           "run's last.pt as the checkpoint")
+    resume = train_args.get("resume")  # True: this checkpoint's run; a path: that run's last.pt (Ultralytics' forms)
     if not resume and data is None:
         raise SurgeonError("finetune needs --data (a dataset YAML), unless it resumes a run (--resume)")
     if train_args.get("pretrained", True) is not True:
@@ -670,7 +667,7 @@ def finetune(
         raise SurgeonError(_NO_DISTILL_MODEL)
     yolo = load_yolo(checkpoint, trust=trust)
     trainer_cls = trainer_for(yolo.model)
-    if resume:
+    if resume is True:
         _check_resumable(checkpoint, yolo.ckpt)
         data = data or (yolo.ckpt.get("train_args") or {}).get("data")
     if trainer_cls is not RewrittenClassificationTrainer and not train_args.get("resume"):
@@ -682,7 +679,7 @@ def finetune(
     token, announce = _TRUST.set(trust), _ANNOUNCE.set(not quiet)
     try:
         with ultralytics_reads_safely(trust=trust), ultralytics_verbosity(not quiet):
-            yolo.train(trainer=trainer_cls, data=str(data), **train_args)
+            yolo.train(trainer=trainer_cls, **({"data": str(data)} if data is not None else {}), **train_args)
     except KeyboardInterrupt:
         raise Interrupted(_resume_hint(getattr(yolo, "trainer", None), "finetune")) from None
     except Exception as error:
