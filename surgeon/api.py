@@ -77,13 +77,14 @@ class ApplyResult:
         """How to reproduce this model: rules with resolved arguments, tool version, source hash, and the recipe of
         the surgery the source had already been through (``previous``), so `surgeon.replay` can redo them all."""
         previous = self.loaded.checkpoint.get("surgeon")
+        replaced, inserted = recorded(self.replaced)
         return {
             "surgeon_version": __version__,
             "source": {"name": self.loaded.path.name if self.loaded.path else self.loaded.name,
                        "sha256": self.loaded.sha256, "format": self.loaded.format},
             "rules": [resolved_rule(rule) for rule in self.rules],
-            "replaced": recorded(self.replaced)[0],
-            "inserted": recorded(self.replaced)[1],
+            "replaced": replaced,
+            "inserted": inserted,
             "imgsz": self.imgsz,
             "calibration": self.calibration,
             **({"previous": previous} if isinstance(previous, dict) and previous.get("rules") else {}),
